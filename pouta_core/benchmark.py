@@ -1,0 +1,98 @@
+"""Side-by-side cost of POUTA and the vanilla baseline (paper Table 5).
+
+Both models are built in one process from the same config, differing only in ``variant``,
+and timed alternately so that machine noise hits both alike; report ratios, not seconds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from pouta_core.config import Config
+from pouta_core.model import build_model
+
+FLOPS_NOTE = (
+    "GFLOPs: torch.utils.flop_counter.FlopCounterMode at batch 1, convolutions and matrix "
+    "products only, 2 FLOPs per multiply-add; BN, activations, pooling and resizing not counted"
+)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def _timer(device: torch.device) -> Callable[[], float]:
+    if device.type == "cuda":
+        def now() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return now
+    return time.perf_counter
+
+
+def bench_models(
+    config: Config,
+    *,
+    device: str = "cpu",
+    runs: int = 20,
+    warmup: int = 3,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """-> {"pouta": {...}, "vanilla": {...}, "ratio": {...}} with params_m, gflops, latency_ms.
+
+    Latency is the median of ``runs`` batch-1 forwards under ``torch.inference_mode()`` in
+    eval mode, after ``warmup`` untimed forwards, the two models alternated run by run.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    dev = torch.device(device)
+    torch.manual_seed(config.seed)
+    models = {
+        name: build_model(config, variant=name).to(dev).eval() for name in ("pouta", "vanilla")
+    }
+    x = torch.rand(1, 3, config.image_size, config.image_size, device=dev)
+    out: dict[str, dict[str, float]] = {
+        name: {"params_m": count_params(m) / 1e6, "gflops": count_flops(m, x) / 1e9}
+        for name, m in models.items()
+    }
+    now = _timer(dev)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for m in models.values():
+                m(x)
+        for _ in tqdm(range(runs), desc="timing pouta/vanilla", disable=not progress, leave=False):
+            for name, m in models.items():
+                start = now()
+                m(x)
+                times[name].append(now() - start)
+    for name in models:
+        out[name]["latency_ms"] = statistics.median(times[name]) * 1e3
+    out["ratio"] = {k: out["pouta"][k] / out["vanilla"][k] for k in ("params_m", "gflops", "latency_ms")}
+    return out
+
+
+def format_table(result: dict[str, dict[str, float]], *, device: str, image_size: int, runs: int) -> str:
+    rows = [f"model benchmark: {image_size}x{image_size}, batch 1, device {device}, median of {runs} runs",
+            f"{'':10}{'params (M)':>12}{'GFLOPs':>10}{'latency (ms)':>14}"]
+    for name in ("pouta", "vanilla", "ratio"):
+        r = result[name]
+        fmt = "{:>12.3f}{:>10.3f}{:>14.3f}" if name == "ratio" else "{:>12.2f}{:>10.2f}{:>14.1f}"
+        label = "pouta/van." if name == "ratio" else name
+        rows.append(f"{label:10}" + fmt.format(r["params_m"], r["gflops"], r["latency_ms"]))
+    rows.append(FLOPS_NOTE)
+    return "\n".join(rows)

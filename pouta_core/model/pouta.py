@@ -1,0 +1,96 @@
+"""The whole detector: reconstructive network + discriminator, for every variant.
+
+    variant       discriminator input                FCM  fusion  HSG  MSS
+    vanilla       concat(image, reconstruction)       -     -      -    -   (DRAEM U-Net)
+    pouta-base    F_E1..4, F_D1..4                    x     x      -    -
+    pouta-hsg     F_E1..4, F_D1..4                    x     x      x    -
+    pouta-mss     F_E1..4, F_D1..4                    x     x      -    x
+    pouta         F_E1..4, F_D1..4                    x     x      x    x
+
+Training is joint (one loss, eq. 8, one optimiser), and by default the discriminative
+gradients flow into the reconstructive features: MSS is meant to shape F_Ei / F_Di so that
+their difference marks the anomaly (§3.2, "MSS forces our assumption to be held"), which it
+can only do through them. ``detach_features=True`` stops them there instead (for vanilla:
+at the reconstruction), so that L_rec alone trains the reconstructive network.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from pouta_core.config import Config
+from pouta_core.model.blocks import init_weights
+from pouta_core.model.discriminative import CoarseToFineDiscriminator
+from pouta_core.model.reconstructive import ReconstructiveNetwork
+from pouta_core.model.scoring import anomaly_map, image_score
+from pouta_core.model.unet import UNetDiscriminator
+
+
+class PoutaOutput(NamedTuple):
+    """The same fields for every variant.
+
+    reconstruction  (B, 3, H, W)  I_r, trained towards the clean image in [0, 1]
+    logits          (B, 2, H, W)  M_p, fused 2-class logits
+    scale_logits    tuple of (B, 2, H/2^(i-1), W/2^(i-1)) for i = 1..4, M_p(i); () without MSS
+    anomaly_map     (B, 1, H, W)  softmax channel 1 of M_p, in [0, 1]
+    score           (B,)          image score: max of the 21x21 average pool of anomaly_map
+    """
+
+    reconstruction: torch.Tensor
+    logits: torch.Tensor
+    scale_logits: tuple[torch.Tensor, ...]
+    anomaly_map: torch.Tensor
+    score: torch.Tensor
+
+
+class AnomalyDetector(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.variant = config.variant
+        self.detach_features = config.detach_features
+        w = config.rec_width
+        self.reconstructive = ReconstructiveNetwork(w)
+        if config.variant == "vanilla":
+            self.discriminative: nn.Module = UNetDiscriminator(6, config.disc_width)
+        else:
+            self.discriminative = CoarseToFineDiscriminator(
+                [w, 2 * w, 4 * w, 8 * w],
+                config.fcm_width,
+                hsg=config.variant in ("pouta-hsg", "pouta"),
+                mss=config.variant in ("pouta-mss", "pouta"),
+            )
+        init_weights(self, config.init)
+
+    @property
+    def has_mss(self) -> bool:
+        return self.variant in ("pouta-mss", "pouta")
+
+    def forward(self, x: torch.Tensor) -> PoutaOutput:
+        """x: (B, 3, H, W) in [0, 1], H and W multiples of 32 (16 for the POUTA variants)."""
+        rec, enc, dec = self.reconstructive(x)
+        if self.variant == "vanilla":
+            r = rec.detach() if self.detach_features else rec
+            logits = self.discriminative(torch.cat([x, r], dim=1))
+            scale_logits: tuple[torch.Tensor, ...] = ()
+        else:
+            if self.detach_features:
+                enc = [f.detach() for f in enc]
+                dec = [f.detach() for f in dec]
+            logits, scale_logits = self.discriminative(enc, dec)
+        amap = anomaly_map(logits)
+        return PoutaOutput(rec, logits, scale_logits, amap, image_score(amap))
+
+
+def build_model(config: Config | None = None, /, **overrides: object) -> AnomalyDetector:
+    """Build any variant from a config plus keyword overrides (timm-style)::
+
+        build_model(variant="vanilla")                       # paper widths
+        build_model(Config.from_preset("tiny"), variant="pouta-hsg")
+    """
+    config = config or Config()
+    if overrides:
+        config = config.replace(**overrides)
+    return AnomalyDetector(config)

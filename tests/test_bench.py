@@ -1,0 +1,44 @@
+import json
+import subprocess
+import sys
+
+from pouta_core.benchmark import bench_models
+from pouta_core.config import Config
+
+KEYS = {"params_m", "gflops", "latency_ms"}
+
+
+def test_bench_model_json_schema_from_the_cli():
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "bench", "model", "--preset", "tiny",
+         "--image-size", "32", "--json", "--set", "rec_width=4", "--set", "disc_width=4",
+         "--set", "fcm_width=4"],
+        capture_output=True, text=True, check=True,
+    )
+    result = json.loads(out.stdout)
+    assert set(result) == {"pouta", "vanilla", "ratio"}
+    for name in result:
+        assert set(result[name]) == KEYS
+        assert all(isinstance(v, float) and v > 0 for v in result[name].values())
+    for key in KEYS:
+        assert abs(result["ratio"][key] - result["pouta"][key] / result["vanilla"][key]) < 1e-9
+
+
+def test_bench_counts_fewer_params_and_flops_for_pouta():
+    cfg = Config.from_preset("tiny", ["image_size=32"])
+    result = bench_models(cfg, runs=2, warmup=0, progress=False)
+    assert result["ratio"]["params_m"] < 1 and result["ratio"]["gflops"] < 1
+
+
+def test_bench_cli_rejects_fewer_than_20_runs():
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "bench", "model", "--runs", "3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--runs must be at least 20" in out.stderr
+
+
+def test_bench_cli_reports_bad_config_key_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "bench", "model", "--preset", "tiny",
+                          "--set", "rec_widht=8"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("pouta: error: preset 'tiny': unknown config key 'rec_widht' "
+                                  "(did you mean 'rec_width'?)")

@@ -1,0 +1,124 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pouta_core.config import VARIANTS, Config
+from pouta_core.model import build_model, image_score
+
+TINY = Config.from_preset("tiny", ["rec_width=4", "disc_width=4", "fcm_width=4"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("size", [32, 64, 96])
+def test_forward_shapes_for_every_variant_and_size(variant, size, device):
+    model = build_model(TINY, variant=variant, image_size=size).to(device).eval()
+    x = torch.rand(2, 3, size, size, device=device)
+    with torch.inference_mode():
+        out = model(x)
+    assert out.reconstruction.shape == (2, 3, size, size)
+    assert out.logits.shape == (2, 2, size, size)
+    assert out.anomaly_map.shape == (2, 1, size, size)
+    assert out.score.shape == (2,)
+    has_mss = variant in ("pouta-mss", "pouta")
+    expected_scales = [(2, 2, size >> i, size >> i) for i in range(4)] if has_mss else []
+    assert [tuple(t.shape) for t in out.scale_logits] == expected_scales
+    assert 0.0 <= out.anomaly_map.min() and out.anomaly_map.max() <= 1.0
+
+
+def _grad_norms(model, out):
+    loss = out.logits.square().mean() + sum(t.square().mean() for t in out.scale_logits)
+    loss.backward()
+    return {name: (p.grad.abs().sum().item() if p.grad is not None else 0.0)
+            for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_discriminative_loss_reaches_every_head_and_the_reconstructive_net(variant, device):
+    torch.manual_seed(0)
+    model = build_model(TINY, variant=variant, image_size=32).to(device).train()
+    grads = _grad_norms(model, model(torch.rand(2, 3, 32, 32, device=device)))
+    heads = [n for n in grads if n.split(".")[1] in ("fcm", "hsg", "mss", "fusion", "encoder", "ups")]
+    assert heads, "no discriminator parameters found"
+    for prefix in {".".join(n.split(".")[:3]) for n in heads}:
+        assert any(g > 0 for n, g in grads.items() if n.startswith(prefix)), f"no gradient reaches {prefix}"
+    assert any(g > 0 for n, g in grads.items() if n.startswith("reconstructive.encoder"))
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "pouta"])
+def test_detach_features_keeps_discriminative_gradients_out_of_reconstruction(variant, device):
+    model = build_model(TINY, variant=variant, image_size=32, detach_features=True).to(device).train()
+    grads = _grad_norms(model, model(torch.rand(2, 3, 32, 32, device=device)))
+    assert all(g == 0 for n, g in grads.items() if n.startswith("reconstructive."))
+    assert any(g > 0 for n, g in grads.items() if n.startswith("discriminative."))
+
+
+def test_mss_heads_exist_only_in_mss_variants():
+    names = {v: {n.split(".")[1] for n, _ in build_model(TINY, variant=v).named_parameters()
+                 if n.startswith("discriminative.")} for v in VARIANTS}
+    assert names["pouta-base"] == {"fcm", "fusion"}
+    assert names["pouta-hsg"] == {"fcm", "fusion", "hsg"}
+    assert names["pouta-mss"] == {"fcm", "fusion", "mss"}
+    assert names["pouta"] == {"fcm", "fusion", "hsg", "mss"}
+    assert names["vanilla"] == {"encoder", "ups", "dbs", "to_logits"}
+
+
+def test_vanilla_unet_has_six_encoder_blocks_w_to_8w():
+    model = build_model(TINY, variant="vanilla", disc_width=8)
+    widths = [blk[1][0].out_channels for blk in model.discriminative.encoder]
+    assert widths == [8, 16, 32, 64, 64, 64]
+
+
+def test_image_score_is_max_of_21x21_average_pool_on_hand_made_map():
+    amap = torch.zeros(2, 1, 64, 64)
+    amap[0, 0, 10:15, 20:25] = 1.0        # 25 hot pixels, well inside the image
+    amap[1, 0, 0, 0] = 1.0                # one hot pixel in the corner: padding counts as 0
+    score = image_score(amap)
+    assert score[0].item() == pytest.approx(25 / 441)
+    assert score[1].item() == pytest.approx(1 / 441)
+    # A uniform map scores its value only where the window fits inside the image.
+    assert image_score(torch.full((1, 1, 64, 64), 0.5)).item() == pytest.approx(0.5)
+
+
+def test_score_equals_pooled_max_of_the_models_anomaly_map():
+    model = build_model(TINY, image_size=64).eval()
+    with torch.inference_mode():
+        out = model(torch.rand(1, 3, 64, 64))
+    pooled = F.avg_pool2d(out.anomaly_map, 21, stride=1, padding=10)
+    assert out.score.item() == pytest.approx(pooled.max().item())
+    assert torch.allclose(out.anomaly_map, torch.softmax(out.logits, 1)[:, 1:])
+
+
+@pytest.mark.parametrize("variant", ["pouta", "vanilla"])
+def test_state_dict_round_trip_with_weights_only_load(variant, tmp_path):
+    torch.manual_seed(1)
+    a = build_model(TINY, variant=variant).eval()
+    torch.save(a.state_dict(), tmp_path / "w.pt")
+    torch.manual_seed(2)
+    b = build_model(TINY, variant=variant).eval()
+    b.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(a(x).anomaly_map, b(x).anomaly_map)
+
+
+def test_paper_preset_matches_table5_parameter_counts():
+    pouta = sum(p.numel() for p in build_model(variant="pouta").parameters()) / 1e6
+    vanilla = sum(p.numel() for p in build_model(variant="vanilla").parameters()) / 1e6
+    assert pouta == pytest.approx(15.02, abs=0.05)
+    assert pouta / vanilla == pytest.approx(15.02 / 28.68, abs=0.02)
+
+
+def test_draem_init_draws_conv_weights_from_n_0_002():
+    model = build_model(Config(), variant="vanilla")
+    w = model.discriminative.encoder[3][0][0].weight
+    assert abs(w.mean().item()) < 1e-3 and w.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_pouta_core_imports_neither_ray_mlflow_nor_optuna():
+    code = ("import sys, pouta_core, pouta_core.model, pouta_core.benchmark, pouta_core.config;"
+            "bad = [m for m in ('ray', 'mlflow', 'optuna') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
