@@ -38,6 +38,7 @@ def _spec(
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
+    lt: float | None = None,
     choices: tuple[Any, ...] | None = None,
     multiple_of: int | None = None,
     help: str,
@@ -46,6 +47,7 @@ def _spec(
         "ge": ge,
         "gt": gt,
         "le": le,
+        "lt": lt,
         "choices": choices,
         "multiple_of": multiple_of,
         "help": help,
@@ -121,10 +123,45 @@ class Config:
         default=0.2, metadata=_spec(gt=0.0, le=1.0, help="LR multiplier at each milestone")
     )
     seed: int = field(default=0, metadata=_spec(ge=0, le=2**32 - 1, help="random seed"))
+    eval_every: int = field(
+        default=10, metadata=_spec(ge=1, le=100_000, help="evaluate (and report) every N epochs")
+    )
+    checkpoint_every: int = field(
+        default=10, metadata=_spec(ge=1, le=100_000, help="write a checkpoint every N epochs")
+    )
+    amp: bool = field(default=True, metadata=_spec(help="mixed precision on CUDA (ignored on CPU)"))
+    # --- anomaly synthesis (§3.1) ------------------------------------------------------
+    clean_ratio: float = field(
+        default=0.5, metadata=_spec(ge=0.0, le=1.0, help="share of training samples left clean")
+    )
+    perlin_threshold: float = field(
+        default=0.5, metadata=_spec(gt=0.0, lt=1.0, help="Perlin noise binarisation threshold")
+    )
+    perlin_max_scale_exp: int = field(
+        default=6, metadata=_spec(ge=1, le=8, help="Perlin scale 2^k per axis, k drawn in [0, this)")
+    )
+    beta_min: float = field(
+        default=0.0, metadata=_spec(ge=0.0, le=1.0, help="lowest blend weight of the original image")
+    )
+    beta_max: float = field(
+        default=0.8, metadata=_spec(ge=0.0, le=1.0, help="highest blend weight of the original image")
+    )
+    foreground_threshold: float | None = field(
+        default=None,
+        metadata=_spec(
+            gt=0.0, lt=1.0,
+            help="keep anomalies on pixels whose grey level differs from the border's median by "
+            "more than this; null (default) puts them anywhere, as for textures",
+        ),
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _check_value(f, getattr(self, f.name)))
+        if self.beta_min > self.beta_max:
+            raise ConfigError(
+                f"config key 'beta_min': must be <= beta_max ({self.beta_max}), got {self.beta_min}"
+            )
         ms = self.lr_milestones
         if any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
             raise ConfigError(f"config key 'lr_milestones': must be strictly increasing, got {list(ms)}")
@@ -260,8 +297,10 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key '{key}': expected a list of integers, got {value!r}")
         return tuple(_check_scalar(key, int, v, meta) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported config type for {key}")  # pragma: no cover
+    if origin in (typing.Union, types.UnionType):  # `X | None`: null is allowed
+        if value is None:
+            return None
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
     return _check_scalar(key, tp, value, meta)
 
 
@@ -295,10 +334,11 @@ def _check_scalar(key: str, tp: type, value: Any, meta: Mapping[str, Any]) -> An
         raise ConfigError(
             f"config key '{key}': must be one of {', '.join(map(str, meta['choices']))}; got {value!r}"
         )
-    ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
-    if ge is not None and value < ge or gt is not None and value <= gt or le is not None and value > le:
+    ge, gt, le, lt = meta.get("ge"), meta.get("gt"), meta.get("le"), meta.get("lt")
+    if (ge is not None and value < ge or gt is not None and value <= gt
+            or le is not None and value > le or lt is not None and value >= lt):
         lo = f"[{ge}" if ge is not None else (f"({gt}" if gt is not None else "(-inf")
-        hi = f"{le}]" if le is not None else "inf)"
+        hi = f"{le}]" if le is not None else (f"{lt})" if lt is not None else "inf)")
         raise ConfigError(f"config key '{key}': must be in {lo}, {hi}, got {value!r}")
     mult = meta.get("multiple_of")
     if mult and value % mult:

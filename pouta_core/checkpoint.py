@@ -1,0 +1,80 @@
+"""Checkpoints: one ``checkpoint.pt`` of plain tensors and numbers, written atomically and
+loaded with ``torch.load(weights_only=True)``; ``config.yaml`` and ``metrics.json`` beside it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pouta_core.config import Config, ConfigError
+from pouta_core.model import AnomalyDetector, build_model
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+FORMAT = 1
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda fh: fh.write(json.dumps(_json_safe(data), indent=2).encode()))
+
+
+def save_checkpoint(out_dir: Path, state: dict[str, Any]) -> Path:
+    path = Path(out_dir) / CHECKPOINT
+    atomic_write(path, lambda fh: torch.save({"format": FORMAT, **state}, fh))
+    return path
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load ``checkpoint.pt`` (or a folder holding one) with ``weights_only=True``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise ConfigError(f"{path}: not a readable POUTA checkpoint ({exc.__class__.__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+        raise ConfigError(f"{path}: not a POUTA checkpoint (format {FORMAT})")
+    return state
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"
+               ) -> tuple[AnomalyDetector, Config, dict[str, Any]]:
+    """-> (model in eval mode, its config, the checkpoint state)."""
+    state = load_state(path, map_location)
+    config = Config.from_dict(state["config"], source=str(path))
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    return model.to(map_location).eval(), config, state

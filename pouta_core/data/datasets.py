@@ -1,0 +1,71 @@
+"""torch Datasets over a :class:`Split`: decoded once into uint8 tensors, synthesis applied
+per training sample with a generator seeded by (seed, epoch, index), so every epoch is
+reproducible whatever the number of loader workers or a resume in between."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from pouta_core.data.images import ImageCache
+from pouta_core.data.layouts import Sample
+from pouta_core.synthesis import AnomalySynthesizer
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+def decode(samples: list[Sample], cache: ImageCache, *, desc: str = "decoding", progress: bool = True
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> images (N, 3, S, S) uint8, masks (N, 1, S, S) uint8 0/1, labels (N,) int64."""
+    images, masks = [], []
+    for s in tqdm(samples, desc=desc, disable=not progress, leave=False):
+        img = cache.get(s.path)
+        images.append(img)
+        if s.mask is not None:
+            masks.append(cache.get(s.mask, kind="mask", image_path=s.path))
+        else:
+            masks.append(torch.zeros(1, *img.shape[-2:], dtype=torch.uint8))
+    if not samples:
+        size = cache.size
+        return (torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, 1, size, size, dtype=torch.uint8),
+                torch.zeros(0, dtype=torch.int64))
+    labels = torch.tensor([s.label for s in samples], dtype=torch.int64)
+    return torch.stack(images), torch.stack(masks), labels
+
+
+class TrainDataset(Dataset):
+    """Good images -> dict(image=I_in, clean=I_ori, mask=M, label), all float in [0, 1]."""
+
+    def __init__(self, images: torch.Tensor, synthesizer: AnomalySynthesizer, seed: int) -> None:
+        self.images = images
+        self.synthesizer = synthesizer
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        clean = self.images[index].float() / 255.0
+        out = self.synthesizer(clean, g)
+        return {"image": out.image, "clean": clean, "mask": out.mask,
+                "label": torch.tensor(out.label, dtype=torch.int64)}
+
+
+class EvalDataset(Dataset):
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.masks, self.labels = images, masks, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[index].float() / 255.0, "mask": self.masks[index].float(),
+                "label": self.labels[index]}

@@ -1,0 +1,175 @@
+"""The training loop: one visible function, plain PyTorch.
+
+Adam + MultiStepLR (per epoch), AMP on CUDA, synthesis inside the data pipeline, evaluation
+every ``eval_every`` epochs, atomic checkpoints every ``checkpoint_every`` epochs. Every
+random draw comes from generators seeded by (seed, epoch[, index]), so resuming from a
+checkpoint continues exactly the run that was interrupted.
+
+The orchestrator wraps it through three hooks: ``report(metrics, checkpoint_dir)`` after each
+evaluation, ``wrap_model`` (e.g. DDP) and ``shard`` (this rank's slice of every epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pouta_core import checkpoint as ckpt
+from pouta_core.config import Config, ConfigError
+from pouta_core.data.datasets import EvalDataset, TrainDataset, sample_seed
+from pouta_core.inference import predict
+from pouta_core.losses import pouta_loss
+from pouta_core.metrics import compute, f1_max
+from pouta_core.model import build_model
+from pouta_core.synthesis import AnomalySynthesizer, TextureFolder
+
+log = logging.getLogger(__name__)
+
+ReportFn = Callable[[dict[str, float], Path | None], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def evaluate(model: nn.Module, test_set: EvalDataset, device: torch.device, batch_size: int = 16
+             ) -> tuple[dict[str, float], float]:
+    """-> (metrics of pouta_core.metrics.compute, image threshold maximising F1)."""
+    scores, maps = predict(model, test_set.images, device=device, batch_size=batch_size)
+    labels = test_set.labels.numpy()
+    metrics = compute(scores, labels, maps, test_set.masks[:, 0].numpy())
+    return metrics, f1_max(scores, labels)[1]
+
+
+def _diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def fit(
+    config: Config,
+    train_images: torch.Tensor,
+    out_dir: str | Path,
+    *,
+    test_set: EvalDataset | None = None,
+    textures: TextureFolder | None = None,
+    device: str | torch.device = "cpu",
+    report: ReportFn | None = None,
+    resume: bool = True,
+    num_workers: int = 0,
+    progress: bool = True,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    extra_state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train on ``train_images`` (N, 3, S, S) uint8 good images; write ``out_dir/checkpoint.pt``,
+    ``config.yaml`` and ``metrics.json`` (rank 0 only). Returns the final metrics dict."""
+    out_dir = Path(out_dir)
+    device = torch.device(device)
+    rank, world = shard
+    is_main = rank == 0
+    if len(train_images) < 2:
+        raise ConfigError(f"need at least 2 training images, got {len(train_images)}")
+
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(config.lr_milestones), gamma=config.lr_factor)
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_epoch, threshold, last_metrics = 1, None, {}
+
+    state_path = out_dir / ckpt.CHECKPOINT
+    if resume and state_path.exists():
+        state = ckpt.load_state(state_path, device)
+        changed = _diff_keys(state["config"], config.to_dict())
+        if changed:
+            raise ConfigError(f"{state_path}: was trained with a different config ({', '.join(changed)}); "
+                              "use another --out or remove it")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = int(state["epoch"]) + 1
+        threshold = state.get("threshold")
+        last_metrics = dict(state.get("metrics", {}))
+        log.info("resuming %s at epoch %d", state_path, start_epoch)
+
+    net = wrap_model(model) if wrap_model else model
+    dataset = TrainDataset(train_images, AnomalySynthesizer(config, textures), config.seed)
+    batch_size = min(config.batch_size, max(1, len(dataset) // world))
+
+    def save(epoch: int, metrics: dict[str, Any]) -> Path:
+        ckpt.save_checkpoint(out_dir, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "config": config.to_dict(), "threshold": threshold,
+            "metrics": {k: float(v) for k, v in metrics.items()}, **(extra_state or {}),
+        })
+        config.to_yaml(out_dir / ckpt.CONFIG)
+        ckpt.write_json(out_dir / ckpt.METRICS, {**metrics, "threshold": threshold})
+        return out_dir
+
+    bar = tqdm(range(start_epoch, config.epochs + 1), desc="training", disable=not (progress and is_main),
+               initial=start_epoch - 1, total=config.epochs)
+    for epoch in bar:
+        net.train()
+        dataset.set_epoch(epoch)
+        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(
+            sample_seed(config.seed, epoch, -1) % 2**63))
+        per_rank = len(perm) // world
+        indices = perm[rank * per_rank:(rank + 1) * per_rank].tolist()
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True,
+                            num_workers=num_workers, pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        sums: dict[str, float] = {}
+        steps = 0
+        for batch in loader:
+            image = batch["image"].to(device, non_blocking=True)
+            clean = batch["clean"].to(device, non_blocking=True)
+            mask = batch["mask"].to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
+                out = net(image)
+            terms = pouta_loss(out, clean, mask, config)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["total"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            steps += 1
+        scheduler.step()
+        metrics: dict[str, Any] = {f"loss_{k}": v / max(steps, 1) for k, v in sums.items()}
+        metrics.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"])
+        if not math.isfinite(metrics.get("loss_total", 0.0)):
+            raise FloatingPointError(f"training diverged at epoch {epoch}: loss is {metrics['loss_total']}")
+        bar.set_postfix(loss=f"{metrics.get('loss_total', float('nan')):.4f}")
+        last = epoch == config.epochs
+        if epoch % config.eval_every == 0 or last:
+            if is_main and test_set is not None and len(test_set):
+                evaluated, threshold = evaluate(model, test_set, device)
+                metrics.update(evaluated)
+            checkpoint_dir = None
+            if is_main and (epoch % config.checkpoint_every == 0 or last):
+                checkpoint_dir = save(epoch, metrics)
+            last_metrics = metrics
+            if report is not None:
+                report(metrics, checkpoint_dir)
+        elif is_main and epoch % config.checkpoint_every == 0:
+            save(epoch, {**last_metrics, **metrics})
+    if is_main and start_epoch > config.epochs:
+        log.info("%s is already trained for %d epochs", state_path, config.epochs)
+    return {**last_metrics, "threshold": threshold}

@@ -1,0 +1,187 @@
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pouta_core.data import DataError, ImageCache, categories, decode, read_split
+from pouta_core.data import images as images_mod
+from pouta_core.data.demo import generate
+
+
+def png(path: Path, size=(40, 40), value=128, mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value, value, value)).save(path)
+    return path
+
+
+def mask_png(path: Path, size=(40, 40), box=(5, 5, 15, 15)) -> Path:
+    arr = np.zeros(size[::-1], np.uint8)
+    arr[box[1]:box[3], box[0]:box[2]] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def make_mvtec(root: Path, cat="bottle") -> Path:
+    for i in range(3):
+        png(root / cat / "train" / "good" / f"{i:03d}.png")
+    png(root / cat / "test" / "good" / "000.png")
+    png(root / cat / "test" / "crack" / "000.png")
+    mask_png(root / cat / "ground_truth" / "crack" / "000_mask.png")
+    return root
+
+
+def test_mvtec_layout_reads_train_test_and_masks(tmp_path):
+    split = read_split(make_mvtec(tmp_path), "mvtec", "bottle")
+    assert len(split.train) == 3 and all(s.label == 0 for s in split.train)
+    assert [(s.defect, s.label) for s in split.test] == [("crack", 1), ("good", 0)]
+    images, masks, labels = decode(split.test, ImageCache(32), progress=False)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist() == [1, 0] and masks[0].sum() > 0 and masks[1].sum() == 0
+    assert set(masks.unique().tolist()) <= {0, 1}
+
+
+def test_visa_layout_reads_csv_and_binarises_masks(tmp_path):
+    png(tmp_path / "candle" / "Data" / "Images" / "Normal" / "0.JPG")
+    png(tmp_path / "candle" / "Data" / "Images" / "Normal" / "1.JPG")
+    png(tmp_path / "candle" / "Data" / "Images" / "Anomaly" / "2.JPG")
+    arr = np.zeros((40, 40), np.uint8)
+    arr[3:9, 3:9] = 1                      # VisA masks use small nonzero values
+    (tmp_path / "candle" / "Data" / "Masks" / "Anomaly").mkdir(parents=True)
+    Image.fromarray(arr).save(tmp_path / "candle" / "Data" / "Masks" / "Anomaly" / "2.png")
+    (tmp_path / "split_csv").mkdir()
+    (tmp_path / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,train,normal,candle/Data/Images/Normal/0.JPG,\n"
+        "candle,test,normal,candle/Data/Images/Normal/1.JPG,\n"
+        "candle,test,anomaly,candle/Data/Images/Anomaly/2.JPG,candle/Data/Masks/Anomaly/2.png\n")
+    assert categories(tmp_path, "visa") == ["candle"]
+    split = read_split(tmp_path, "visa", "candle")
+    assert len(split.train) == 1 and [s.label for s in split.test] == [0, 1]
+    _, masks, _ = decode(split.test, ImageCache(40), progress=False)
+    assert masks[1].sum() == 36 and masks.max() == 1
+
+
+def test_visa_path_escaping_the_root_is_refused(tmp_path):
+    png(tmp_path / "outside.png")
+    root = tmp_path / "visa"
+    (root / "split_csv").mkdir(parents=True)
+    (root / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\ncandle,train,normal,../outside.png,\n")
+    with pytest.raises(DataError, match=r"1cls.csv:2: path '../outside.png' escapes the data root"):
+        read_split(root, "visa", "candle")
+
+
+def make_dagm(root: Path) -> Path:
+    for part, rows in (("Train", [("0001.PNG", 0), ("0002.PNG", 0), ("0003.PNG", 1)]),
+                       ("Test", [("0004.PNG", 0), ("0005.PNG", 1)])):
+        folder = root / "Class1" / part
+        lines = ["1"]
+        for i, (name, flag) in enumerate(rows):
+            png(folder / name, mode="L")
+            label = "0"
+            if flag:
+                label = name.replace(".PNG", "_label.PNG")
+                mask_png(folder / "Label" / label)
+            lines.append(f"{i + 1}\t{flag}\t{name}\t0\t{label}")
+        (folder / "Label" / "Labels.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_dagm_trains_only_on_defect_free_images(tmp_path):
+    split = read_split(make_dagm(tmp_path), "dagm", "Class1")
+    assert [s.path.name for s in split.train] == ["0001.PNG", "0002.PNG"]
+    assert [(s.path.name, s.label) for s in split.test] == [("0004.PNG", 0), ("0005.PNG", 1)]
+    images, _, _ = decode(split.train, ImageCache(32), progress=False)
+    assert images.shape == (2, 3, 32, 32)   # greyscale becomes three channels
+
+
+def test_folder_layout_with_and_without_masks(tmp_path):
+    png(tmp_path / "widget" / "train" / "a.png")
+    png(tmp_path / "widget" / "train" / "b.png")
+    png(tmp_path / "widget" / "test" / "good" / "c.png")
+    png(tmp_path / "widget" / "test" / "dent" / "d.png")
+    png(tmp_path / "widget" / "test" / "smudge" / "e.png")
+    mask_png(tmp_path / "widget" / "masks" / "dent" / "d.png")
+    split = read_split(tmp_path, "folder", "widget")
+    by_defect = {s.defect: s for s in split.test}
+    assert by_defect["dent"].mask is not None and by_defect["smudge"].mask is None
+    assert len(split.train) == 2
+
+
+def test_stray_files_are_skipped_with_a_log_line(tmp_path, caplog):
+    root = make_mvtec(tmp_path)
+    (root / "bottle" / "train" / "good" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "bottle" / "train" / "good" / "Thumbs.db").write_bytes(b"\0\1")
+    with caplog.at_level(logging.INFO, logger="pouta_core.data.images"):
+        split = read_split(root, "mvtec", "bottle")
+    assert len(split.train) == 3
+    assert ".DS_Store" in caplog.text and "Thumbs.db" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["zero_byte", "unreadable"])
+def test_bad_image_file_is_named(tmp_path, case):
+    root = make_mvtec(tmp_path)
+    bad = root / "bottle" / "train" / "good" / "001.png"
+    bad.write_bytes(b"" if case == "zero_byte" else b"this is not a png")
+    split = read_split(root, "mvtec", "bottle")
+    with pytest.raises(DataError, match=rf"{bad}: (empty file|cannot decode)"):
+        decode(split.train, ImageCache(32), progress=False)
+
+
+def test_mask_of_wrong_size_is_named(tmp_path):
+    root = make_mvtec(tmp_path)
+    mask = mask_png(root / "bottle" / "ground_truth" / "crack" / "000_mask.png", size=(20, 20), box=(1, 1, 4, 4))
+    split = read_split(root, "mvtec", "bottle")
+    with pytest.raises(DataError, match=rf"{mask}: mask is 20x20 but its image .* is 40x40"):
+        decode(split.test, ImageCache(32), progress=False)
+
+
+def test_defect_image_without_mask_is_named(tmp_path):
+    root = make_mvtec(tmp_path)
+    (root / "bottle" / "ground_truth" / "crack" / "000_mask.png").unlink()
+    with pytest.raises(DataError, match=r"crack/000.png: defect image without a mask"):
+        read_split(root, "mvtec", "bottle")
+
+
+def test_empty_train_split_and_unknown_category(tmp_path):
+    root = make_mvtec(tmp_path)
+    for p in (root / "bottle" / "train" / "good").iterdir():
+        p.unlink()
+    with pytest.raises(DataError, match="empty train split"):
+        read_split(root, "mvtec", "bottle")
+    with pytest.raises(DataError, match="unknown category 'cable'; available: bottle"):
+        read_split(root, "mvtec", "cable")
+
+
+def test_disk_cache_is_reused_without_decoding(tmp_path, monkeypatch):
+    root = make_mvtec(tmp_path / "data")
+    split = read_split(root, "mvtec", "bottle")
+    first, _, _ = decode(split.train, ImageCache(32, tmp_path / "cache"), progress=False)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded a PNG again")
+
+    monkeypatch.setattr(images_mod, "load_image", no_decoding)
+    again, _, _ = decode(split.train, ImageCache(32, tmp_path / "cache"), progress=False)
+    assert torch.equal(first, again)
+
+
+def test_demo_data_has_mvtec_layout_and_distinct_categories(tmp_path):
+    names = generate(tmp_path, categories=2, image_size=64, n_train=4, n_test_good=2, n_test_defect=2)
+    assert names == ["tiles", "pills"]
+    a = read_split(tmp_path, "mvtec", "tiles")
+    b = read_split(tmp_path, "mvtec", "pills")
+    assert {s.defect for s in a.test} == {"good", "scratch", "stain", "missing"}
+    ia, ma, _ = decode(a.test, ImageCache(64), progress=False)
+    ib, _, _ = decode(b.test, ImageCache(64), progress=False)
+    assert (ia.float().mean() - ib.float().mean()).abs() > 10
+    labels = torch.tensor([s.label for s in a.test])
+    assert (ma.flatten(1).sum(1) > 0).tolist() == (labels == 1).tolist()
+    assert not list(tmp_path.glob(".*"))      # no temporary folder left
+    with pytest.raises(DataError, match="already exists"):
+        generate(tmp_path, categories=1)
