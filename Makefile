@@ -18,8 +18,17 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+DEMO_DIR ?= demo
+# The main job on the embedded default: demo data, then a sweep of the MSS weights
+# (2 categories x 4 trials, tiny preset shortened to 30 epochs, Optuna + ASHA) on an
+# in-process Ray, tracked in a local sqlite MLflow. Rerunning it resumes / reprints.
 demo: $(STAMP)
-	$(VENV)/bin/pouta bench model --preset paper --image-size 224
+	test -d $(DEMO_DIR)/data/tiles || $(VENV)/bin/pouta demo-data --out $(DEMO_DIR)/data --categories 2
+	$(VENV)/bin/pouta sweep --space mss_lambdas --data-root $(DEMO_DIR)/data --dataset mvtec \
+		--categories tiles,pills --num-samples 4 --scheduler asha --max-concurrent 2 \
+		--preset tiny --set epochs=30 --set 'lr_milestones=[24,27]' --set eval_every=5 \
+		--storage-path $(DEMO_DIR)/ray-results --name demo --resume \
+		--tracking-uri sqlite:///$(abspath $(DEMO_DIR))/mlflow-data/mlflow.db
 
 bench: $(STAMP)
 	$(VENV)/bin/pouta bench model --preset paper --image-size 224 --json
@@ -28,4 +37,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(DEMO_DIR) bench-out

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pouta_core.config import PRESETS, Config, ConfigError
 
@@ -142,6 +143,153 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> None:
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--dataset", required=True, choices=["mvtec", "visa", "dagm", "folder"])
+    p.add_argument("--categories", default="all", help="'all' or a comma-separated list")
+    p.add_argument("--workers-per-category", type=int, default=1, help="Ray Train workers per run (DDP)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-concurrent", type=int, default=0, help="most runs at once (0: as resources allow)")
+    p.add_argument("--storage-path", default="ray-results",
+                   help="Ray results and checkpoints; shared storage (NFS, S3) on a multi-node cluster")
+    p.add_argument("--name", default=default_name, help="stable experiment name: rerunning it resumes")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow-data)")
+    p.add_argument("--experiment", default="pouta", help="MLflow experiment name")
+    p.add_argument("--texture-dir")
+    p.add_argument("--cache-dir")
+
+
+def _plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: str = "max"):
+    from orchestrator.experiment import Plan, resolve_categories
+
+    for flag in ("workers_per_category", "cpus_per_worker"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
+    return Plan(data_root=args.data_root, dataset=args.dataset,
+                categories=resolve_categories(args.data_root, args.dataset, args.categories),
+                base=_load_config(args), name=name, storage_path=args.storage_path, tracking_uri=args.tracking_uri,
+                experiment=args.experiment, workers_per_category=args.workers_per_category,
+                gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                max_concurrent=args.max_concurrent, texture_dir=args.texture_dir, cache_dir=args.cache_dir,
+                metric=metric, mode=mode)
+
+
+def _print_summary(summary: dict, keys: list[str]) -> None:
+    print(f"{'category':14}" + "".join(f"{k:>13}" for k in keys) + "  model")
+    for category, e in summary.items():
+        if "error" in e:
+            print(f"{category:14}  FAILED: {e['error']}")
+            continue
+        best = e.get("best", e)
+        vals = "".join(f"{best.get(k, float('nan')) or float('nan'):>13.4f}" for k in keys)
+        print(f"{category:14}{vals}  {e.get('registered_model', '')} v{e.get('version', '?')} (challenger)")
+
+
+def _mlflow_hint(args: argparse.Namespace) -> None:
+    from orchestrator import tracking
+
+    print(f"MLflow: {tracking.ui_command(tracking.resolve_tracking_uri(args.tracking_uri))}")
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from orchestrator.launch import run_launch
+
+    plan = _plan(args, args.name or f"launch-{args.dataset}")
+    if args.dry_run:
+        print(f"would train {', '.join(plan.categories)} with {plan.workers_per_category} worker(s) each")
+        return 0
+    summary = run_launch(plan, resume=True)
+    _print_summary(summary, ["image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"])
+    _mlflow_hint(args)
+    return 1 if any("error" in e for e in summary.values()) else 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import search_spaces
+    from orchestrator.sweep import parse_objectives, run_sweep
+
+    base = _load_config(args)
+    space = search_spaces.load(args.space, base)
+    objectives = parse_objectives(args.objectives, args.metric, args.mode)
+    plan = _plan(args, args.name or f"sweep-{space.path.stem}-{args.dataset}", objectives[0][0], objectives[0][1])
+    best_out = args.best_out or str(Path(args.storage_path) / f"{plan.name}-best.yaml")
+    if args.dry_run:
+        print(f"would sweep {space.path.name} ({', '.join(space.keys)}) on {', '.join(plan.categories)}, "
+              f"{args.num_samples} trial(s) each")
+        return 0
+    summary = run_sweep(plan, space, num_samples=args.num_samples, scheduler=args.scheduler,
+                        study_storage=args.study_storage, resume=args.resume, objectives=objectives,
+                        best_out=best_out)
+    keys = list(dict.fromkeys([k for k, _ in objectives] + ["image_auroc", "pixel_auroc", "pixel_ap"]))
+    if space.has_grid:
+        _print_grid(summary, space, keys)
+    _print_summary(summary, keys)
+    for category, e in summary.items():
+        if "config" in e:
+            changed = {k: e["config"][k] for k in space.keys}
+            print(f"best {category}: {changed}")
+        for point in e.get("pareto", []):
+            print(f"pareto {category}: " + ", ".join(f"{k}={point[k]:.4f}" for k, _ in objectives))
+    print(f"best configs written to {best_out}")
+    _mlflow_hint(args)
+    return 1 if any("error" in e for e in summary.values()) else 0
+
+
+def _print_grid(summary: dict, space, keys: list[str]) -> None:
+    from orchestrator.trial import SAMPLED
+
+    dims = [d.key for d in space.dimensions if d.distribution == "grid"]
+    print("  ".join(f"{d:>12}" for d in ["category", *dims]) + "".join(f"{k:>13}" for k in keys))
+    for category, e in summary.items():
+        for row in e.get("trials", []):
+            if "error" in row:
+                continue
+            sampled = row["config"].get(SAMPLED, {})
+            print("  ".join(f"{str(v):>12}" for v in [category, *[sampled.get(d) for d in dims]])
+                  + "".join(f"{(row.get(k) if row.get(k) is not None else float('nan')):>13.4f}" for k in keys))
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from orchestrator.retrain import run_retrain
+    from pouta_core.config import parse_overrides
+
+    plan = _plan(args, args.name or f"retrain-{args.dataset}", args.metric, args.mode)
+    if args.promote_margin < 0:
+        raise ConfigError(f"--promote-margin must be >= 0, got {args.promote_margin}")
+    if args.dry_run:
+        print(f"would check {', '.join(plan.categories)} for changed data and retrain with params from "
+              f"{args.params_from}")
+        return 0
+    summary = run_retrain(plan, params_from=args.params_from, promote_margin=args.promote_margin, force=args.force,
+                          metric=args.metric, mode=args.mode, overrides=parse_overrides(args.overrides))
+    for category, e in summary.items():
+        detail = ""
+        if "challenger" in e:
+            champ = "none" if e["champion"] is None else f"{e['champion']:.4f} (v{e['champion_version']})"
+            detail = f"  challenger {args.metric}={e['challenger']:.4f} (v{e['version']}), champion {champ}"
+        elif "error" in e:
+            detail = f"  {e['error']}"
+        print(f"{category:14} {e['status']}{detail}")
+    failed = [c for c, e in summary.items() if e["status"] == "failed"]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    _mlflow_hint(args)
+    return 1 if failed else 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from orchestrator import tracking
+
+    client, _ = tracking.setup(args.tracking_uri, "pouta")
+    try:
+        tracking.promote(client, args.model, args.version, tracking.CHAMPION)
+    except Exception as exc:  # MlflowException for an unknown model or version
+        raise ConfigError(f"cannot promote {args.model} version {args.version}: {str(exc).splitlines()[0]}") from None
+    print(f"{args.model}: champion -> version {args.version}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pouta", description="POUTA visual anomaly detection")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -185,6 +333,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="regenerate categories that exist")
     p.set_defaults(func=_cmd_demo_data)
+
+    p = sub.add_parser("launch", help="train every category on Ray (in-process or a cluster)")
+    _add_cluster_args(p, None)
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="check the arguments and data, run nothing")
+    p.set_defaults(func=_cmd_launch)
+
+    p = sub.add_parser("sweep", help="Ray Tune + Optuna search per category, tracked in MLflow")
+    p.add_argument("--space", required=True, help="search space YAML (or a bundled name: mss_lambdas, ...)")
+    _add_cluster_args(p, None)
+    _add_config_args(p)
+    p.add_argument("--num-samples", type=int, default=8, help="trials per category")
+    p.add_argument("--metric", default="pixel_ap")
+    p.add_argument("--mode", default="max", choices=["max", "min"])
+    p.add_argument("--scheduler", choices=["asha", "none"], help="default: asha (none with --objectives)")
+    p.add_argument("--study-storage", help="Optuna RDB URL (default: sqlite in --storage-path)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment and studies of --name")
+    p.add_argument("--objectives", help="multi-objective, e.g. pixel_ap:max,latency_ms:min (Pareto front)")
+    p.add_argument("--best-out", help="YAML of the best config per category (default: in --storage-path)")
+    p.add_argument("--dry-run", action="store_true", help="check the space, arguments and data, run nothing")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("retrain", help="retrain categories whose data changed; promote only if better")
+    _add_cluster_args(p, None)
+    _add_config_args(p)
+    p.add_argument("--params-from", default="best",
+                   help="best (best finished run), champion (the champion's run) or a YAML file from sweep")
+    p.add_argument("--promote-margin", type=float, default=0.005)
+    p.add_argument("--metric", default="pixel_ap")
+    p.add_argument("--mode", default="max", choices=["max", "min"])
+    p.add_argument("--force", action="store_true", help="retrain every category, changed or not")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments and data, run nothing")
+    p.set_defaults(func=_cmd_retrain)
+
+    p = sub.add_parser("promote", help="move the champion alias to a registered model version")
+    p.add_argument("--model", required=True, help="registered model, e.g. pouta-mvtec-bottle")
+    p.add_argument("--version", required=True)
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=_cmd_promote)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

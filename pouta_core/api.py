@@ -98,15 +98,17 @@ def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Pa
     scores, maps = predict(model, images, device=dev, batch_size=batch_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stems = [p.stem for p in files]
+    # Same stem in two folders (MVTec's 000.png in every defect folder): prefix the folder.
+    names = [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in files]
     results = []
-    for p, img, score, amap in zip(files, images, scores, maps, strict=True):
-        stem = p.stem
+    for p, stem, img, score, amap in zip(files, names, images, scores, maps, strict=True):
         overlay = _overlay(img.permute(1, 2, 0).numpy().astype(float), amap)
         ckpt.atomic_write(out / f"{stem}_overlay.png", lambda fh, im=overlay: im.save(fh, format="PNG"))
         if save_maps:
             ckpt.atomic_write(out / f"{stem}_map.npy", lambda fh, a=amap: np.save(fh, a))
         results.append({"image": str(p), "score": float(score), "anomalous": bool(score >= threshold),
-                        "threshold": float(threshold)})
+                        "threshold": float(threshold), "overlay": str(out / f"{stem}_overlay.png")})
     return results
 
 

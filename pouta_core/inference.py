@@ -36,3 +36,15 @@ class ExportWrapper(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(x)
         return out.anomaly_map, out.score
+
+
+class MapModel(nn.Module):
+    """A single-output module for serving (MLflow pyfunc): image (B, 3, H, W) in [0, 1] ->
+    anomaly map (B, 1, H, W); the image score is the max of its 21x21 average pool."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).anomaly_map

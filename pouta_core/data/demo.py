@@ -112,8 +112,10 @@ def _defect(kind: str, img: Image.Image, fg: np.ndarray, rng: np.random.Generato
             step = s * rng.uniform(0.05, 0.09)
             x, y = x + step * math.cos(ang), y + step * math.sin(ang)
             pts.append((x, y))
-        draw.line(pts, fill=255, width=max(2, s // 40))
-        colour = (245, 245, 245) if rng.random() < 0.5 else (20, 20, 20)
+        draw.line(pts, fill=255, width=max(2, s // 32))
+        # A scratch exposes material that contrasts with the surface around it.
+        local = np.asarray(img)[np.asarray(layer) > 0].mean()
+        colour = (25, 25, 25) if local > 110 else (240, 240, 240)
         out.paste(Image.new("RGB", (s, s), colour), mask=layer)
     elif kind == "stain":
         x, y = _point_in(fg, rng, s // 6)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# A Ray head and an MLflow server on 127.0.0.1, for `ray job submit` from this machine.
+# PIDs go to $POUTA_RUN_DIR (default .pouta-local/); stop both with cluster/stop_local.sh.
+# Usage: cluster/start_local.sh [--dry-run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN_DIR=${POUTA_RUN_DIR:-.pouta-local}
+RAY_PORT=${RAY_PORT:-6379}
+DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
+MLFLOW_PORT=${MLFLOW_PORT:-5000}
+VENV=${VENV:-.venv}
+RAY_CMD=("$VENV/bin/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT"
+         --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --block)
+MLFLOW_CMD=("$VENV/bin/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT"
+            --backend-store-uri "sqlite:///$PWD/$RUN_DIR/mlflow.db" --artifacts-destination "$PWD/$RUN_DIR/artifacts")
+if [ "${1:-}" = "--dry-run" ]; then
+  echo "${RAY_CMD[*]}"
+  echo "${MLFLOW_CMD[*]}"
+  exit 0
+fi
+mkdir -p "$RUN_DIR"
+nohup "${RAY_CMD[@]}" > "$RUN_DIR/ray.log" 2>&1 &
+echo $! > "$RUN_DIR/ray.pid"
+nohup "${MLFLOW_CMD[@]}" > "$RUN_DIR/mlflow.log" 2>&1 &
+echo $! > "$RUN_DIR/mlflow.pid"
+echo "Ray dashboard http://127.0.0.1:$DASHBOARD_PORT (pid $(cat "$RUN_DIR/ray.pid"))"
+echo "MLflow        http://127.0.0.1:$MLFLOW_PORT (pid $(cat "$RUN_DIR/mlflow.pid"))"
+echo "export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"

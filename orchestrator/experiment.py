@@ -1,0 +1,194 @@
+"""Run categories as Ray Tune experiments of Ray Train trials, mirrored into MLflow.
+
+``launch`` runs one trial per category (a grid over categories, as concurrent as the
+cluster allows); ``sweep`` runs one Optuna study per category; ``retrain`` runs one trial
+per changed category. All three share :func:`run_category_trials` and :func:`register_best`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from orchestrator import tracking
+from orchestrator.mlflow_callback import MlflowTrialCallback
+from orchestrator.trial import SAMPLED, Job, job_dict, run_trial
+from pouta_core.config import Config, ConfigError
+from pouta_core.data import categories as list_categories
+from pouta_core.data import read_split
+
+log = logging.getLogger(__name__)
+
+# A trial's own process only waits for its Ray Train run; the workers hold the cores. Tune
+# refuses an empty request, and any fraction of a CPU would leave N trials unable to fit
+# their N one-CPU workers on N CPUs, so the trial asks for 1 MiB of memory and no CPU.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1024**2}
+
+
+@dataclass
+class Plan:
+    """What the user asked for, common to launch / sweep / retrain."""
+
+    data_root: str
+    dataset: str
+    categories: list[str]
+    base: Config
+    name: str
+    storage_path: str = "ray-results"
+    tracking_uri: str | None = None
+    experiment: str = "pouta"
+    workers_per_category: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_concurrent: int = 0
+    texture_dir: str | None = None
+    cache_dir: str | None = None
+    metric: str = "pixel_ap"
+    mode: str = "max"
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def job(self, config: Config | None = None) -> Job:
+        return Job(base_config=(config or self.base).to_dict(), data_root=str(Path(self.data_root).resolve()),
+                   dataset=self.dataset, storage_path=str(Path(self.storage_path).resolve()), experiment=self.name,
+                   workers=self.workers_per_category, gpus_per_worker=self.gpus_per_worker,
+                   cpus_per_worker=self.cpus_per_worker, texture_dir=_abs(self.texture_dir),
+                   cache_dir=_abs(self.cache_dir))
+
+
+def _abs(p: str | None) -> str | None:
+    return str(Path(p).resolve()) if p else None
+
+
+def init_ray() -> None:
+    """Join the running cluster (``RAY_ADDRESS``, or the one ``ray start`` left on this
+    machine), else start one in-process."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+                 runtime_env={"env_vars": {"POUTA_GIT_COMMIT": tracking.git_commit()}})
+
+
+def resolve_categories(data_root: str, dataset: str, spec: str) -> list[str]:
+    available = list_categories(data_root, dataset)
+    if spec == "all":
+        if not available:
+            raise ConfigError(f"{data_root}: no categories found for dataset '{dataset}'")
+        return available
+    wanted = [c.strip() for c in spec.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in available]
+    if unknown:
+        raise ConfigError(f"{data_root}: unknown category '{unknown[0]}'; available: {', '.join(available)}")
+    return wanted
+
+
+def fingerprint_category(data_root: str, dataset: str, category: str) -> str:
+    split = read_split(data_root, dataset, category)
+    return tracking.fingerprint([s.path for s in split.train], Path(data_root))
+
+
+def open_parent(plan: Plan, kind: str, extra_tags: dict[str, str] | None = None):
+    client, exp_id = tracking.setup(plan.tracking_uri, plan.experiment)
+    key = f"{kind}:{plan.name}"
+    run_id = tracking.get_or_create_run(client, exp_id, key, name=plan.name,
+                                        tags={tracking.TAG_KIND: kind, "dataset": plan.dataset,
+                                              "git_commit": tracking.git_commit(), **(extra_tags or {})})
+    tracking.log_params(client, run_id, {"command": kind, "dataset": plan.dataset,
+                                         "categories": ",".join(plan.categories), "name": plan.name})
+    return client, exp_id, run_id, key
+
+
+def callback(plan: Plan, parent_id: str, parent_key: str) -> MlflowTrialCallback:
+    return MlflowTrialCallback(tracking.resolve_tracking_uri(plan.tracking_uri), plan.experiment, parent_id,
+                               parent_key, {"git_commit": tracking.git_commit()}, plan.fingerprints)
+
+
+def experiment_path(plan: Plan, name: str) -> Path:
+    return Path(plan.storage_path).resolve() / name
+
+
+def make_tuner(plan: Plan, name: str, param_space: dict[str, Any], tune_config: tune.TuneConfig,
+               cb: MlflowTrialCallback, resume: bool) -> tune.Tuner:
+    """A new Tuner, or the restored one when ``resume`` (finished trials are not rerun)."""
+    path = experiment_path(plan, name)
+    trainable = tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES)
+    if path.exists():
+        if not resume:
+            raise ConfigError(f"{path}: experiment '{name}' already exists; pass --resume to continue it "
+                              "or --name to start another")
+        if tune.Tuner.can_restore(str(path)):
+            return tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
+                                      resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable, param_space=param_space, tune_config=tune_config,
+        run_config=tune.RunConfig(name=name, storage_path=str(Path(plan.storage_path).resolve()), callbacks=[cb],
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+
+
+def trial_rows(results, metric_keys: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        if r.error is not None or not r.metrics:
+            rows.append({"trial_id": r.metrics.get("trial_id") if r.metrics else None, "error": str(r.error)})
+            continue
+        rows.append({"trial_id": r.metrics.get("trial_id"), "config": r.config, "path": r.path,
+                     "checkpoint": r.metrics.get("checkpoint_path"),
+                     **{k: r.metrics.get(k) for k in ["epoch", *metric_keys]}})
+    return rows
+
+
+def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: str, checkpoint: str
+                  ) -> tuple[str, str]:
+    """Log the checkpoint's model into its trial's MLflow run with ``mlflow.pytorch.log_model``,
+    register it as ``pouta-<dataset>-<category>`` and point ``challenger`` at the new version."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from pouta_core.checkpoint import load_model
+    from pouta_core.inference import MapModel
+
+    run_id = cb.run_id_for(category, trial_id)
+    client = cb.client
+    done = client.get_run(run_id).data.tags.get("pouta.registered_version")
+    if done:   # a rerun of a finished experiment: registered already
+        return tracking.registered_name(plan.dataset, category), done
+    model, config, _ = load_model(checkpoint, "cpu")
+    wrapped = MapModel(model).eval()
+    example = np.random.default_rng(0).random((1, 3, config.image_size, config.image_size), dtype=np.float32)
+    with torch.inference_mode():
+        output = wrapped(torch.from_numpy(example)).numpy()
+    name = tracking.registered_name(plan.dataset, category)
+    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(plan.tracking_uri))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(wrapped, name="model", signature=infer_signature(example, output),
+                                        input_example=example, registered_model_name=name)
+    version = str(info.registered_model_version)
+    client.set_tag(run_id, "pouta.registered_version", version)
+    client.set_registered_model_alias(name, tracking.CHALLENGER, version)
+    client.set_model_version_tag(name, version, "category", category)
+    client.set_model_version_tag(name, version, tracking.TAG_FINGERPRINT, plan.fingerprints.get(category, ""))
+    tracking.finish(client, run_id)
+    return name, version
+
+
+def single_trial_plan(plan: Plan, config: Config) -> Plan:
+    return replace(plan, base=config)
+
+
+def best_checkpoint_of(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    ok = [r for r in rows if "error" not in r and r.get(metric) is not None and r.get("checkpoint")]
+    if not ok:
+        return None
+    return (max if mode == "max" else min)(ok, key=lambda r: r[metric])
+
+
+__all__ = ["SAMPLED", "Plan", "best_checkpoint_of", "callback", "experiment_path", "fingerprint_category",
+           "init_ray", "job_dict", "make_tuner", "open_parent", "register_best", "resolve_categories",
+           "trial_rows"]

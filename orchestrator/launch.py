@@ -1,0 +1,44 @@
+"""``pouta launch``: train every category with one config, as many at once as the cluster
+(and ``--max-concurrent``) allows: a Tune grid over categories, each trial a Ray Train run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+
+from orchestrator import experiment as ex
+from orchestrator import tracking
+from orchestrator.trial import SAMPLED
+
+
+def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str, Any]] | None = None,
+               kind: str = "launch") -> dict[str, Any]:
+    """Train each category once. ``per_category`` optionally gives each category its own config
+    values (retrain uses it for the best known hyperparameters)."""
+    ex.init_ray()
+    if not plan.fingerprints:
+        plan.fingerprints = {c: ex.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
+    client, _, parent_id, parent_key = ex.open_parent(plan, kind)
+    cb = ex.callback(plan, parent_id, parent_key)
+    per_category = per_category or {}
+    param_space = {"job": ex.job_dict(plan.job()), "category": tune.grid_search(plan.categories),
+                   SAMPLED: tune.sample_from(lambda spec: per_category.get(spec.config["category"], {}))}
+    tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None)
+    tuner = ex.make_tuner(plan, plan.name, param_space, tune_config, cb, resume)
+    results = tuner.fit()
+    keys = ["image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"]
+    summary: dict[str, Any] = {}
+    for r in results:
+        category = r.config["category"] if r.config else None
+        row = ex.trial_rows([r], keys)[0]
+        if category is None:
+            continue
+        if "error" in row or not row.get("checkpoint"):
+            summary[category] = {"error": row.get("error", "no checkpoint")}
+            continue
+        name, version = ex.register_best(plan, cb, category, row["trial_id"], row["checkpoint"])
+        summary[category] = {**{k: row.get(k) for k in ["trial_id", "epoch", *keys]}, "checkpoint": row["checkpoint"],
+                             "registered_model": name, "version": version}
+    tracking.finish(client, parent_id, ok=all("error" not in e for e in summary.values()))
+    return summary

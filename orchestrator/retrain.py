@@ -1,0 +1,156 @@
+"""``pouta retrain``: retrain the categories whose training data changed, with their best
+known hyperparameters, and move ``champion`` only when the new model is better.
+
+Per category: fingerprint the training files; skip it when the last successful training of
+that category saw the same fingerprint (unless ``--force``); otherwise train (one Ray Train
+run), register the result as ``challenger``, evaluate challenger and champion on the same
+test split, and promote the challenger when it beats the champion by ``--promote-margin``
+(or when there is no champion yet). A failing category does not stop the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator import experiment as ex
+from orchestrator import tracking
+from orchestrator.launch import run_launch
+from pouta_core.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def last_trained_fingerprint(client, exp_id: str, dataset: str, category: str) -> str | None:
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=(f"tags.`pouta.kind` = 'trial' and tags.dataset = '{dataset}' and "
+                       f"tags.category = '{category}' and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].data.tags.get(tracking.TAG_FINGERPRINT) if runs else None
+
+
+def _config_from_params(params: dict[str, str], base: Config) -> dict[str, Any]:
+    """The config keys an MLflow run logged, parsed back from their string form."""
+    return {key: (None if params[key] == "None" else yaml.safe_load(params[key]))
+            for key in Config.keys() if key in params}
+
+
+def params_for(source: str, client, exp_id: str, dataset: str, category: str, metric: str, mode: str,
+               base: Config) -> dict[str, Any]:
+    """Config values for ``category`` from ``best`` (its best finished trial by ``metric``),
+    ``champion`` (the run behind the champion version) or a YAML FILE (``{category: {...}}``, as
+    ``pouta sweep`` writes). Nothing known -> the base config."""
+    if source == "best":
+        order = f"metrics.{metric} {'DESC' if mode == 'max' else 'ASC'}"
+        runs = client.search_runs([exp_id], filter_string=(
+            f"tags.`pouta.kind` = 'trial' and tags.dataset = '{dataset}' and tags.category = '{category}' "
+            "and attributes.status = 'FINISHED'"), order_by=[order], max_results=1)
+        return _config_from_params(runs[0].data.params, base) if runs else {}
+    if source == "champion":
+        name = tracking.registered_name(dataset, category)
+        try:
+            version = client.get_model_version_by_alias(name, tracking.CHAMPION)
+        except Exception:
+            return {}
+        return _config_from_params(client.get_run(version.run_id).data.params, base)
+    path = Path(source)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read --params-from file ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of category -> config keys")
+    values = data.get(category, {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: key '{category}': expected a mapping of config keys")
+    Config.from_dict({**base.to_dict(), **values}, source=f"{path} [{category}]")
+    return values
+
+
+def champion_checkpoint(client, dataset: str, category: str, dest: Path) -> tuple[str, Path] | None:
+    """Download the champion's checkpoint.pt -> (version, local path), or None."""
+    name = tracking.registered_name(dataset, category)
+    try:
+        version = client.get_model_version_by_alias(name, tracking.CHAMPION)
+    except Exception:
+        return None
+    local = client.download_artifacts(version.run_id, "checkpoint/checkpoint.pt", str(dest))
+    return version.version, Path(local)
+
+
+def run_retrain(plan: ex.Plan, *, params_from: str, promote_margin: float, force: bool,
+                metric: str, mode: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``overrides`` (the command's ``--set``) win over the values from ``params_from``."""
+    from pouta_core.api import evaluate_checkpoint
+
+    ex.init_ray()
+    client, exp_id = tracking.setup(plan.tracking_uri, plan.experiment)
+    summary: dict[str, Any] = {}
+    todo: list[str] = []
+    per_category: dict[str, dict[str, Any]] = {}
+    for category in plan.categories:
+        try:
+            fp = ex.fingerprint_category(plan.data_root, plan.dataset, category)
+            plan.fingerprints[category] = fp
+            if not force and last_trained_fingerprint(client, exp_id, plan.dataset, category) == fp:
+                summary[category] = {"status": "unchanged"}
+                continue
+            values = {**params_for(params_from, client, exp_id, plan.dataset, category, metric, mode, plan.base),
+                      **(overrides or {})}
+            Config.from_dict({**plan.base.to_dict(), **values}, source=f"retrain [{category}]")
+            per_category[category] = values
+            todo.append(category)
+        except Exception as exc:  # one bad category must not stop the others
+            summary[category] = {"status": "failed", "error": str(exc).splitlines()[0]}
+    if todo:
+        # Named after what it trains on: rerunning after a crash resumes it, new data starts anew.
+        key = json.dumps([[c, plan.fingerprints[c], per_category[c]] for c in todo], sort_keys=True, default=str)
+        name = f"{plan.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+        sub = ex.Plan(**{**plan.__dict__, "categories": todo, "name": name})
+        trained: dict[str, Any] = {}
+        try:
+            trained = run_launch(sub, resume=True, per_category=per_category, kind="retrain")
+        except Exception as exc:
+            for c in todo:
+                trained[c] = {"error": str(exc).splitlines()[0]}
+        for category in todo:
+            result = trained.get(category, {"error": "no result"})
+            if "error" in result:
+                summary[category] = {"status": "failed", "error": result["error"]}
+                continue
+            try:
+                summary[category] = _decide(plan, client, category, result, promote_margin, metric, mode,
+                                            evaluate_checkpoint)
+            except Exception as exc:
+                summary[category] = {"status": "failed", "error": str(exc).splitlines()[0]}
+    return summary
+
+
+def _decide(plan: ex.Plan, client, category: str, result: dict[str, Any], margin: float, metric: str, mode: str,
+            evaluate_checkpoint) -> dict[str, Any]:
+    """Evaluate challenger and champion on the same test split; promote when better by margin."""
+    name, version = result["registered_model"], result["version"]
+    kwargs = {"data_root": plan.data_root, "dataset": plan.dataset, "category": category, "device": "auto",
+              "cache_dir": plan.cache_dir, "progress": False}
+    challenger = evaluate_checkpoint(Path(result["checkpoint"]), **kwargs)[metric]
+    with tempfile.TemporaryDirectory() as tmp:
+        champ = champion_checkpoint(client, plan.dataset, category, Path(tmp))
+        champion = evaluate_checkpoint(champ[1], **kwargs)[metric] if champ else None
+    sign = 1 if mode == "max" else -1
+    promote = champion is None or sign * (challenger - champion) > margin
+    if promote:
+        tracking.promote(client, name, version, tracking.CHAMPION)
+    run_id = client.get_model_version(name, version).run_id
+    tracking.log_metrics(client, run_id, {f"retrain_challenger_{metric}": challenger,
+                                          **({f"retrain_champion_{metric}": champion} if champion is not None else {})},
+                         step=0)
+    client.set_tag(run_id, "pouta.retrain_decision", "promoted" if promote else "kept champion")
+    return {"status": "promoted" if promote else "kept champion", "challenger": challenger, "champion": champion,
+            "champion_version": champ[0] if champ else None, "version": version, "model": name}

@@ -1,0 +1,169 @@
+"""``pouta sweep``: one Optuna study per category (Ray Tune + OptunaSearch, seeded sampler,
+RDB storage), every trial a Ray Train run, ASHA stopping weak trials on the reported metric.
+Grid spaces (``ablation.yaml``) run every grid point instead of a study."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from orchestrator import experiment as ex
+from orchestrator.trial import SAMPLED
+from pouta_core.checkpoint import atomic_write
+from pouta_core.config import ConfigError
+from search_spaces import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+def parse_objectives(text: str | None, metric: str, mode: str) -> list[tuple[str, str]]:
+    if not text:
+        return [(metric, mode)]
+    out = []
+    for item in text.split(","):
+        name, _, m = item.strip().partition(":")
+        if m not in ("max", "min") or not name:
+            raise ConfigError(f"--objectives: expected metric:max|min items, got '{item.strip()}'")
+        out.append((name, m))
+    return out
+
+
+def optuna_space(space: SearchSpace) -> dict[str, Any]:
+    import optuna.distributions as od
+
+    out: dict[str, Any] = {}
+    for d in space.dimensions:
+        key = f"{SAMPLED}/{d.key}"   # Tune unflattens "/" into {"sampled": {...}}
+        if d.distribution in ("uniform", "loguniform"):
+            out[key] = od.FloatDistribution(float(d.low), float(d.high), log=d.distribution == "loguniform")
+        elif d.distribution == "int":
+            out[key] = od.IntDistribution(int(d.low), int(d.high), step=d.step or 1)
+        else:
+            # Optuna's categorical values are scalars: lists travel as "yaml:" strings.
+            out[key] = od.CategoricalDistribution(
+                [f"yaml:{yaml.safe_dump(v, default_flow_style=True).strip()}" if isinstance(v, list) else v
+                 for v in d.values])
+    return out
+
+
+def grid_space(space: SearchSpace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for d in space.dimensions:
+        if d.distribution == "grid":
+            out[d.key] = tune.grid_search(list(d.values))
+        elif d.distribution == "choice":
+            out[d.key] = tune.choice(list(d.values))
+        elif d.distribution == "uniform":
+            out[d.key] = tune.uniform(d.low, d.high)
+        elif d.distribution == "loguniform":
+            out[d.key] = tune.loguniform(d.low, d.high)
+        else:
+            out[d.key] = tune.qrandint(d.low, d.high, d.step or 1)
+    return out
+
+
+def default_study_storage(storage_path: str) -> str:
+    path = Path(storage_path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'optuna.db'}"
+
+
+def pareto_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    ok = [r for r in rows if "error" not in r and all(r.get(k) is not None for k, _ in objectives)]
+
+    def better_or_equal(a, b):
+        return all((a[k] >= b[k]) if m == "max" else (a[k] <= b[k]) for k, m in objectives)
+
+    return [r for r in ok if not any(better_or_equal(o, r) and o is not r and
+                                     any(o[k] != r[k] for k, _ in objectives) for o in ok)]
+
+
+def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler: str | None,
+              study_storage: str | None, resume: bool, objectives: list[tuple[str, str]],
+              best_out: str | None = None) -> dict[str, Any]:
+    multi = len(objectives) > 1
+    scheduler = scheduler or ("none" if multi else "asha")
+    if multi and scheduler == "asha":
+        raise ConfigError("--scheduler asha stops trials on one metric; use --scheduler none with --objectives")
+    if num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
+    ex.init_ray()
+    plan.fingerprints = {c: ex.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
+    client, _, parent_id, parent_key = ex.open_parent(plan, "sweep", {"search_space": space.path.name})
+    tracking_params = {"search_space": space.path.name, "num_samples": num_samples, "scheduler": scheduler,
+                       "objectives": ",".join(f"{k}:{m}" for k, m in objectives)}
+    from orchestrator import tracking
+
+    tracking.log_params(client, parent_id, tracking_params)
+    cb = ex.callback(plan, parent_id, parent_key)
+    storage_url = study_storage or default_study_storage(plan.storage_path)
+    summary: dict[str, Any] = {}
+    failed = False
+    for category in plan.categories:
+        name = f"{plan.name}-{category}"
+        param_space: dict[str, Any] = {"job": ex.job_dict(plan.job(plan.base.replace(**space.fixed))),
+                                       "category": category}
+        metric, mode = objectives[0]
+        sched = None
+        if scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            sched = ASHAScheduler(time_attr="epoch", max_t=plan.base.epochs,
+                                  grace_period=min(plan.base.epochs, max(plan.base.eval_every, plan.base.epochs // 4)),
+                                  reduction_factor=2)
+        if space.has_grid:
+            param_space[SAMPLED] = grid_space(space)
+            search_alg = None
+        else:
+            # One seeded sampler per category, so categories do not all try the same points.
+            seed = zlib.crc32(f"{plan.base.seed}:{category}".encode())
+            search_alg = _optuna_search(space, objectives, storage_url, name, seed, resume)
+        tune_config = tune.TuneConfig(
+            metric=None if multi else metric, mode=None if multi else mode, search_alg=search_alg,
+            scheduler=sched, num_samples=num_samples, max_concurrent_trials=plan.max_concurrent or None)
+        tuner = ex.make_tuner(plan, name, param_space, tune_config, cb, resume)
+        results = tuner.fit()
+        keys = sorted({k for k, _ in objectives} | {"image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"})
+        rows = ex.trial_rows(results, keys)
+        best = ex.best_checkpoint_of(rows, metric, mode)
+        entry: dict[str, Any] = {"trials": rows}
+        if multi:
+            entry["pareto"] = pareto_front(rows, objectives)
+        if best is None:
+            failed = True
+            entry["error"] = "no trial finished with a checkpoint"
+        else:
+            sampled = best["config"].get(SAMPLED, {})
+            from orchestrator.trial import decode_sampled
+
+            config = plan.base.replace(**space.fixed, **decode_sampled(sampled))
+            model_name, version = ex.register_best(plan, cb, category, best["trial_id"], best["checkpoint"])
+            entry.update(best={k: best.get(k) for k in ["trial_id", "epoch", *keys]}, config=config.to_dict(),
+                         registered_model=model_name, version=version)
+        summary[category] = entry
+    tracking.finish(client, parent_id, ok=not failed)
+    if best_out:
+        best_configs = {c: e["config"] for c, e in summary.items() if "config" in e}
+        atomic_write(Path(best_out), lambda fh: fh.write(yaml.safe_dump(best_configs, sort_keys=False).encode()))
+    return summary
+
+
+def _optuna_search(space: SearchSpace, objectives, storage_url: str, study_name: str, seed: int, resume: bool):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = optuna.storages.RDBStorage(storage_url)
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    if study_name in existing and not resume:
+        raise ConfigError(f"optuna study '{study_name}' already exists in {storage_url}; pass --resume to "
+                          "continue it or --name to start another")
+    metrics = [k for k, _ in objectives]
+    modes = [m for _, m in objectives]
+    return OptunaSearch(space=optuna_space(space), metric=metrics if len(metrics) > 1 else metrics[0],
+                        mode=modes if len(modes) > 1 else modes[0],
+                        sampler=optuna.samplers.TPESampler(seed=seed), storage=storage, study_name=study_name)

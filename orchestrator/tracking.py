@@ -1,0 +1,164 @@
+"""MLflow tracking: where runs go, one parent run per command, one child run per
+category-trial, the registry with aliases (``champion`` / ``challenger``; stages are not used).
+
+All MLflow calls happen in the driver process (a Tune callback and the commands), never in
+the training workers: so the embedded sqlite file has a single writer, and on a cluster the
+driver is the one client that talks HTTP to ``mlflow server``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOME = Path("mlflow-data")
+TAG_KIND = "pouta.kind"            # parent | trial | retrain
+TAG_KEY = "pouta.key"              # stable identity of a run, to find it again after a restart
+TAG_FINGERPRINT = "pouta.data_fingerprint"
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else an embedded sqlite file and an
+    artifact folder under ``./mlflow-data`` (MLflow 3 refuses the old ``./mlruns`` file store)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = DEFAULT_HOME.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where artifacts go for an embedded sqlite store (a server decides for itself)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith("sqlite:///"):
+        return (f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifact_root(uri)} "
+                "--host 127.0.0.1 --port 5000")
+    return f"open {uri} in a browser"
+
+
+def setup(uri: str | None, experiment: str) -> tuple[MlflowClient, str]:
+    """-> (client, experiment id), creating the experiment if needed."""
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        exp_id = client.create_experiment(experiment, artifact_location=artifact_root(uri))
+    else:
+        exp_id = exp.experiment_id
+    return client, exp_id
+
+
+def find_run(client: MlflowClient, exp_id: str, key: str) -> str | None:
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{TAG_KEY}` = '{key}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def get_or_create_run(client: MlflowClient, exp_id: str, key: str, *, name: str,
+                      tags: dict[str, str], parent_id: str | None = None) -> str:
+    """The run tagged ``key``, reopened if it exists (a restarted trial or a resumed sweep
+    logs into the same run: no duplicates), else a new one."""
+    run_id = find_run(client, exp_id, key)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = {TAG_KEY: key, **tags}
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id
+    return client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+
+
+def finish(client: MlflowClient, run_id: str, ok: bool = True) -> None:
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+
+def flatten(prefix: str, obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: obj}
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Log params that the run does not have yet (params are immutable in MLflow)."""
+    have = client.get_run(run_id).data.params
+    from mlflow.entities import Param
+
+    new = [Param(k, str(v)) for k, v in flatten("", params).items() if k not in have]
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i:i + 100])
+
+
+def last_step(client: MlflowClient, run_id: str, metric: str = "loss_total") -> int:
+    history = client.get_metric_history(run_id, metric)
+    return max((m.step for m in history), default=-1)
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, int | float) and not isinstance(v, bool) and v == v]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
+def git_commit() -> str:
+    """The commit of the code, from git or ``POUTA_GIT_COMMIT`` (jobs uploaded by ``ray job
+    submit`` carry no .git folder), else ``unknown``."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return os.environ.get("POUTA_GIT_COMMIT", "unknown")
+
+
+def fingerprint(paths: Iterable[Path], root: Path) -> str:
+    """sha256 over the sorted relative paths and contents of the training files."""
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        h.update(str(p.resolve().relative_to(root.resolve())).encode())
+        h.update(b"\0")
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def registered_name(dataset: str, category: str) -> str:
+    return f"pouta-{dataset}-{category}"
+
+
+def promote(client: MlflowClient, name: str, version: str | int, alias: str = CHAMPION) -> None:
+    """Point ``alias`` at ``version`` of registered model ``name`` (it must exist)."""
+    client.get_model_version(name, str(version))   # raises a clear MlflowException if missing
+    client.set_registered_model_alias(name, alias, str(version))

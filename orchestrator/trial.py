@@ -1,0 +1,81 @@
+"""One Tune trial = one Ray Train run of one category with one config (Train V2 style: a
+function trainable that builds and fits a TorchTrainer)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestrator.worker import train_worker
+from pouta_core.config import Config
+
+SAMPLED = "sampled"   # param_space key holding the searched config values
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a trial needs besides the sampled values; plain data, so Tune can store it."""
+
+    base_config: dict[str, Any]
+    data_root: str
+    dataset: str
+    storage_path: str
+    experiment: str
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    texture_dir: str | None = None
+    cache_dir: str | None = None
+
+    def scaling(self) -> ray.train.ScalingConfig:
+        resources = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            resources["GPU"] = self.gpus_per_worker
+        return ray.train.ScalingConfig(num_workers=self.workers, use_gpu=self.gpus_per_worker > 0,
+                                       resources_per_worker=resources)
+
+
+def decode_sampled(sampled: dict[str, Any]) -> dict[str, Any]:
+    """Optuna's categorical values are scalars: list choices travel as YAML strings."""
+    import yaml
+
+    return {k: (yaml.safe_load(v[5:]) if isinstance(v, str) and v.startswith("yaml:") else v)
+            for k, v in sampled.items()}
+
+
+def trial_config(job: Job, params: dict[str, Any]) -> Config:
+    return Config.from_dict({**job.base_config, **decode_sampled(params.get(SAMPLED, {}))})
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """The Tune function trainable. ``params``: job (dict), category, sampled (dict)."""
+    job = Job(**params["job"])
+    category = params["category"]
+    config = trial_config(job, params)
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.to_dict(), "data_root": job.data_root, "dataset": job.dataset,
+                           "category": category, "texture_dir": job.texture_dir, "cache_dir": job.cache_dir,
+                           "cpus_per_worker": job.cpus_per_worker},
+        scaling_config=job.scaling(),
+        run_config=ray.train.RunConfig(
+            # Stable name: rerunning the same trial resumes from its latest checkpoint.
+            name=f"{job.experiment}-{category}-{trial_id}",
+            storage_path=job.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    return asdict(job)

@@ -1,0 +1,105 @@
+"""What every Ray Train worker runs: pouta_core's training loop, wrapped.
+
+DDP through ``prepare_model``, this rank's slice of every epoch through ``shard``,
+``ray.train.report`` with a checkpoint on every evaluation epoch (the same number of calls
+on every rank; rank 0 attaches the checkpoint), and resumption from Ray's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from pouta_core import checkpoint as ckpt
+from pouta_core.api import load_category
+from pouta_core.config import Config
+from pouta_core.inference import predict
+from pouta_core.model import build_model
+from pouta_core.synthesis import TextureFolder
+from pouta_core.training import fit
+from pouta_core.visualize import heatmap_grid, select_examples
+
+HEATMAPS = "heatmaps.png"
+
+
+def measure_latency(config: Config, device: torch.device, runs: int = 10) -> float:
+    """Median batch-1 forward time in ms; it depends on the architecture, not the weights."""
+    model = build_model(config).to(device).eval()
+    x = torch.rand(1, 3, config.image_size, config.image_size, device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(runs + 2):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def write_heatmaps(run_dir: Path, test_set, device: torch.device) -> None:
+    model, _, _ = ckpt.load_model(run_dir, device)
+    scores, maps = predict(model, test_set.images, device=device)
+    labels = test_set.labels.numpy()
+    idx = select_examples(labels, scores)
+    grid = heatmap_grid(test_set.images[idx].numpy(), maps[idx], test_set.masks[idx, 0].numpy(), scores[idx])
+    ckpt.atomic_write(run_dir / HEATMAPS, lambda fh: grid.save(fh, format="PNG"))
+
+
+def train_worker(cfg: dict[str, Any]) -> None:
+    """``cfg``: config (dict), data_root, dataset, category, texture_dir, cache_dir, cpus_per_worker."""
+    config = Config.from_dict(cfg["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.get("cpus_per_worker", 1))))
+    data = load_category(cfg["data_root"], cfg["dataset"], cfg["category"], config.image_size,
+                         cache_dir=cfg.get("cache_dir"), progress=False)
+    if not len(data.test_set) or not (data.test_set.labels == 1).any():
+        raise ValueError(f"{cfg['data_root']}: category '{cfg['category']}' needs anomalous test images "
+                         "to evaluate and report metrics")
+    textures = TextureFolder(cfg["texture_dir"], config.image_size) if cfg.get("texture_dir") else None
+    latency = measure_latency(config, device)
+
+    run_dir = Path(tempfile.mkdtemp(prefix=f"pouta-{cfg['category']}-rank{rank}-"))
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            shutil.copy2(Path(d) / ckpt.CHECKPOINT, run_dir / ckpt.CHECKPOINT)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        metrics = {**metrics, "latency_ms": latency}
+        checkpoint = None
+        if checkpoint_dir is not None:
+            if metrics["epoch"] == config.epochs:
+                write_heatmaps(checkpoint_dir, data.test_set, device)
+            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report({k: v for k, v in metrics.items() if _reportable(v)}, checkpoint=checkpoint)
+
+    # Every evaluation epoch is also a checkpoint epoch, so every report carries the
+    # checkpoint Ray resumes from and the one MLflow receives at the end.
+    config = config.replace(checkpoint_every=config.eval_every)
+    try:
+        fit(config, data.train_images, run_dir, test_set=data.test_set if rank == 0 else None,
+            textures=textures, device=device, report=report, progress=False,
+            wrap_model=ray.train.torch.prepare_model, shard=(rank, world),
+            extra_state={"dataset": cfg["dataset"], "category": cfg["category"]})
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _reportable(v: Any) -> bool:
+    return isinstance(v, int | float | np.floating) and not isinstance(v, bool)

@@ -1,0 +1,92 @@
+"""Real servers for tests: ``ray start --head`` and ``mlflow server`` on 127.0.0.1, on free
+ports, each in its own process group, stopped by that group's id (never by name)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return   # it answers (Ray's dashboard answers 401 without the auth token)
+        except Exception:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM the process group we created, then SIGKILL what is left."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path):
+    port = free_port()
+    log = root / "mlflow-server.log"
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", 120, proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def ray_head(root: Path, num_cpus: int = 2):
+    port, dash, client = free_port(), free_port(), free_port()
+    log = root / "ray-head.log"
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")   # unix socket paths must stay < 108 bytes
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+         "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{dash}/api/version", 180, proc, log)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
+    finally:
+        stop(proc, timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,92 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pouta_core.data.demo import generate
+
+SMALL = ["--preset", "tiny", "--set", "image_size=32", "--set", "rec_width=4", "--set", "fcm_width=4",
+         "--set", "epochs=2", "--set", "lr_milestones=[]", "--set", "batch_size=4"]
+
+
+def pouta(*args, check=True):
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", *map(str, args)], capture_output=True, text=True)
+    if check and out.returncode:
+        raise AssertionError(f"pouta {' '.join(map(str, args))} exited {out.returncode}:\n{out.stderr}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    generate(root / "data", categories=1, image_size=48, n_train=6, n_test_good=3, n_test_defect=2)
+    run = root / "run"
+    pouta("train", "--data-root", root / "data", "--dataset", "mvtec", "--category", "tiles", "--out", run,
+          "--device", "cpu", *SMALL)
+    return root, run
+
+
+def test_train_writes_the_run_folder(trained):
+    _, run = trained
+    assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "config.yaml", "metrics.json"}
+
+
+def test_evaluate_prints_the_metric_dict_as_json(trained):
+    root, run = trained
+    out = pouta("evaluate", "--checkpoint", run, "--data-root", root / "data", "--dataset", "mvtec",
+                "--category", "tiles", "--json", "--device", "cpu")
+    metrics = json.loads(out.stdout)
+    assert {"image_auroc", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1max"} <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "pixel_ap"))
+
+
+def test_predict_writes_overlays_maps_and_decisions(trained, tmp_path):
+    root, run = trained
+    images = root / "data" / "tiles" / "test" / "stain"
+    out = pouta("predict", "--checkpoint", run, images, "--out", tmp_path, "--save-maps", "--json",
+                "--threshold", "0.5", "--device", "cpu")
+    results = json.loads(out.stdout)
+    assert len(results) == 2
+    assert all(r["anomalous"] == (r["score"] >= 0.5) for r in results)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["000_map.npy", "000_overlay.png", "001_map.npy", "001_overlay.png"]
+    assert np.load(tmp_path / "000_map.npy").shape == (32, 32)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_matches_pytorch(trained, tmp_path, fmt):
+    _, run = trained
+    target = tmp_path / f"model.{fmt}"
+    out = pouta("export", "--checkpoint", run, "--format", fmt, "--out", target)
+    diff = float(out.stdout.strip().rsplit(" ", 1)[-1])
+    assert target.is_file() and diff <= 1e-4
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_bad_data_root_is_one_line_error_and_nothing_written(tmp_path):
+    out = pouta("train", "--data-root", tmp_path / "missing", "--dataset", "mvtec", "--category", "x",
+                "--out", tmp_path / "run", *SMALL, check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"pouta: error: {tmp_path / 'missing'}: data root folder not found"
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_checkpoint_is_one_line_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    out = pouta("export", "--checkpoint", tmp_path, "--format", "onnx", "--out", tmp_path / "m.onnx", check=False)
+    assert out.returncode == 2 and "not a readable POUTA checkpoint" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_predict_keeps_same_named_images_from_two_folders_apart(trained, tmp_path):
+    from pouta_core.api import predict_paths
+
+    root, run = trained
+    test = root / "data" / "tiles" / "test"
+    results = predict_paths(run, [test / "good", test / "scratch"], tmp_path, threshold=0.5, device="cpu")
+    assert len(results) == 5
+    overlays = sorted(p.name for p in tmp_path.glob("*_overlay.png"))
+    assert overlays == ["good_000_overlay.png", "good_001_overlay.png", "good_002_overlay.png",
+                        "scratch_000_overlay.png", "scratch_001_overlay.png"]

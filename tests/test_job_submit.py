@@ -1,0 +1,85 @@
+"""The user's main job, for real: `ray job submit` of a sweep to a running `ray start --head`
+cluster (token authentication on), logging to a real `mlflow server` on 127.0.0.1."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from servers import mlflow_server, ray_head
+
+from pouta_core.data.demo import generate
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMALL = ["--preset", "tiny", "--set", "image_size=32", "--set", "rec_width=4", "--set", "fcm_width=4",
+         "--set", "epochs=2", "--set", "eval_every=1", "--set", "lr_milestones=[]", "--set", "batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    # The job's entrypoint runs with the head's environment: `pouta` must be on its PATH.
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
+    with mlflow_server(root) as mlflow_url, ray_head(root) as ray:
+        yield {"root": root, "mlflow": mlflow_url, **ray}
+
+
+def ray_cli(*args, check=True, timeout=120):
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}   # the client reads ~/.ray/auth_token
+    out = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and out.returncode:
+        raise AssertionError(f"ray {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
+    data = tmp_path / "data"
+    generate(data, categories=2, image_size=48, n_train=6, n_test_good=3, n_test_defect=2)
+    storage = tmp_path / "ray-results"
+    entry = ["pouta", "sweep", "--space", "search_spaces/mss_lambdas.yaml", "--data-root", str(data),
+             "--dataset", "mvtec", "--categories", "tiles,pills", "--num-samples", "2", "--max-concurrent", "2",
+             "--storage-path", str(storage), "--tracking-uri", cluster["mlflow"], "--name", "job-test", *SMALL]
+    submitted = ray_cli("job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
+                        "--runtime-env-json", json.dumps({"excludes": [".venv", "demo", "bench-out", "*.db"]}),
+                        "--no-wait", "--", *entry)
+    job_id = next(line.split("'")[1] for line in submitted.stdout.splitlines() if "submitted successfully" in line)
+    deadline = time.monotonic() + 900
+    status = ""
+    while time.monotonic() < deadline:
+        status = ray_cli("job", "status", "--address", cluster["dashboard"], job_id).stdout.lower()
+        if any(s in status for s in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(5)
+    logs = ray_cli("job", "logs", "--address", cluster["dashboard"], job_id, check=False).stdout
+    assert "succeeded" in status, f"job did not succeed:\n{status}\n{logs[-5000:]}"
+    assert "best configs written to" in logs
+
+    client = MlflowClient(cluster["mlflow"])
+    exp = client.get_experiment_by_name("pouta")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pouta.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("pouta.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    parent_id = parents[0].info.run_id
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent_id
+        assert child.data.tags["dataset"] == "mvtec" and child.data.tags["variant"] == "pouta"
+        assert len(child.data.tags["pouta.data_fingerprint"]) == 64 and child.data.tags["git_commit"]
+        assert child.data.params["category"] in ("tiles", "pills") and "lambda_1" in child.data.params
+        assert {"loss_total", "loss_rec", "pixel_ap", "image_auroc"} <= set(child.data.metrics)
+        assert child.info.status == "FINISHED"
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.yaml", "metrics.json", "checkpoint"} <= artifacts
+    for category in ("tiles", "pills"):
+        model = client.get_registered_model(f"pouta-mvtec-{category}")
+        assert str(model.aliases.get("challenger")) == "1"
+        version = client.get_model_version_by_alias(f"pouta-mvtec-{category}", "challenger")
+        assert version.run_id in {c.info.run_id for c in children}
+        assert "heatmaps.png" in {a.path for a in client.list_artifacts(version.run_id)}
+        history = client.get_metric_history(version.run_id, "pixel_ap")
+        assert [m.step for m in history] == [1, 2]       # epochs as steps, no duplicates

@@ -1,0 +1,87 @@
+import pytest
+
+import search_spaces
+from orchestrator.sweep import optuna_space, pareto_front, parse_objectives
+from orchestrator.trial import decode_sampled
+from pouta_core.config import Config, ConfigError
+from search_spaces import SearchSpaceError
+
+
+@pytest.mark.parametrize("path", search_spaces.bundled(), ids=lambda p: p.name)
+def test_every_bundled_space_loads_against_its_preset(path):
+    base = Config.from_preset("paper")
+    space = search_spaces.load(path, base)
+    assert space.keys and all(k in Config.keys() for k in space.keys)
+
+
+def test_bundled_files_cover_the_documented_spaces():
+    names = {p.stem for p in search_spaces.bundled()}
+    assert {"mss_lambdas", "focal", "schedule", "full", "ablation"} <= names
+    ablation = search_spaces.load("ablation")
+    assert ablation.has_grid and list(ablation.dimensions[0].values) == [
+        "vanilla", "pouta-base", "pouta-hsg", "pouta-mss", "pouta"]
+
+
+def write(tmp_path, text):
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("space:\n  lambda_9: {distribution: uniform, low: 0, high: 1}\n", "key 'lambda_9': is not a config key"),
+    ("space:\n  lr: {distribution: uniform, low: 1, high: 0.1}\n", "key 'lr': 'low' (1) must be below 'high' (0.1)"),
+    ("space:\n  lr: {distribution: loguniform, low: 0, high: 0.1}\n", "key 'lr': loguniform needs low > 0"),
+    ("space:\n  lr: {distribution: normal, low: 0, high: 0.1}\n", "key 'lr': unknown distribution 'normal'"),
+    ("space:\n  lr: {low: 0, high: 0.1}\n", "key 'lr': expected a mapping with a 'distribution'"),
+    ("space:\n  epochs: {distribution: int, low: 1.5, high: 9}\n", "key 'epochs': 'low' must be an integer"),
+    ("space:\n  focal_alpha: {distribution: uniform, low: 0.5, high: 2.0}\n",
+     "key 'focal_alpha': value 2.0 is invalid: config key 'focal_alpha': must be in [0.0, 1.0]"),
+    ("space:\n  variant: {distribution: grid, values: [pouta, draem]}\n", "key 'variant': value 'draem' is invalid"),
+    ("space:\n  epochs: {distribution: int, low: 100, high: 800}\n",
+     "key 'epochs': value 100 is invalid: config key 'lr_milestones': every milestone must be <= epochs"),
+    ("space:\n  lr: {distribution: choice, values: []}\n", "key 'lr': choice needs a non-empty list of 'values'"),
+    ("space:\n  lr: {distribution: uniform, low: 0.1, high: 0.2, step: 1}\n", "unexpected field(s) step"),
+    ("lr: {distribution: uniform, low: 0.1, high: 0.2}\n", "expected a mapping with a non-empty 'space'"),
+    ("space:\n  lr: !!python/object/apply:os.system [true]\n", "not valid YAML"),
+])
+def test_bad_space_names_file_key_and_problem(tmp_path, text, needle):
+    with pytest.raises(SearchSpaceError) as exc:
+        search_spaces.load(write(tmp_path, text))
+    assert str(exc.value).startswith(str(tmp_path / "space.yaml"))
+    assert needle in str(exc.value)
+
+
+def test_fixed_keys_are_validated_and_applied(tmp_path):
+    p = write(tmp_path, "space:\n  lr: {distribution: uniform, low: 0.001, high: 0.01}\n"
+                        "fixed: {epochs: 20, lr_milestones: [10]}\n")
+    space = search_spaces.load(p)
+    cfg = search_spaces.trial_config(Config(), space, {"lr": 0.005})
+    assert (cfg.epochs, cfg.lr_milestones, cfg.lr) == (20, (10,), 0.005)
+    bad = write(tmp_path, "space:\n  lr: {distribution: uniform, low: 0.001, high: 0.01}\nfixed: {epochs: 0}\n")
+    with pytest.raises(SearchSpaceError, match="in 'fixed': config key 'epochs'"):
+        search_spaces.load(bad)
+
+
+def test_optuna_space_carries_list_choices_as_strings_and_back():
+    space = search_spaces.load("schedule")
+    dists = optuna_space(space)
+    assert set(dists) == {f"sampled/{k}" for k in space.keys}
+    choices = dists["sampled/lr_milestones"].choices
+    assert all(isinstance(c, str) for c in choices)
+    assert decode_sampled({"lr_milestones": choices[0], "lr": 0.1}) == {"lr_milestones": [320, 360], "lr": 0.1}
+    assert dists["sampled/lr"].log and dists["sampled/epochs"].step == 100
+
+
+def test_objectives_parse_and_reject_bad_items():
+    assert parse_objectives("pixel_ap:max,latency_ms:min", "x", "max") == [("pixel_ap", "max"), ("latency_ms", "min")]
+    assert parse_objectives(None, "pixel_ap", "max") == [("pixel_ap", "max")]
+    with pytest.raises(ConfigError, match="expected metric:max|min items, got 'pixel_ap'"):
+        parse_objectives("pixel_ap", "x", "max")
+
+
+def test_pareto_front_keeps_only_non_dominated_trials():
+    rows = [{"t": 1, "q": 0.9, "lat": 10.0}, {"t": 2, "q": 0.8, "lat": 5.0}, {"t": 3, "q": 0.7, "lat": 8.0},
+            {"t": 4, "q": 0.9, "lat": 12.0}]
+    front = pareto_front(rows, [("q", "max"), ("lat", "min")])
+    assert sorted(r["t"] for r in front) == [1, 2]

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from pouta_core import checkpoint as ckpt
+from pouta_core.config import Config, ConfigError
+from pouta_core.data.datasets import EvalDataset
+from pouta_core.training import fit
+
+CFG = Config.from_preset("tiny", ["image_size=32", "rec_width=4", "fcm_width=4", "disc_width=4", "batch_size=2",
+                                  "epochs=3", "lr_milestones=[2]", "eval_every=1", "checkpoint_every=1"])
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(6, 3, 32, 32, generator=g) * 255).to(torch.uint8)
+    masks = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
+    masks[2:, :, 8:16, 8:16] = 1
+    test = EvalDataset(images[:4], masks, torch.tensor([0, 0, 1, 1]))
+    return images, test
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted_training(tmp_path, data):
+    images, test = data
+    full = fit(CFG, images, tmp_path / "a", test_set=test, progress=False)
+
+    def stop_after_first(metrics, checkpoint_dir):
+        if metrics["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(CFG, images, tmp_path / "b", test_set=test, progress=False, report=stop_after_first)
+    assert ckpt.load_state(tmp_path / "b")["epoch"] == 1
+    resumed = fit(CFG, images, tmp_path / "b", test_set=test, progress=False)
+    a, b = ckpt.load_state(tmp_path / "a"), ckpt.load_state(tmp_path / "b")
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert full["loss_total"] == resumed["loss_total"]
+
+
+def test_run_folder_holds_checkpoint_config_and_metrics(tmp_path, data):
+    images, test = data
+    fit(CFG, images, tmp_path, test_set=test, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.json"]
+    assert Config.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == CFG
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epoch"] == 3 and "pixel_auroc" in metrics and "loss_mss" in metrics
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["config"] == CFG.to_dict() and isinstance(state["threshold"], float)
+
+
+def test_report_is_called_every_evaluation_with_the_checkpoint_dir(tmp_path, data):
+    images, test = data
+    calls = []
+    cfg = CFG.replace(epochs=4, eval_every=2, checkpoint_every=4, lr_milestones=[3])
+    fit(cfg, images, tmp_path, test_set=test, progress=False, report=lambda m, d: calls.append((m["epoch"], d)))
+    assert calls == [(2, None), (4, tmp_path)]
+
+
+def test_resume_with_a_different_config_names_the_keys(tmp_path, data):
+    images, _ = data
+    fit(CFG.replace(epochs=1, lr_milestones=[]), images, tmp_path, progress=False)
+    with pytest.raises(ConfigError, match=r"different config \(epochs, lr, lr_milestones\)"):
+        fit(CFG.replace(lr=0.01), images, tmp_path, progress=False)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, {"model": {}, "epoch": 1})
+
+    def crash(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, {"model": {}, "epoch": 2})
+    assert ckpt.load_state(tmp_path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
