@@ -74,6 +74,12 @@ def params_for(source: str, client, exp_id: str, dataset: str, category: str, me
     return values
 
 
+def _latest_version(client, dataset: str, category: str) -> int:
+    name = tracking.registered_name(dataset, category)
+    versions = client.search_model_versions(f"name = '{name}'")
+    return max((int(v.version) for v in versions), default=0)
+
+
 def champion_checkpoint(client, dataset: str, category: str, dest: Path) -> tuple[str, Path] | None:
     """Download the champion's checkpoint.pt -> (version, local path), or None."""
     name = tracking.registered_name(dataset, category)
@@ -110,8 +116,10 @@ def run_retrain(plan: ex.Plan, *, params_from: str, promote_margin: float, force
         except Exception as exc:  # one bad category must not stop the others
             summary[category] = {"status": "failed", "error": str(exc).splitlines()[0]}
     if todo:
-        # Named after what it trains on: rerunning after a crash resumes it, new data starts anew.
-        key = json.dumps([[c, plan.fingerprints[c], per_category[c]] for c in todo], sort_keys=True, default=str)
+        # Named after what it trains on and the registry's state: rerunning after a crash resumes
+        # it, while new data or a finished retraining (a new version exists) starts anew.
+        key = json.dumps([[c, plan.fingerprints[c], per_category[c], _latest_version(client, plan.dataset, c)]
+                          for c in todo], sort_keys=True, default=str)
         name = f"{plan.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
         sub = ex.Plan(**{**plan.__dict__, "categories": todo, "name": name})
         trained: dict[str, Any] = {}

@@ -21,7 +21,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("orch")
     generate(root / "data", categories=2, image_size=48, n_train=6, n_test_good=3, n_test_defect=2)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2)   # with the dashboard: Ray Train cleans up placement groups through it
     yield {"root": root, "data": root / "data", "uri": uri, "client": MlflowClient(uri)}
     ray.shutdown()
 
