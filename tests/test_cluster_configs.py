@@ -40,16 +40,20 @@ def pouta_commands(path):
     if path.suffix in (".yaml", ".yml"):
         for doc in yaml_docs(path):
             for value in walk(doc):
-                if isinstance(value, str):
+                if not isinstance(value, str):
+                    continue
+                if value.lstrip().startswith(("apiVersion", "kind")):   # an embedded manifest
+                    texts.extend(v for d in yaml.safe_load_all(value) for v in walk(d) if isinstance(v, str))
+                else:
                     texts.append(value)
-                    if value.lstrip().startswith(("apiVersion", "kind")):
-                        texts.extend(v for d in yaml.safe_load_all(value) for v in walk(d) if isinstance(v, str))
+        # commands shown in comments (e.g. the `ray job submit` example) must be valid too
+        comments = [line.split("#", 1)[1] for line in path.read_text().splitlines() if line.lstrip().startswith("#")]
+        texts.append("\n".join(comments).replace("\\\n", " "))
     else:
         texts.append(path.read_text())
     commands = []
     for text in texts:
-        for m in re.finditer(r"(?:^|[\s/])pouta\s+(launch|sweep|retrain|promote|train|evaluate)\b([^\n>#]*)",
-                             " ".join(text.split("\n")) if path.suffix in (".yaml", ".yml") else text):
+        for m in re.finditer(r"(?:^|[\s/])pouta\s+(launch|sweep|retrain|promote|train|evaluate)\b([^\n>#]*)", text):
             commands.append([m.group(1), *shlex.split(m.group(2))])
     return commands
 
