@@ -99,8 +99,10 @@ def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stems = [p.stem for p in files]
-    # Same stem in two folders (MVTec's 000.png in every defect folder): prefix the folder.
-    names = [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in files]
+    # Same stem in two folders (MVTec's 000.png in every defect folder): prefix every name
+    # with its folder, so the outputs of one call are named alike.
+    clash = len(set(stems)) < len(stems)
+    names = [f"{p.parent.name}_{p.stem}" if clash else p.stem for p in files]
     results = []
     for p, stem, img, score, amap in zip(files, names, images, scores, maps, strict=True):
         overlay = _overlay(img.permute(1, 2, 0).numpy().astype(float), amap)
