@@ -84,8 +84,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
         metrics = {**metrics, "latency_ms": latency}
         checkpoint = None
         if checkpoint_dir is not None:
-            if metrics["epoch"] == config.epochs:
-                write_heatmaps(checkpoint_dir, data.test_set, device)
+            # Every checkpoint carries its grid: ASHA may stop a trial before its last epoch.
+            write_heatmaps(checkpoint_dir, data.test_set, device)
             checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
         ray.train.report({k: v for k, v in metrics.items() if _reportable(v)}, checkpoint=checkpoint)
 

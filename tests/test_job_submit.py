@@ -81,5 +81,5 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
         version = client.get_model_version_by_alias(f"pouta-mvtec-{category}", "challenger")
         assert version.run_id in {c.info.run_id for c in children}
         assert "heatmaps.png" in {a.path for a in client.list_artifacts(version.run_id)}
-        history = client.get_metric_history(version.run_id, "pixel_ap")
-        assert [m.step for m in history] == [1, 2]       # epochs as steps, no duplicates
+        steps = [m.step for m in client.get_metric_history(version.run_id, "pixel_ap")]
+        assert steps == list(range(1, len(steps) + 1))   # epochs as steps, no duplicates (ASHA may stop at 1)
