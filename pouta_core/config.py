@@ -85,6 +85,10 @@ class Config:
         default=32,
         metadata=_spec(ge=1, le=1024, help="channels of every F_Ci in the POUTA variants"),
     )
+    fcm_depth: int = field(
+        default=1,
+        metadata=_spec(ge=1, le=4, help="Conv3x3-BN-ReLU blocks in each FCM (the paper does not say)"),
+    )
     detach_features: bool = field(
         default=False,
         metadata=_spec(

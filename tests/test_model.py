@@ -122,3 +122,12 @@ def test_pouta_core_imports_neither_ray_mlflow_nor_optuna():
             "bad = [m for m in ('ray', 'mlflow', 'optuna') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_fcm_depth_adds_conv_blocks_to_every_fcm():
+    one = build_model(TINY, fcm_depth=1)
+    two = build_model(TINY, fcm_depth=2)
+    assert [len(f.block) for f in two.discriminative.fcm] == [2, 2, 2, 2]
+    assert sum(p.numel() for p in two.parameters()) > sum(p.numel() for p in one.parameters())
+    with torch.inference_mode():
+        assert two.eval()(torch.rand(1, 3, 32, 32)).anomaly_map.shape == (1, 1, 32, 32)

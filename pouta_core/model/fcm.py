@@ -11,13 +11,14 @@ from pouta_core.model.blocks import conv_bn_relu
 class FCM(nn.Module):
     """F_Ci = conv_block(concat(F_Ei, F_Di)): the coarse anomaly evidence at scale i.
 
-    One Conv3x3-BN-ReLU block (the paper does not give the depth; one keeps POUTA's
-    discriminator light, which is its point). (B, 2c, h, w) -> (B, out_ch, h, w).
+    ``depth`` Conv3x3-BN-ReLU blocks (config ``fcm_depth``; the paper does not give the depth,
+    and one keeps POUTA's discriminator light, which is its point). (B, 2c, h, w) -> (B, out_ch, h, w).
     """
 
-    def __init__(self, feat_ch: int, out_ch: int) -> None:
+    def __init__(self, feat_ch: int, out_ch: int, depth: int = 1) -> None:
         super().__init__()
-        self.block = conv_bn_relu(2 * feat_ch, out_ch)
+        self.block = nn.Sequential(conv_bn_relu(2 * feat_ch, out_ch),
+                                   *[conv_bn_relu(out_ch, out_ch) for _ in range(depth - 1)])
 
     def forward(self, f_e: torch.Tensor, f_d: torch.Tensor) -> torch.Tensor:
         return self.block(torch.cat([f_e, f_d], dim=1))

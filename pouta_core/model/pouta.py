@@ -61,6 +61,7 @@ class AnomalyDetector(nn.Module):
                 config.fcm_width,
                 hsg=config.variant in ("pouta-hsg", "pouta"),
                 mss=config.variant in ("pouta-mss", "pouta"),
+                fcm_depth=config.fcm_depth,
             )
         init_weights(self, config.init)
 
