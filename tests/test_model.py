@@ -127,7 +127,12 @@ def test_pouta_core_imports_neither_ray_mlflow_nor_optuna():
 def test_fcm_depth_adds_conv_blocks_to_every_fcm():
     one = build_model(TINY, fcm_depth=1)
     two = build_model(TINY, fcm_depth=2)
-    assert [len(f.block) for f in two.discriminative.fcm] == [2, 2, 2, 2]
+    convs = [sum(isinstance(m, torch.nn.Conv2d) for m in f.block) for f in two.discriminative.fcm]
+    assert convs == [2, 2, 2, 2]
+    # depth 1 keeps the parameter names checkpoints had before fcm_depth existed
+    assert {k for k in one.state_dict() if ".fcm.0." in k} == {
+        f"discriminative.fcm.0.block.{k}" for k in
+        ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked")}
     assert sum(p.numel() for p in two.parameters()) > sum(p.numel() for p in one.parameters())
     with torch.inference_mode():
         assert two.eval()(torch.rand(1, 3, 32, 32)).anomaly_map.shape == (1, 1, 32, 32)

@@ -17,8 +17,12 @@ class FCM(nn.Module):
 
     def __init__(self, feat_ch: int, out_ch: int, depth: int = 1) -> None:
         super().__init__()
-        self.block = nn.Sequential(conv_bn_relu(2 * feat_ch, out_ch),
-                                   *[conv_bn_relu(out_ch, out_ch) for _ in range(depth - 1)])
+        # One flat Sequential, so depth 1 keeps the parameter names of checkpoints written
+        # before ``fcm_depth`` existed (block.0 conv, block.1 BN).
+        layers = list(conv_bn_relu(2 * feat_ch, out_ch))
+        for _ in range(depth - 1):
+            layers += list(conv_bn_relu(out_ch, out_ch))
+        self.block = nn.Sequential(*layers)
 
     def forward(self, f_e: torch.Tensor, f_d: torch.Tensor) -> torch.Tensor:
         return self.block(torch.cat([f_e, f_d], dim=1))
