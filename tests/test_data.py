@@ -185,3 +185,19 @@ def test_demo_data_has_mvtec_layout_and_distinct_categories(tmp_path):
     assert not list(tmp_path.glob(".*"))      # no temporary folder left
     with pytest.raises(DataError, match="already exists"):
         generate(tmp_path, categories=1)
+
+
+@pytest.mark.parametrize("category", ["pills", "screws"])
+@pytest.mark.parametrize("kind", ["scratch", "stain", "missing"])
+def test_demo_defects_lie_on_the_object_and_are_visible(category, kind):
+    # A defect mask that covers background pixels the defect did not visibly change would
+    # ask the model for the impossible; every masked pixel must be on the object and changed.
+    from pouta_core.data.demo import RENDER, _defect
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        img, fg = RENDER[category](rng, 128)
+        bad, mask = _defect(kind, img, fg, rng)
+        assert mask.any() and not (mask & ~fg).any()
+        diff = np.abs(np.asarray(bad, float) - np.asarray(img, float)).max(axis=2)
+        assert np.median(diff[mask]) > 20
+        assert diff[~mask].max() < 128  # outside the mask only a stain's soft edge may differ

@@ -113,6 +113,9 @@ def _defect(kind: str, img: Image.Image, fg: np.ndarray, rng: np.random.Generato
             x, y = x + step * math.cos(ang), y + step * math.sin(ang)
             pts.append((x, y))
         draw.line(pts, fill=255, width=max(2, s // 32))
+        # A scratch is on the object: the part of the stroke that left it is not drawn (and not
+        # in the mask), or it would mark background pixels no model can tell apart.
+        layer = Image.fromarray(((np.asarray(layer) > 0) & fg).astype(np.uint8) * 255)
         # A scratch exposes material that contrasts with the surface around it.
         local = np.asarray(img)[np.asarray(layer) > 0].mean()
         colour = (25, 25, 25) if local > 110 else (240, 240, 240)
@@ -123,9 +126,9 @@ def _defect(kind: str, img: Image.Image, fg: np.ndarray, rng: np.random.Generato
         draw.ellipse([x - r, y - r * rng.uniform(0.6, 1.0), x + r, y + r * rng.uniform(0.6, 1.0)], fill=255)
         layer = layer.filter(ImageFilter.GaussianBlur(r / 4))
         colour = tuple(int(c) for c in rng.choice([[110, 70, 20], [40, 90, 40], [150, 30, 30]]))
-        alpha = (np.asarray(layer) / 255.0 * 0.85 * 255).astype(np.uint8)
+        alpha = (np.asarray(layer) / 255.0 * 0.85 * 255 * fg).astype(np.uint8)  # stains stay on the object
         out.paste(Image.new("RGB", (s, s), colour), mask=Image.fromarray(alpha))
-        layer = Image.fromarray(((np.asarray(layer) > 76) * 255).astype(np.uint8))
+        layer = Image.fromarray((((np.asarray(layer) > 76) & fg) * 255).astype(np.uint8))
     else:  # missing piece: cut out and filled with the background (or a dark hole for textures)
         x, y = _point_in(fg, rng, s // 6)
         r = s * rng.uniform(0.07, 0.11)
@@ -133,12 +136,9 @@ def _defect(kind: str, img: Image.Image, fg: np.ndarray, rng: np.random.Generato
                    for t in np.sort(rng.uniform(0, 2 * np.pi, 6))]
         draw.polygon(corners, fill=255)
         bg = np.asarray(img)[~fg].mean(0) if (~fg).any() else np.array([15, 15, 15])
+        # only the part of the cut that was on the object is changed, and is the defect
+        layer = Image.fromarray(((np.asarray(layer) > 0) & fg).astype(np.uint8) * 255)
         out.paste(Image.new("RGB", (s, s), tuple(int(c) for c in bg)), mask=layer)
-        if fg.all():
-            layer_arr = np.asarray(layer) > 0
-        else:  # only the part of the cut that was on the object is a defect
-            layer_arr = (np.asarray(layer) > 0) & fg
-        layer = Image.fromarray((layer_arr * 255).astype(np.uint8))
     return out, np.asarray(layer) > 0
 
 
