@@ -16,6 +16,7 @@ from pouta_core import checkpoint as ckpt
 from pouta_core.config import Config, ConfigError
 from pouta_core.data import EvalDataset, ImageCache, decode, load_image, read_split
 from pouta_core.data.errors import DataError
+from pouta_core.data.images import list_images
 from pouta_core.inference import ExportWrapper, predict
 from pouta_core.synthesis import TextureFolder
 from pouta_core.training import ReportFn, evaluate, fit, resolve_device
@@ -88,7 +89,6 @@ def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Pa
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            from pouta_core.data.images import list_images
             files.extend(list_images(p))
         else:
             files.append(p)

@@ -22,10 +22,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 STRAY_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted; anything else is skipped with a log line."""
+def list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (and its subfolders with ``recursive``), sorted; any other
+    file is skipped with a log line."""
     out = []
-    for p in sorted(folder.iterdir()):
+    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("._"):
             out.append(p)
         elif p.is_file():

@@ -14,8 +14,6 @@ from pouta_core.synthesis.perlin import fractal_noise
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
 
 def _u(generator: torch.Generator, lo: float, hi: float) -> float:
     return float(torch.empty(()).uniform_(lo, hi, generator=generator))
@@ -32,10 +30,12 @@ class TextureFolder:
     """Every image under ``root`` (recursively), decoded and resized on first use, then kept."""
 
     def __init__(self, root: str | Path, size: int) -> None:
+        from pouta_core.data.images import list_images  # local: pouta_core.data imports synthesis
+
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: texture folder does not exist")
-        self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.paths = list_images(self.root, recursive=True)
         if not self.paths:
             raise FileNotFoundError(f"{self.root}: no images in texture folder")
         self.size = size
@@ -45,7 +45,7 @@ class TextureFolder:
         return len(self.paths)
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
-        from pouta_core.data.images import load_image  # local: data imports synthesis too
+        from pouta_core.data.images import load_image  # local, as in __init__
 
         i = int(torch.randint(len(self.paths), (), generator=generator))
         if i not in self._cache:
