@@ -97,6 +97,21 @@ def _point_in(fg: np.ndarray, rng: np.random.Generator, margin: int) -> tuple[in
     return int(xs[k]) + margin, int(ys[k]) + margin
 
 
+def _scratch_stroke(fg: np.ndarray, rng: np.random.Generator, s: int) -> np.ndarray:
+    """A bent line of five points starting on the object, (s, s) bool."""
+    x, y = _point_in(fg, rng, s // 8)
+    pts = [(x, y)]
+    ang = rng.uniform(0, 2 * np.pi)
+    for _ in range(4):
+        ang += rng.normal(0, 0.3)
+        step = s * rng.uniform(0.05, 0.09)
+        x, y = x + step * math.cos(ang), y + step * math.sin(ang)
+        pts.append((x, y))
+    layer = Image.new("L", (s, s), 0)
+    ImageDraw.Draw(layer).line(pts, fill=255, width=max(2, s // 32))
+    return np.asarray(layer) > 0
+
+
 def _defect(kind: str, img: Image.Image, fg: np.ndarray, rng: np.random.Generator
             ) -> tuple[Image.Image, np.ndarray]:
     s = img.size[0]
@@ -104,18 +119,14 @@ def _defect(kind: str, img: Image.Image, fg: np.ndarray, rng: np.random.Generato
     draw = ImageDraw.Draw(layer)
     out = img.copy()
     if kind == "scratch":
-        x, y = _point_in(fg, rng, s // 8)
-        pts = [(x, y)]
-        ang = rng.uniform(0, 2 * np.pi)
-        for _ in range(4):
-            ang += rng.normal(0, 0.3)
-            step = s * rng.uniform(0.05, 0.09)
-            x, y = x + step * math.cos(ang), y + step * math.sin(ang)
-            pts.append((x, y))
-        draw.line(pts, fill=255, width=max(2, s // 32))
-        # A scratch is on the object: the part of the stroke that left it is not drawn (and not
-        # in the mask), or it would mark background pixels no model can tell apart.
-        layer = Image.fromarray(((np.asarray(layer) > 0) & fg).astype(np.uint8) * 255)
+        # A scratch is on the object: strokes that mostly leave it are drawn again (a few
+        # tries), and the part of the stroke off the object is neither drawn nor masked, or
+        # the mask would mark background pixels no model can tell apart.
+        for _ in range(20):
+            stroke = _scratch_stroke(fg, rng, s)
+            if (stroke & fg).sum() >= 0.8 * stroke.sum():
+                break
+        layer = Image.fromarray((stroke & fg).astype(np.uint8) * 255)
         # A scratch exposes material that contrasts with the surface around it.
         local = np.asarray(img)[np.asarray(layer) > 0].mean()
         colour = (25, 25, 25) if local > 110 else (240, 240, 240)
