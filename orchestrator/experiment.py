@@ -18,7 +18,7 @@ from ray import tune
 
 from orchestrator import tracking
 from orchestrator.mlflow_callback import MlflowTrialCallback
-from orchestrator.trial import SAMPLED, Job, job_dict, run_trial
+from orchestrator.trial import SAMPLED, Job, run_trial
 from pouta_core.config import Config, ConfigError
 from pouta_core.data import categories as list_categories
 from pouta_core.data import read_split
@@ -102,8 +102,8 @@ def open_parent(plan: Plan, kind: str, extra_tags: dict[str, str] | None = None)
     return client, exp_id, run_id, key
 
 
-def callback(plan: Plan, parent_id: str, parent_key: str) -> MlflowTrialCallback:
-    return MlflowTrialCallback(tracking.resolve_tracking_uri(plan.tracking_uri), plan.experiment, parent_id,
+def callback(plan: Plan, job: Job, parent_id: str, parent_key: str) -> MlflowTrialCallback:
+    return MlflowTrialCallback(tracking.resolve_tracking_uri(plan.tracking_uri), plan.experiment, job, parent_id,
                                parent_key, {"git_commit": tracking.git_commit()}, plan.fingerprints)
 
 
@@ -111,11 +111,14 @@ def experiment_path(plan: Plan, name: str) -> Path:
     return Path(plan.storage_path).resolve() / name
 
 
-def make_tuner(plan: Plan, name: str, param_space: dict[str, Any], tune_config: tune.TuneConfig,
+def make_tuner(plan: Plan, name: str, job: Job, param_space: dict[str, Any], tune_config: tune.TuneConfig,
                cb: MlflowTrialCallback, resume: bool) -> tune.Tuner:
-    """A new Tuner, or the restored one when ``resume`` (finished trials are not rerun)."""
+    """A new Tuner, or the restored one when ``resume`` (finished trials are not rerun).
+
+    The job (paths, resources, base config) reaches trials through ``tune.with_parameters``,
+    so ``param_space``, which Tune prints and stores per trial, holds only what varies."""
     path = experiment_path(plan, name)
-    trainable = tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), TRIAL_DRIVER_RESOURCES)
     if path.exists():
         if not resume:
             raise ConfigError(f"{path}: experiment '{name}' already exists; pass --resume to continue it "
@@ -190,5 +193,5 @@ def best_checkpoint_of(rows: list[dict[str, Any]], metric: str, mode: str) -> di
 
 
 __all__ = ["SAMPLED", "Plan", "best_checkpoint_of", "callback", "experiment_path", "fingerprint_category",
-           "init_ray", "job_dict", "make_tuner", "open_parent", "register_best", "resolve_categories",
+           "init_ray", "make_tuner", "open_parent", "register_best", "resolve_categories",
            "trial_rows"]

@@ -20,12 +20,13 @@ def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str,
     if not plan.fingerprints:
         plan.fingerprints = {c: ex.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
     client, _, parent_id, parent_key = ex.open_parent(plan, kind)
-    cb = ex.callback(plan, parent_id, parent_key)
+    job = plan.job()
+    cb = ex.callback(plan, job, parent_id, parent_key)
     per_category = per_category or {}
-    param_space = {"job": ex.job_dict(plan.job()), "category": tune.grid_search(plan.categories),
-                   SAMPLED: tune.sample_from(lambda spec: per_category.get(spec.config["category"], {}))}
+    param_space = {"category": tune.grid_search(plan.categories),
+                   SAMPLED: tune.sample_from(lambda config: per_category.get(config["category"], {}))}
     tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None)
-    tuner = ex.make_tuner(plan, plan.name, param_space, tune_config, cb, resume)
+    tuner = ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume)
     results = tuner.fit()
     keys = ["image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"]
     summary: dict[str, Any] = {}

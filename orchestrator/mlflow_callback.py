@@ -18,10 +18,11 @@ ARTIFACTS = ("config.yaml", "checkpoint.pt", "metrics.json", "heatmaps.png")
 
 
 class MlflowTrialCallback(Callback):
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, parent_key: str,
+    def __init__(self, tracking_uri: str, experiment: str, job: Job, parent_run_id: str, parent_key: str,
                  tags: dict[str, str], fingerprints: dict[str, str]) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
+        self.job = job
         self.parent_run_id = parent_run_id
         self.parent_key = parent_key
         self.tags = tags
@@ -46,7 +47,7 @@ class MlflowTrialCallback(Callback):
             return self.runs[trial.trial_id]
         client = self.client
         category = trial.config["category"]
-        job = Job(**trial.config["job"])
+        job = self.job
         config = trial_config(job, trial.config)
         key = f"{self.parent_key}/{category}/{trial.trial_id}"
         run_id = tracking.get_or_create_run(

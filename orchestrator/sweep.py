@@ -100,14 +100,14 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
     from orchestrator import tracking
 
     tracking.log_params(client, parent_id, tracking_params)
-    cb = ex.callback(plan, parent_id, parent_key)
+    job = plan.job(plan.base.replace(**space.fixed))
+    cb = ex.callback(plan, job, parent_id, parent_key)
     storage_url = study_storage or default_study_storage(plan.storage_path)
     summary: dict[str, Any] = {}
     failed = False
     for category in plan.categories:
         name = f"{plan.name}-{category}"
-        param_space: dict[str, Any] = {"job": ex.job_dict(plan.job(plan.base.replace(**space.fixed))),
-                                       "category": category}
+        param_space: dict[str, Any] = {"category": category}
         metric, mode = objectives[0]
         sched = None
         if scheduler == "asha":
@@ -126,7 +126,7 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
         tune_config = tune.TuneConfig(
             metric=None if multi else metric, mode=None if multi else mode, search_alg=search_alg,
             scheduler=sched, num_samples=num_samples, max_concurrent_trials=plan.max_concurrent or None)
-        tuner = ex.make_tuner(plan, name, param_space, tune_config, cb, resume)
+        tuner = ex.make_tuner(plan, name, job, param_space, tune_config, cb, resume)
         results = tuner.fit()
         keys = sorted({k for k, _ in objectives} | {"image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"})
         rows = ex.trial_rows(results, keys)

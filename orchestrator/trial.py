@@ -3,7 +3,7 @@ function trainable that builds and fits a TorchTrainer)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import ray.train
@@ -53,9 +53,9 @@ def trial_config(job: Job, params: dict[str, Any]) -> Config:
     return Config.from_dict({**job.base_config, **decode_sampled(params.get(SAMPLED, {}))})
 
 
-def run_trial(params: dict[str, Any]) -> None:
-    """The Tune function trainable. ``params``: job (dict), category, sampled (dict)."""
-    job = Job(**params["job"])
+def run_trial(params: dict[str, Any], job: Job) -> None:
+    """The Tune function trainable. ``params`` (what Tune shows and searches): category and
+    sampled (dict); ``job`` arrives through ``tune.with_parameters``."""
     category = params["category"]
     config = trial_config(job, params)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -76,6 +76,3 @@ def run_trial(params: dict[str, Any]) -> None:
     )
     trainer.fit()
 
-
-def job_dict(job: Job) -> dict[str, Any]:
-    return asdict(job)
