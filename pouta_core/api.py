@@ -20,6 +20,7 @@ from pouta_core.data.images import list_images
 from pouta_core.inference import ExportWrapper, predict
 from pouta_core.synthesis import TextureFolder
 from pouta_core.training import ReportFn, evaluate, fit, resolve_device
+from pouta_core.visualize import overlay
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,6 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path, datase
     return {**metrics, "f1_threshold": threshold}
 
 
-def _overlay(image: np.ndarray, amap: np.ndarray) -> Image.Image:
-    """Blend a red-yellow heat map (alpha by score) over the image; both (H, W[, 3])."""
-    heat = np.stack([np.ones_like(amap), amap, np.zeros_like(amap)], axis=-1) * 255
-    alpha = (0.6 * amap)[..., None]
-    return Image.fromarray((image * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8))
-
-
 def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Path, *,
                   threshold: float | None = None, save_maps: bool = False, device: str = "auto",
                   batch_size: int = 16) -> list[dict[str, Any]]:
@@ -105,8 +99,8 @@ def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Pa
     names = [f"{p.parent.name}_{p.stem}" if clash else p.stem for p in files]
     results = []
     for p, stem, img, score, amap in zip(files, names, images, scores, maps, strict=True):
-        overlay = _overlay(img.permute(1, 2, 0).numpy().astype(float), amap)
-        ckpt.atomic_write(out / f"{stem}_overlay.png", lambda fh, im=overlay: im.save(fh, format="PNG"))
+        blended = Image.fromarray(overlay(img.permute(1, 2, 0).numpy().astype(float), amap))
+        ckpt.atomic_write(out / f"{stem}_overlay.png", lambda fh, im=blended: im.save(fh, format="PNG"))
         if save_maps:
             ckpt.atomic_write(out / f"{stem}_map.npy", lambda fh, a=amap: np.save(fh, a))
         results.append({"image": str(p), "score": float(score), "anomalous": bool(score >= threshold),

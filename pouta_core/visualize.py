@@ -6,6 +6,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
+def overlay(image: np.ndarray, amap: np.ndarray) -> np.ndarray:
+    """Blend a red-yellow heat map over the image, opaque in proportion to the score:
+    image (H, W, 3) float in [0, 255], amap (H, W) in [0, 1] -> (H, W, 3) uint8."""
+    heat = np.stack([np.ones_like(amap), amap, np.zeros_like(amap)], axis=-1) * 255
+    alpha = (0.6 * amap)[..., None]
+    return (image * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8)
+
+
 def heatmap_grid(images: np.ndarray, maps: np.ndarray, masks: np.ndarray, scores: np.ndarray | None = None,
                  max_rows: int = 8) -> Image.Image:
     """images (N, 3, H, W) uint8, maps (N, H, W) in [0, 1], masks (N, H, W) 0/1 ->
@@ -15,11 +23,8 @@ def heatmap_grid(images: np.ndarray, maps: np.ndarray, masks: np.ndarray, scores
     grid = Image.new("RGB", (3 * w, n * h), (0, 0, 0))
     for i in range(n):
         img = images[i].transpose(1, 2, 0).astype(float)
-        amap = maps[i][..., None]
-        heat = np.concatenate([np.ones_like(amap), amap, np.zeros_like(amap)], axis=-1) * 255
-        overlay = img * (1 - 0.6 * amap) + heat * 0.6 * amap
         mask = np.repeat((masks[i] > 0)[..., None] * 255.0, 3, axis=-1)
-        for j, tile in enumerate((img, overlay, mask)):
+        for j, tile in enumerate((img, overlay(img, maps[i]), mask)):
             grid.paste(Image.fromarray(tile.clip(0, 255).astype(np.uint8)), (j * w, i * h))
         if scores is not None:
             ImageDraw.Draw(grid).text((w + 2, i * h + 2), f"{scores[i]:.3f}", fill=(255, 255, 255))
