@@ -8,9 +8,7 @@ on every rank; rank 0 attaches the checkpoint), and resumption from Ray's latest
 from __future__ import annotations
 
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 
 from pouta_core import checkpoint as ckpt
 from pouta_core.api import load_category
+from pouta_core.benchmark import latency_ms
 from pouta_core.config import Config
 from pouta_core.inference import predict
 from pouta_core.model import build_model
@@ -35,18 +34,7 @@ def measure_latency(config: Config, device: torch.device, runs: int = 10) -> flo
     """Median batch-1 forward time in ms; it depends on the architecture, not the weights."""
     model = build_model(config).to(device).eval()
     x = torch.rand(1, 3, config.image_size, config.image_size, device=device)
-    times = []
-    with torch.inference_mode():
-        for i in range(runs + 2):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return latency_ms(model, x, runs=runs, warmup=2)
 
 
 def write_heatmaps(run_dir: Path, test_set, device: torch.device) -> None:

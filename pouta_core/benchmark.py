@@ -44,6 +44,20 @@ def _timer(device: torch.device) -> Callable[[], float]:
     return time.perf_counter
 
 
+def latency_ms(model: nn.Module, x: torch.Tensor, *, runs: int = 10, warmup: int = 2) -> float:
+    """Median time in ms of ``runs`` forwards of ``x`` under ``torch.inference_mode()``,
+    after ``warmup`` untimed ones (CUDA synchronised around each)."""
+    now = _timer(x.device)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            start = now()
+            model(x)
+            if i >= warmup:
+                times.append(now() - start)
+    return statistics.median(times) * 1e3
+
+
 def bench_models(
     config: Config,
     *,

@@ -42,3 +42,23 @@ def test_bench_cli_reports_bad_config_key_in_one_line():
     assert out.returncode == 2
     assert out.stderr.strip() == ("pouta: error: preset 'tiny': unknown config key 'rec_widht' "
                                   "(did you mean 'rec_width'?)")
+
+
+def test_latency_ms_times_only_the_runs_after_warmup():
+    import time
+
+    import torch
+
+    from pouta_core.benchmark import latency_ms
+
+    calls = []
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            calls.append(torch.is_inference_mode_enabled())
+            time.sleep(0.02 if len(calls) > 2 else 0.3)   # slow warm-up runs are not timed
+            return x
+
+    ms = latency_ms(Slow(), torch.zeros(1), runs=3, warmup=2)
+    assert calls == [True] * 5
+    assert 15 <= ms < 250
