@@ -90,3 +90,23 @@ def test_predict_keeps_same_named_images_from_two_folders_apart(trained, tmp_pat
     overlays = sorted(p.name for p in tmp_path.glob("*_overlay.png"))
     assert overlays == ["good_000_overlay.png", "good_001_overlay.png", "good_002_overlay.png",
                         "scratch_000_overlay.png", "scratch_001_overlay.png"]
+
+
+def test_contrast_check_scores_the_map_like_evaluate(trained):
+    root, run = trained
+    metrics = json.loads(pouta("evaluate", "--checkpoint", run, "--data-root", root / "data", "--dataset",
+                               "mvtec", "--category", "tiles", "--json").stdout)
+    out = subprocess.run([sys.executable, "bench/contrast_check.py", "--data-root", root / "data", run],
+                         capture_output=True, text=True, check=True)
+    cols = out.stdout.split(":", 1)[1].split()
+    assert cols[:2] == ["tiles", "pouta"]
+    values = dict(zip(cols[2::2], map(float, cols[3::2]), strict=True))
+    assert set(values) >= {"map", "head_1", "mean_heads", "D_other", "D_is_E"}
+    assert values["map"] == pytest.approx(metrics["pixel_auroc"], abs=1e-4)
+
+
+def test_contrast_check_bad_run_is_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, "bench/contrast_check.py", "--data-root", tmp_path, tmp_path / "nope"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0 and "nope" in out.stderr

@@ -136,3 +136,28 @@ def test_fcm_depth_adds_conv_blocks_to_every_fcm():
     assert sum(p.numel() for p in two.parameters()) > sum(p.numel() for p in one.parameters())
     with torch.inference_mode():
         assert two.eval()(torch.rand(1, 3, 32, 32)).anomaly_map.shape == (1, 1, 32, 32)
+
+
+def test_contrast_maps_swap_only_the_reconstruction_side():
+    from pouta_core.diagnostics import contrast_maps
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    pouta = build_model(TINY, variant="pouta", image_size=32, init="torch").eval()  # DRAEM init: maps of 0.5
+    maps = contrast_maps(pouta, x)
+    assert set(maps) == {"map", "head_1", "head_2", "head_3", "head_4", "mean_heads", "D_other", "D_is_E"}
+    with torch.inference_mode():
+        out = pouta(x)
+    assert torch.allclose(maps["map"], out.anomaly_map[:, 0])
+    heads = [maps[f"head_{i}"] for i in range(1, 5)]
+    assert torch.allclose(maps["mean_heads"], torch.stack([maps["map"], *heads]).mean(0))
+    assert all(m.shape == (2, 32, 32) and 0 <= m.min() and m.max() <= 1 for m in maps.values())
+    assert not torch.equal(maps["D_other"], maps["map"])  # other images' decoder features
+    assert torch.equal(contrast_maps(pouta, x[:1])["D_other"], contrast_maps(pouta, x[:1])["map"])
+
+    vanilla = build_model(TINY, variant="vanilla", image_size=32).eval()
+    maps = contrast_maps(vanilla, x)
+    assert set(maps) == {"map", "rec_other", "rec_is_input"}
+    with torch.inference_mode():
+        expected = torch.softmax(vanilla.discriminative(torch.cat([x, x], dim=1)), dim=1)[:, 1]
+    assert torch.allclose(maps["rec_is_input"], expected)
