@@ -155,9 +155,10 @@ def test_contrast_maps_swap_only_the_reconstruction_side():
     assert not torch.equal(maps["D_other"], maps["map"])  # other images' decoder features
     assert torch.equal(contrast_maps(pouta, x[:1])["D_other"], contrast_maps(pouta, x[:1])["map"])
 
-    vanilla = build_model(TINY, variant="vanilla", image_size=32).eval()
+    vanilla = build_model(TINY, variant="vanilla", image_size=32, init="torch").eval()
     maps = contrast_maps(vanilla, x)
     assert set(maps) == {"map", "rec_other", "rec_is_input"}
+    assert not torch.equal(maps["rec_is_input"], maps["map"])
     with torch.inference_mode():
         expected = torch.softmax(vanilla.discriminative(torch.cat([x, x], dim=1)), dim=1)[:, 1]
     assert torch.allclose(maps["rec_is_input"], expected)
