@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pouta_core.config import ConfigError  # noqa: E402
-from pouta_core.diagnostics import contrast_check  # noqa: E402
+from pouta_core.config import ConfigError
+from pouta_core.diagnostics import contrast_check
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,13 +31,14 @@ from pouta_core import checkpoint as ckpt
 from pouta_core.api import load_category
 from pouta_core.config import ConfigError
 from pouta_core.metrics import auroc
-from pouta_core.model import AnomalyDetector
+from pouta_core.model import AnomalyDetector, anomaly_map
 
 
 def _prob(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """The anomaly map (B, H, W) of 2-class logits, upsampled first as the MSS loss does."""
     if logits.shape[-2:] != size:
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return torch.softmax(logits, dim=1)[:, 1]
+    return anomaly_map(logits)[:, 0]
 
 
 @torch.inference_mode()

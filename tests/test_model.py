@@ -153,7 +153,8 @@ def test_contrast_maps_swap_only_the_reconstruction_side():
     assert torch.allclose(maps["mean_heads"], torch.stack([maps["map"], *heads]).mean(0))
     assert all(m.shape == (2, 32, 32) and 0 <= m.min() and m.max() <= 1 for m in maps.values())
     assert not torch.equal(maps["D_other"], maps["map"])  # other images' decoder features
-    assert torch.equal(contrast_maps(pouta, x[:1])["D_other"], contrast_maps(pouta, x[:1])["map"])
+    single = contrast_maps(pouta, x[:1])
+    assert torch.equal(single["D_other"], single["map"])
 
     vanilla = build_model(TINY, variant="vanilla", image_size=32, init="torch").eval()
     maps = contrast_maps(vanilla, x)
