@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/pouta sweep --space mss_lambdas --data-root $(DEMO_DIR)/data --dataset mvtec \
 		--categories tiles,pills --num-samples 4 --scheduler asha --max-concurrent 2 \
 		--preset tiny --set epochs=30 --set 'lr_milestones=[24,27]' --set eval_every=5 \
+		--category-set pills:foreground_threshold=0.3 \
 		--storage-path $(DEMO_DIR)/ray-results --name demo --resume \
 		--tracking-uri sqlite:///$(abspath $(DEMO_DIR))/mlflow-data/mlflow.db
 

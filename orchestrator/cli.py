@@ -156,23 +156,33 @@ def _add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> N
     p.add_argument("--name", default=default_name, help="stable experiment name: rerunning it resumes")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow-data)")
     p.add_argument("--experiment", default="pouta", help="MLflow experiment name")
+    p.add_argument("--category-set", dest="category_sets", metavar="CATEGORY:KEY=VALUE", action="append",
+                   default=[], help="override one config key for one category only (e.g. "
+                   "pills:foreground_threshold=0.3 for an object among textures); repeatable")
     p.add_argument("--texture-dir")
     p.add_argument("--cache-dir")
 
 
 def _plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: str = "max"):
-    from orchestrator.experiment import Plan, resolve_categories
+    from orchestrator.experiment import Plan, parse_category_sets, resolve_categories
 
     for flag in ("workers_per_category", "cpus_per_worker"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
-    return Plan(data_root=args.data_root, dataset=args.dataset,
-                categories=resolve_categories(args.data_root, args.dataset, args.categories),
-                base=_load_config(args), name=name, storage_path=args.storage_path, tracking_uri=args.tracking_uri,
+    categories = resolve_categories(args.data_root, args.dataset, args.categories)
+    base = _load_config(args)
+    return Plan(data_root=args.data_root, dataset=args.dataset, categories=categories, base=base,
+                per_category=parse_category_sets(args.category_sets, categories, base), name=name,
+                storage_path=args.storage_path, tracking_uri=args.tracking_uri,
                 experiment=args.experiment, workers_per_category=args.workers_per_category,
                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                 max_concurrent=args.max_concurrent, texture_dir=args.texture_dir, cache_dir=args.cache_dir,
                 metric=metric, mode=mode)
+
+
+def _category_sets_note(plan) -> str:
+    return "".join(f"; {c}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+                   for c, values in plan.per_category.items())
 
 
 def _print_summary(summary: dict, keys: list[str]) -> None:
@@ -197,7 +207,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
     plan = _plan(args, args.name or f"launch-{args.dataset}")
     if args.dry_run:
-        print(f"would train {', '.join(plan.categories)} with {plan.workers_per_category} worker(s) each")
+        print(f"would train {', '.join(plan.categories)} with {plan.workers_per_category} worker(s) each"
+              + _category_sets_note(plan))
         return 0
     summary = run_launch(plan, resume=True)
     _print_summary(summary, ["image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"])
@@ -207,16 +218,17 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import search_spaces
-    from orchestrator.sweep import parse_objectives, run_sweep
+    from orchestrator.sweep import check_category_sets, parse_objectives, run_sweep
 
     base = _load_config(args)
     space = search_spaces.load(args.space, base)
     objectives = parse_objectives(args.objectives, args.metric, args.mode)
     plan = _plan(args, args.name or f"sweep-{space.path.stem}-{args.dataset}", objectives[0][0], objectives[0][1])
+    check_category_sets(plan, space)
     best_out = args.best_out or str(Path(args.storage_path) / f"{plan.name}-best.yaml")
     if args.dry_run:
         print(f"would sweep {space.path.name} ({', '.join(space.keys)}) on {', '.join(plan.categories)}, "
-              f"{args.num_samples} trial(s) each")
+              f"{args.num_samples} trial(s) each" + _category_sets_note(plan))
         return 0
     summary = run_sweep(plan, space, num_samples=args.num_samples, scheduler=args.scheduler,
                         study_storage=args.study_storage, resume=args.resume, objectives=objectives,

@@ -19,7 +19,7 @@ from ray import tune
 from orchestrator import tracking
 from orchestrator.mlflow_callback import MlflowTrialCallback
 from orchestrator.trial import SAMPLED, Job, run_trial
-from pouta_core.config import Config, ConfigError
+from pouta_core.config import Config, ConfigError, parse_overrides
 from pouta_core.data import categories as list_categories
 from pouta_core.data import read_split
 
@@ -52,6 +52,12 @@ class Plan:
     metric: str = "pixel_ap"
     mode: str = "max"
     fingerprints: dict[str, str] = field(default_factory=dict)
+    # --category-set: config values for one category only, over ``base`` and any --set.
+    per_category: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def config_for(self, category: str, config: Config | None = None) -> Config:
+        """``config`` (default ``base``) with the category's own values applied."""
+        return (config or self.base).replace(**self.per_category.get(category, {}))
 
     def job(self, config: Config | None = None) -> Job:
         return Job(base_config=(config or self.base).to_dict(), data_root=str(Path(self.data_root).resolve()),
@@ -59,6 +65,28 @@ class Plan:
                    workers=self.workers_per_category, gpus_per_worker=self.gpus_per_worker,
                    cpus_per_worker=self.cpus_per_worker, texture_dir=_abs(self.texture_dir),
                    cache_dir=_abs(self.cache_dir))
+
+
+def parse_category_sets(items: list[str], categories: list[str], base: Config) -> dict[str, dict[str, Any]]:
+    """``CATEGORY:KEY=VALUE`` strings (``--category-set``) -> {category: {key: value}}.
+
+    Checked here, before anything starts: the category must be one of ``categories`` and the
+    value must be valid for ``base``, so a typo fails in one line rather than in a trial."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        category, sep, assignment = item.partition(":")
+        if not sep or not category or "=" not in assignment:
+            raise ConfigError(f"--category-set '{item}': expected CATEGORY:KEY=VALUE")
+        if category not in categories:
+            raise ConfigError(f"--category-set '{item}': category '{category}' is not among those to run "
+                              f"({', '.join(categories)})")
+        out.setdefault(category, {}).update(parse_overrides([assignment]))
+    for category, values in out.items():
+        try:
+            base.replace(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"--category-set {category}: {exc}") from None
+    return out
 
 
 def _abs(p: str | None) -> str | None:

@@ -15,14 +15,16 @@ from orchestrator.trial import SAMPLED
 def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str, Any]] | None = None,
                kind: str = "launch") -> dict[str, Any]:
     """Train each category once. ``per_category`` optionally gives each category its own config
-    values (retrain uses it for the best known hyperparameters)."""
+    values (retrain uses it for the best known hyperparameters); ``plan.per_category`` (the
+    command's --category-set) wins over them."""
     ex.init_ray()
     if not plan.fingerprints:
         plan.fingerprints = {c: ex.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
     client, _, parent_id, parent_key = ex.open_parent(plan, kind)
     job = plan.job()
     cb = ex.callback(plan, job, parent_id, parent_key)
-    per_category = per_category or {}
+    # The plan's --category-set values are the most specific, so they win.
+    per_category = {c: {**(per_category or {}).get(c, {}), **plan.per_category.get(c, {})} for c in plan.categories}
     param_space = {"category": tune.grid_search(plan.categories),
                    SAMPLED: tune.sample_from(lambda config: per_category.get(config["category"], {}))}
     tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None)

@@ -93,7 +93,8 @@ def champion_checkpoint(client, dataset: str, category: str, dest: Path) -> tupl
 
 def run_retrain(plan: ex.Plan, *, params_from: str, promote_margin: float, force: bool,
                 metric: str, mode: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``overrides`` (the command's ``--set``) win over the values from ``params_from``."""
+    """``overrides`` (the command's ``--set``) win over the values from ``params_from``, and
+    ``plan.per_category`` (``--category-set``) over both."""
     from pouta_core.api import evaluate_checkpoint
 
     ex.init_ray()
@@ -109,7 +110,7 @@ def run_retrain(plan: ex.Plan, *, params_from: str, promote_margin: float, force
                 summary[category] = {"status": "unchanged"}
                 continue
             values = {**params_for(params_from, client, exp_id, plan.dataset, category, metric, mode, plan.base),
-                      **(overrides or {})}
+                      **(overrides or {}), **plan.per_category.get(category, {})}
             Config.from_dict({**plan.base.to_dict(), **values}, source=f"retrain [{category}]")
             per_category[category] = values
             todo.append(category)

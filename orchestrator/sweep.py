@@ -83,6 +83,14 @@ def pareto_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]]) 
                                      any(o[k] != r[k] for k, _ in objectives) for o in ok)]
 
 
+def check_category_sets(plan: ex.Plan, space: SearchSpace) -> None:
+    """A --category-set value for a key the space searches would be overwritten in every trial."""
+    for category, values in plan.per_category.items():
+        searched = sorted(set(values) & set(space.keys))
+        if searched:
+            raise ConfigError(f"--category-set {category}:{searched[0]}: {space.path.name} searches this key")
+
+
 def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler: str | None,
               study_storage: str | None, resume: bool, objectives: list[tuple[str, str]],
               best_out: str | None = None) -> dict[str, Any]:
@@ -92,6 +100,7 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
         raise ConfigError("--scheduler asha stops trials on one metric; use --scheduler none with --objectives")
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
+    check_category_sets(plan, space)
     ex.init_ray()
     plan.fingerprints = {c: ex.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
     client, _, parent_id, parent_key = ex.open_parent(plan, "sweep", {"search_space": space.path.name})
@@ -100,21 +109,22 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
     from orchestrator import tracking
 
     tracking.log_params(client, parent_id, tracking_params)
-    job = plan.job(plan.base.replace(**space.fixed))
-    cb = ex.callback(plan, job, parent_id, parent_key)
     storage_url = study_storage or default_study_storage(plan.storage_path)
     summary: dict[str, Any] = {}
     failed = False
     for category in plan.categories:
         name = f"{plan.name}-{category}"
+        base = plan.config_for(category, plan.base.replace(**space.fixed))
+        job = plan.job(base)
+        cb = ex.callback(plan, job, parent_id, parent_key)
         param_space: dict[str, Any] = {"category": category}
         metric, mode = objectives[0]
         sched = None
         if scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
-            sched = ASHAScheduler(time_attr="epoch", max_t=plan.base.epochs,
-                                  grace_period=min(plan.base.epochs, max(plan.base.eval_every, plan.base.epochs // 4)),
+            sched = ASHAScheduler(time_attr="epoch", max_t=base.epochs,
+                                  grace_period=min(base.epochs, max(base.eval_every, base.epochs // 4)),
                                   reduction_factor=2)
         if space.has_grid:
             param_space[SAMPLED] = grid_space(space)
@@ -141,7 +151,7 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
             sampled = best["config"].get(SAMPLED, {})
             from orchestrator.trial import decode_sampled
 
-            config = plan.base.replace(**space.fixed, **decode_sampled(sampled))
+            config = base.replace(**decode_sampled(sampled))
             model_name, version = ex.register_best(plan, cb, category, best["trial_id"], best["checkpoint"])
             entry.update(best={k: best.get(k) for k in ["trial_id", "epoch", *keys]}, config=config.to_dict(),
                          registered_model=model_name, version=version)

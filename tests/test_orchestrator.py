@@ -41,8 +41,11 @@ def aliases(env, name):
     return {k: str(v) for k, v in env["client"].get_registered_model(name).aliases.items()}
 
 
+PILLS_ON_OBJECT = ["--category-set", "pills:foreground_threshold=0.3"]
+
+
 def test_launch_trains_every_category_and_registers_challengers(env, capsys):
-    assert cli.main(["launch", "--categories", "all", *common(env, "launch-a")]) == 0
+    assert cli.main(["launch", "--categories", "all", *common(env, "launch-a"), *PILLS_ON_OBJECT]) == 0
     out = capsys.readouterr().out
     assert "pouta-mvtec-tiles v1 (challenger)" in out and "pouta-mvtec-pills v1 (challenger)" in out
     assert "mlflow ui --backend-store-uri" in out
@@ -52,10 +55,13 @@ def test_launch_trains_every_category_and_registers_challengers(env, capsys):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent[0].info.run_id}
     for name in ("pouta-mvtec-tiles", "pouta-mvtec-pills"):
         assert aliases(env, name) == {"challenger": "1"}
+    # --category-set reaches the pills trial only
+    threshold = {c.data.tags["category"]: c.data.params["foreground_threshold"] for c in children}
+    assert threshold == {"pills": "0.3", "tiles": "None"}
 
 
 def test_rerunning_a_finished_launch_resumes_without_duplicates(env, capsys):
-    assert cli.main(["launch", "--categories", "all", *common(env, "launch-a")]) == 0
+    assert cli.main(["launch", "--categories", "all", *common(env, "launch-a"), *PILLS_ON_OBJECT]) == 0
     assert len(runs(env, **{"pouta.kind": "trial"})) == 2
     assert len(env["client"].search_model_versions("name = 'pouta-mvtec-tiles'")) == 1
 
@@ -77,7 +83,7 @@ def test_sweep_resume_does_not_redo_finished_trials(env, tmp_path, capsys):
     import optuna
 
     args = ["sweep", "--space", "mss_lambdas", "--categories", "pills", "--num-samples", "2",
-            *common(env, "sweep-r"), "--best-out", str(tmp_path / "best.yaml")]
+            *common(env, "sweep-r"), "--best-out", str(tmp_path / "best.yaml"), *PILLS_ON_OBJECT]
     assert cli.main(args) == 0
     storage = f"sqlite:///{env['root'] / 'ray' / 'optuna.db'}"
     study = optuna.load_study(study_name="sweep-r-pills", storage=storage)
@@ -87,7 +93,9 @@ def test_sweep_resume_does_not_redo_finished_trials(env, tmp_path, capsys):
     assert cli.main([*args, "--resume"]) == 0
     assert len(optuna.load_study(study_name="sweep-r-pills", storage=storage).trials) == 2
     best = (tmp_path / "best.yaml").read_text()
-    assert "pills:" in best and "lambda_1:" in best
+    assert "pills:" in best and "lambda_1:" in best and "foreground_threshold: 0.3" in best
+    pills_trials = runs(env, **{"pouta.kind": "trial", "category": "pills"})
+    assert len(pills_trials) >= 3 and {r.data.params["foreground_threshold"] for r in pills_trials} == {"0.3"}
 
 
 def test_retrain_skips_unchanged_data_and_promotes_a_first_champion(env, capsys):
