@@ -12,9 +12,9 @@ BASE = Config.from_preset("tiny")
 
 
 def test_values_are_grouped_per_category_and_parsed_as_yaml():
-    sets = parse_category_sets(["pills:foreground_threshold=0.3", "pills:epochs=95", "tiles:variant=vanilla"],
+    sets = parse_category_sets(["pills:foreground_threshold=0.3", "pills:epochs=190", "tiles:variant=vanilla"],
                                ["tiles", "pills"], BASE)
-    assert sets == {"pills": {"foreground_threshold": 0.3, "epochs": 95}, "tiles": {"variant": "vanilla"}}
+    assert sets == {"pills": {"foreground_threshold": 0.3, "epochs": 190}, "tiles": {"variant": "vanilla"}}
     assert parse_category_sets([], ["tiles"], BASE) == {}
 
 
