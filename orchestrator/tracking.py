@@ -8,6 +8,7 @@ driver is the one client that talks HTTP to ``mlflow server``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -129,9 +130,11 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step
         client.log_batch(run_id, metrics=batch)
 
 
+@functools.cache
 def git_commit() -> str:
     """The commit of the code, from git or ``POUTA_GIT_COMMIT`` (jobs uploaded by ``ray job
-    submit`` carry no .git folder), else ``unknown``."""
+    submit`` carry no .git folder), else ``unknown``. Asked once per process: the code a
+    process runs does not change under it, and a sweep builds a callback per category."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
