@@ -13,16 +13,27 @@ RAY_CMD=("$VENV/bin/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_P
          --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --block)
 MLFLOW_CMD=("$VENV/bin/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT"
             --backend-store-uri "sqlite:///$PWD/$RUN_DIR/mlflow.db" --artifacts-destination "$PWD/$RUN_DIR/artifacts")
+# A closed cluster: token authentication on explicitly (Ray turns it off when no token file
+# exists yet), with a token only this user can read. Clients on this machine set
+# RAY_AUTH_MODE=token and read the same file.
+export RAY_AUTH_MODE=token
+TOKEN_FILE=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
 if [ "${1:-}" = "--dry-run" ]; then
-  echo "${RAY_CMD[*]}"
+  echo "RAY_AUTH_MODE=$RAY_AUTH_MODE ${RAY_CMD[*]}"
   echo "${MLFLOW_CMD[*]}"
   exit 0
 fi
 mkdir -p "$RUN_DIR"
+if [ ! -s "$TOKEN_FILE" ]; then
+  mkdir -p "$(dirname "$TOKEN_FILE")"
+  (umask 077 && "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(32), end="")' > "$TOKEN_FILE")
+  echo "wrote a new Ray auth token to $TOKEN_FILE"
+fi
+chmod 600 "$TOKEN_FILE"
 nohup "${RAY_CMD[@]}" > "$RUN_DIR/ray.log" 2>&1 &
 echo $! > "$RUN_DIR/ray.pid"
 nohup "${MLFLOW_CMD[@]}" > "$RUN_DIR/mlflow.log" 2>&1 &
 echo $! > "$RUN_DIR/mlflow.pid"
 echo "Ray dashboard http://127.0.0.1:$DASHBOARD_PORT (pid $(cat "$RUN_DIR/ray.pid"))"
 echo "MLflow        http://127.0.0.1:$MLFLOW_PORT (pid $(cat "$RUN_DIR/mlflow.pid"))"
-echo "export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"
+echo "export RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"

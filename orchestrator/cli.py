@@ -31,8 +31,19 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="on-disk cache of decoded, resized images")
 
 
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-split", choices=["auto", "from_test", "synthetic", "none"],
+                   help="images every choice is made on (config key val_split; default auto: from_test "
+                   "when the test split has defect images, else synthetic); none selects on the test split")
+    p.add_argument("--val-ratio", type=float, help="share going to validation (config key val_ratio; default 0.3)")
+
+
 def _load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     overrides = [*args.overrides, *extra]
+    # --val-split / --val-ratio are config keys, so they travel with the run and its checkpoint.
+    for key in ("val_split", "val_ratio"):
+        if getattr(args, key, None) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
     if args.config:
         return Config.from_yaml(args.config, overrides=overrides, preset=args.preset)
     return Config.from_preset(args.preset, overrides=overrides)
@@ -102,7 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics = api.train(cfg, data_root=args.data_root, dataset=args.dataset, category=args.category,
                         out=args.out, device=args.device, texture_dir=args.texture_dir,
                         cache_dir=args.cache_dir, num_workers=args.num_workers, resume=not args.no_resume)
-    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("image_", "pixel_")) and v == v}
+    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("val_", "test_")) and v == v}
     print(f"trained {args.category} -> {args.out}/checkpoint.pt  {shown}")
     return 0
 
@@ -112,7 +123,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = api.evaluate_checkpoint(args.checkpoint, data_root=args.data_root, dataset=args.dataset,
                                       category=args.category, device=args.device, cache_dir=args.cache_dir,
-                                      progress=not args.json)
+                                      split=args.split, progress=not args.json)
     if args.json:
         _print_json(metrics)
     else:
@@ -159,8 +170,11 @@ def _add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> N
     p.add_argument("--category-set", dest="category_sets", metavar="CATEGORY:KEY=VALUE", action="append",
                    default=[], help="override one config key for one category only (e.g. "
                    "pills:foreground_threshold=0.3 for an object among textures); repeatable")
+    p.add_argument("--ray-address", help="Ray cluster to join (host:port of its GCS; default: $RAY_ADDRESS, "
+                   "else an in-process Ray started for this command)")
     p.add_argument("--texture-dir")
     p.add_argument("--cache-dir")
+    _add_selection_args(p)
 
 
 def _plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: str = "max"):
@@ -177,6 +191,7 @@ def _plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: s
                 experiment=args.experiment, workers_per_category=args.workers_per_category,
                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                 max_concurrent=args.max_concurrent, texture_dir=args.texture_dir, cache_dir=args.cache_dir,
+                ray_address=args.ray_address,
                 metric=metric, mode=mode)
 
 
@@ -186,14 +201,30 @@ def _category_sets_note(plan) -> str:
 
 
 def _print_summary(summary: dict, keys: list[str]) -> None:
-    print(f"{'category':14}" + "".join(f"{k:>13}" for k in keys) + "  model")
+    """One row per category: validation (chosen on) and test (only reported) side by side."""
+    print(f"{'category':14}" + "".join(f"{k:>17}" for k in keys) + "  model")
+    no_test = []
     for category, e in summary.items():
         if "error" in e:
             print(f"{category:14}  FAILED: {e['error']}")
             continue
         best = e.get("best", e)
-        vals = "".join(f"{best.get(k, float('nan')) or float('nan'):>13.4f}" for k in keys)
+        if all(best.get(k) is None for k in keys if k.startswith("test_")):
+            no_test.append(category)
+        vals = "".join(f"{_num(best.get(k)):>17}" for k in keys)
         print(f"{category:14}{vals}  {e.get('registered_model', '')} v{e.get('version', '?')} (challenger)")
+    if no_test:
+        print(f"no test metrics for {', '.join(no_test)}: no labelled test images (validation is synthetic)")
+
+
+def _num(v) -> str:
+    return "-" if v is None or v != v else f"{v:.4f}"
+
+
+def _selection_warning(plan) -> None:
+    if any(plan.config_for(c).val_split == "none" for c in plan.categories):
+        print("WARNING: --val-split none: every choice was made on the test split, so these test metrics are "
+              "optimistic", file=sys.stderr)
 
 
 def _mlflow_hint(args: argparse.Namespace) -> None:
@@ -203,6 +234,7 @@ def _mlflow_hint(args: argparse.Namespace) -> None:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
+    from orchestrator.experiment import SUMMARY_METRICS, both_splits
     from orchestrator.launch import run_launch
 
     plan = _plan(args, args.name or f"launch-{args.dataset}")
@@ -211,13 +243,15 @@ def _cmd_launch(args: argparse.Namespace) -> int:
               + _category_sets_note(plan))
         return 0
     summary = run_launch(plan, resume=True)
-    _print_summary(summary, ["image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"])
+    _print_summary(summary, both_splits(SUMMARY_METRICS))
+    _selection_warning(plan)
     _mlflow_hint(args)
     return 1 if any("error" in e for e in summary.values()) else 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import search_spaces
+    from orchestrator.experiment import both_splits
     from orchestrator.sweep import check_category_sets, parse_objectives, run_sweep
 
     base = _load_config(args)
@@ -233,10 +267,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     summary = run_sweep(plan, space, num_samples=args.num_samples, scheduler=args.scheduler,
                         study_storage=args.study_storage, resume=args.resume, objectives=objectives,
                         best_out=best_out)
-    keys = list(dict.fromkeys([k for k, _ in objectives] + ["image_auroc", "pixel_auroc", "pixel_ap"]))
+    keys = both_splits([k for k, _ in objectives] + ["image_auroc", "pixel_auroc", "pixel_ap"])
     if space.has_grid:
         _print_grid(summary, space, keys)
     _print_summary(summary, keys)
+    _selection_warning(plan)
     for category, e in summary.items():
         if "config" in e:
             changed = {k: e["config"][k] for k in space.keys}
@@ -252,40 +287,46 @@ def _print_grid(summary: dict, space, keys: list[str]) -> None:
     from orchestrator.trial import SAMPLED
 
     dims = [d.key for d in space.dimensions if d.distribution == "grid"]
-    print("  ".join(f"{d:>12}" for d in ["category", *dims]) + "".join(f"{k:>13}" for k in keys))
+    print("  ".join(f"{d:>12}" for d in ["category", *dims]) + "".join(f"{k:>17}" for k in keys))
     for category, e in summary.items():
         for row in e.get("trials", []):
             if "error" in row:
                 continue
             sampled = row["config"].get(SAMPLED, {})
             print("  ".join(f"{str(v):>12}" for v in [category, *[sampled.get(d) for d in dims]])
-                  + "".join(f"{(row.get(k) if row.get(k) is not None else float('nan')):>13.4f}" for k in keys))
+                  + "".join(f"{_num(row.get(k)):>17}" for k in keys))
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    from orchestrator.retrain import run_retrain
+    from orchestrator.experiment import selection_metric
+    from orchestrator.retrain import Gate, run_retrain
     from pouta_core.config import parse_overrides
 
-    plan = _plan(args, args.name or f"retrain-{args.dataset}", args.metric, args.mode)
-    if args.promote_margin < 0:
-        raise ConfigError(f"--promote-margin must be >= 0, got {args.promote_margin}")
+    gate = Gate(metric=args.metric, margin=args.promote_margin, confidence=args.confidence,
+                resamples=args.bootstrap_resamples)
+    plan = _plan(args, args.name or f"retrain-{args.dataset}", selection_metric(args.metric), "max")
     if args.dry_run:
         print(f"would check {', '.join(plan.categories)} for changed data and retrain with params from "
               f"{args.params_from}")
         return 0
-    summary = run_retrain(plan, params_from=args.params_from, promote_margin=args.promote_margin, force=args.force,
-                          metric=args.metric, mode=args.mode, overrides=parse_overrides(args.overrides))
+    summary = run_retrain(plan, params_from=args.params_from, gate=gate, force=args.force,
+                          overrides=parse_overrides(args.overrides))
     for category, e in summary.items():
         detail = ""
         if "challenger" in e:
-            champ = "none" if e["champion"] is None else f"{e['champion']:.4f} (v{e['champion_version']})"
-            detail = f"  challenger {args.metric}={e['challenger']:.4f} (v{e['version']}), champion {champ}"
+            detail = f"  challenger {e['metric']}={e['challenger']:.4f} (v{e['version']}), champion "
+            if e["champion"] is None:
+                detail += "none"
+            else:
+                detail += (f"{e['champion']:.4f} (v{e['champion_version']}); difference 95% interval "
+                           f"[{e['low']:+.4f}, {e['high']:+.4f}], P(challenger better) {e['p_better']:.3f}")
         elif "error" in e:
             detail = f"  {e['error']}"
         print(f"{category:14} {e['status']}{detail}")
     failed = [c for c, e in summary.items() if e["status"] == "failed"]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    _selection_warning(plan)
     _mlflow_hint(args)
     return 1 if failed else 0
 
@@ -314,11 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texture-dir", help="anomaly source images (e.g. DTD); default: procedural, offline")
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint already in --out")
+    _add_selection_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a category's test split")
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a category's test (or validation) split")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint.pt")
     _add_data_args(p)
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="test (default) or val: the validation images the checkpoint was chosen on, "
+                   "split as its config says")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -372,9 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--params-from", default="best",
                    help="best (best finished run), champion (the champion's run) or a YAML file from sweep")
-    p.add_argument("--promote-margin", type=float, default=0.005)
-    p.add_argument("--metric", default="pixel_ap")
-    p.add_argument("--mode", default="max", choices=["max", "min"])
+    p.add_argument("--promote-margin", type=float, default=0.005,
+                   help="the challenger must beat the champion's validation metric by more than this")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="and be better in at least this share of paired bootstrap resamples of the images")
+    p.add_argument("--bootstrap-resamples", type=int, default=1000)
+    p.add_argument("--metric", default="pixel_ap", choices=["pixel_ap", "pixel_auroc", "image_auroc"],
+                   help="validation metric of the gate and of --params-from best")
     p.add_argument("--force", action="store_true", help="retrain every category, changed or not")
     p.add_argument("--dry-run", action="store_true", help="check the arguments and data, run nothing")
     p.set_defaults(func=_cmd_retrain)

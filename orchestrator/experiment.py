@@ -8,12 +8,10 @@ per changed category. All three share :func:`run_category_trials` and :func:`reg
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
 
 from orchestrator import tracking
@@ -49,6 +47,7 @@ class Plan:
     max_concurrent: int = 0
     texture_dir: str | None = None
     cache_dir: str | None = None
+    ray_address: str | None = None
     metric: str = "pixel_ap"
     mode: str = "max"
     fingerprints: dict[str, str] = field(default_factory=dict)
@@ -93,12 +92,12 @@ def _abs(p: str | None) -> str | None:
     return str(Path(p).resolve()) if p else None
 
 
-def init_ray() -> None:
-    """Join the running cluster (``RAY_ADDRESS``, or the one ``ray start`` left on this
-    machine), else start one in-process."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 runtime_env={"env_vars": {"POUTA_GIT_COMMIT": tracking.git_commit()}})
+def init_ray(plan: Plan | None = None) -> str:
+    """Connect to the cluster the plan names (``--ray-address``, else ``RAY_ADDRESS``), or
+    start an in-process one: see :mod:`orchestrator.cluster`."""
+    from orchestrator import cluster
+
+    return cluster.connect(plan.ray_address if plan else None)
 
 
 def resolve_categories(data_root: str, dataset: str, spec: str) -> list[str]:
@@ -119,12 +118,24 @@ def fingerprint_category(data_root: str, dataset: str, category: str) -> str:
     return tracking.fingerprint([s.path for s in split.train], Path(data_root))
 
 
+def selection_tag(config: Config) -> str:
+    """``pouta.selection``: which split this run's choices were made on."""
+    return "test" if config.val_split == "none" else "validation"
+
+
+def warn_if_selecting_on_test(plan: Plan) -> None:
+    if any(plan.config_for(c).val_split == "none" for c in plan.categories):
+        log.warning("val_split=none: trials, thresholds and promotion are chosen on the test split, so the "
+                    "test metrics reported are optimistic (runs tagged pouta.selection=test)")
+
+
 def open_parent(plan: Plan, kind: str, extra_tags: dict[str, str] | None = None):
     client, exp_id = tracking.setup(plan.tracking_uri, plan.experiment)
     key = f"{kind}:{plan.name}"
     run_id = tracking.get_or_create_run(client, exp_id, key, name=plan.name,
                                         tags={tracking.TAG_KIND: kind, "dataset": plan.dataset,
-                                              "git_commit": tracking.git_commit(), **(extra_tags or {})})
+                                              "git_commit": tracking.git_commit(),
+                                              tracking.TAG_SELECTION: selection_tag(plan.base), **(extra_tags or {})})
     tracking.log_params(client, run_id, {"command": kind, "dataset": plan.dataset,
                                          "categories": ",".join(plan.categories), "name": plan.name})
     return client, exp_id, run_id, key
@@ -159,6 +170,29 @@ def make_tuner(plan: Plan, name: str, job: Job, param_space: dict[str, Any], tun
         run_config=tune.RunConfig(name=name, storage_path=str(Path(plan.storage_path).resolve()), callbacks=[cb],
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
+
+
+# Metrics computed on an image split; trials report each as val_<name> and test_<name>.
+SPLIT_METRICS = ("image_auroc", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1max")
+SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro")
+
+
+def selection_metric(name: str) -> str:
+    """The reported metric a choice reads: ``pixel_ap`` -> ``val_pixel_ap``; metrics of no
+    split (``latency_ms``, ``loss_total``) as they are. Test metrics are refused."""
+    if name.startswith("test_"):
+        raise ConfigError(f"metric '{name}': choices are made on validation metrics only; use "
+                          f"'{name.removeprefix('test_')}' (selects on val_{name.removeprefix('test_')})")
+    return f"val_{name}" if name in SPLIT_METRICS else name
+
+
+def both_splits(names) -> list[str]:
+    """``pixel_ap`` -> ``val_pixel_ap``, ``test_pixel_ap``, for summaries; others unchanged."""
+    out: list[str] = []
+    for n in names:
+        bare = n.removeprefix("val_")
+        out.extend([f"val_{bare}", f"test_{bare}"] if bare in SPLIT_METRICS else [n])
+    return list(dict.fromkeys(out))
 
 
 def trial_rows(results, metric_keys: list[str]) -> list[dict[str, Any]]:

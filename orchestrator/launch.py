@@ -17,10 +17,11 @@ def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str,
     """Train each category once. ``per_category`` optionally gives each category its own config
     values (retrain uses it for the best known hyperparameters); ``plan.per_category`` (the
     command's --category-set) wins over them."""
-    ex.init_ray()
+    ex.init_ray(plan)
     if not plan.fingerprints:
         plan.fingerprints = {c: ex.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
     client, _, parent_id, parent_key = ex.open_parent(plan, kind)
+    ex.warn_if_selecting_on_test(plan)
     job = plan.job()
     cb = ex.callback(plan, job, parent_id, parent_key)
     # The plan's --category-set values are the most specific, so they win.
@@ -30,7 +31,7 @@ def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str,
     tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None)
     tuner = ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume)
     results = tuner.fit()
-    keys = ["image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"]
+    keys = ex.both_splits(ex.SUMMARY_METRICS)
     summary: dict[str, Any] = {}
     for r in results:
         category = r.config["category"] if r.config else None

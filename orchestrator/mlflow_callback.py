@@ -14,7 +14,7 @@ from orchestrator import tracking
 from orchestrator.trial import Job, trial_config
 
 log = logging.getLogger(__name__)
-ARTIFACTS = ("config.yaml", "checkpoint.pt", "metrics.json", "heatmaps.png")
+ARTIFACTS = ("config.yaml", "checkpoint.pt", "metrics.json", "heatmaps.png", "val_files.json")
 
 
 class MlflowTrialCallback(Callback):
@@ -54,6 +54,7 @@ class MlflowTrialCallback(Callback):
             client, self._exp_id, key, name=f"{category}-{trial.trial_id}", parent_id=self.parent_run_id,
             tags={**self.tags, tracking.TAG_KIND: "trial", "pouta.category": category, "dataset": job.dataset,
                   "category": category, "variant": config.variant,
+                  tracking.TAG_SELECTION: "test" if config.val_split == "none" else "validation",
                   tracking.TAG_FINGERPRINT: self.fingerprints.get(category, "unknown")})
         tracking.log_params(client, run_id, {**config.to_dict(), "category": category, "dataset": job.dataset})
         self.runs[trial.trial_id] = run_id
@@ -81,7 +82,7 @@ class MlflowTrialCallback(Callback):
         if epoch <= self.steps.get(run_id, -1):
             return    # a restarted trial reports epochs MLflow already has
         tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items()
-                                                   if k.startswith(("loss_", "image_", "pixel_", "lr", "latency"))},
+                                                   if k.startswith(("loss_", "val_", "test_", "lr", "latency"))},
                              step=epoch)
         self.steps[run_id] = epoch
 

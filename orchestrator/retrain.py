@@ -3,9 +3,10 @@ known hyperparameters, and move ``champion`` only when the new model is better.
 
 Per category: fingerprint the training files; skip it when the last successful training of
 that category saw the same fingerprint (unless ``--force``); otherwise train (one Ray Train
-run), register the result as ``challenger``, evaluate challenger and champion on the same
-test split, and promote the challenger when it beats the champion by ``--promote-margin``
-(or when there is no champion yet). A failing category does not stop the others.
+run), register the result as ``challenger``, score challenger and champion on the same
+*validation* images, and promote the challenger when there is no champion yet, or when it
+beats the champion by ``--promote-margin`` and a paired bootstrap over images says it is
+better with probability >= ``--confidence``. A failing category does not stop the others.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,30 @@ from orchestrator.launch import run_launch
 from pouta_core.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """When a retrained challenger replaces the champion (``--metric``, ``--promote-margin``,
+    ``--confidence``, ``--bootstrap-resamples``)."""
+
+    metric: str = "pixel_ap"
+    margin: float = 0.005
+    confidence: float = 0.95
+    resamples: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from pouta_core.bootstrap import BOOTSTRAP_METRICS
+
+        if self.metric not in BOOTSTRAP_METRICS:
+            raise ConfigError(f"--metric {self.metric}: the retrain gate compares {', '.join(BOOTSTRAP_METRICS)}")
+        if self.margin < 0:
+            raise ConfigError(f"--promote-margin must be >= 0, got {self.margin}")
+        if not 0 <= self.confidence <= 1:
+            raise ConfigError(f"--confidence must be in [0, 1], got {self.confidence}")
+        if self.resamples < 1:
+            raise ConfigError(f"--bootstrap-resamples must be >= 1, got {self.resamples}")
 
 
 def last_trained_fingerprint(client, exp_id: str, dataset: str, category: str) -> str | None:
@@ -48,7 +74,7 @@ def params_for(source: str, client, exp_id: str, dataset: str, category: str, me
     ``champion`` (the run behind the champion version) or a YAML FILE (``{category: {...}}``, as
     ``pouta sweep`` writes). Nothing known -> the base config."""
     if source == "best":
-        order = f"metrics.{metric} {'DESC' if mode == 'max' else 'ASC'}"
+        order = f"metrics.{ex.selection_metric(metric)} {'DESC' if mode == 'max' else 'ASC'}"
         runs = client.search_runs([exp_id], filter_string=(
             f"tags.`pouta.kind` = 'trial' and tags.dataset = '{dataset}' and tags.category = '{category}' "
             "and attributes.status = 'FINISHED'"), order_by=[order], max_results=1)
@@ -91,13 +117,13 @@ def champion_checkpoint(client, dataset: str, category: str, dest: Path) -> tupl
     return version.version, Path(local)
 
 
-def run_retrain(plan: ex.Plan, *, params_from: str, promote_margin: float, force: bool,
-                metric: str, mode: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_retrain(plan: ex.Plan, *, params_from: str, gate: Gate, force: bool,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """``overrides`` (the command's ``--set``) win over the values from ``params_from``, and
     ``plan.per_category`` (``--category-set``) over both."""
-    from pouta_core.api import evaluate_checkpoint
+    metric, mode = gate.metric, "max"
 
-    ex.init_ray()
+    ex.init_ray(plan)
     client, exp_id = tracking.setup(plan.tracking_uri, plan.experiment)
     summary: dict[str, Any] = {}
     todo: list[str] = []
@@ -135,31 +161,45 @@ def run_retrain(plan: ex.Plan, *, params_from: str, promote_margin: float, force
                 summary[category] = {"status": "failed", "error": result["error"]}
                 continue
             try:
-                summary[category] = _decide(plan, client, category, result, promote_margin, metric, mode,
-                                            evaluate_checkpoint)
+                summary[category] = _decide(plan, client, category, result, gate,
+                                            per_category[category])
             except Exception as exc:
                 summary[category] = {"status": "failed", "error": str(exc).splitlines()[0]}
     return summary
 
 
-def _decide(plan: ex.Plan, client, category: str, result: dict[str, Any], margin: float, metric: str, mode: str,
-            evaluate_checkpoint) -> dict[str, Any]:
-    """Evaluate challenger and champion on the same test split; promote when better by margin."""
+def _decide(plan: ex.Plan, client, category: str, result: dict[str, Any], gate: Gate,
+            values: dict[str, Any]) -> dict[str, Any]:
+    """Score challenger and champion on the same validation images; promote the challenger
+    when there is no champion, or when it is better by ``gate.margin`` and the paired
+    bootstrap says it is better with probability >= ``gate.confidence``."""
+    from pouta_core.api import validation_evidence
+    from pouta_core.bootstrap import paired_bootstrap
+
     name, version = result["registered_model"], result["version"]
     kwargs = {"data_root": plan.data_root, "dataset": plan.dataset, "category": category, "device": "auto",
-              "cache_dir": plan.cache_dir, "progress": False}
-    challenger = evaluate_checkpoint(Path(result["checkpoint"]), **kwargs)[metric]
+              "cache_dir": plan.cache_dir}
+    split_like = plan.base.replace(**values)
+    challenger, labels = validation_evidence(Path(result["checkpoint"]), split_like=split_like, **kwargs)
     with tempfile.TemporaryDirectory() as tmp:
         champ = champion_checkpoint(client, plan.dataset, category, Path(tmp))
-        champion = evaluate_checkpoint(champ[1], **kwargs)[metric] if champ else None
-    sign = 1 if mode == "max" else -1
-    promote = champion is None or sign * (challenger - champion) > margin
+        champion = validation_evidence(champ[1], split_like=split_like, **kwargs)[0] if champ else None
+    run_id = client.get_model_version(name, version).run_id
+    key = f"val_{gate.metric}"
+    if champion is None:   # a first champion: nothing to compare with
+        value = paired_bootstrap(gate.metric, challenger, challenger, labels, resamples=1).a
+        promote, logged, out = True, {f"gate_challenger_{key}": value}, {"challenger": value, "champion": None}
+    else:
+        test = paired_bootstrap(gate.metric, challenger, champion, labels, resamples=gate.resamples, seed=gate.seed)
+        promote = test.delta > gate.margin and test.p_better >= gate.confidence
+        logged = {f"gate_challenger_{key}": test.a, f"gate_champion_{key}": test.b, "gate_delta": test.delta,
+                  "gate_delta_low": test.low, "gate_delta_high": test.high, "gate_p_better": test.p_better}
+        out = {"challenger": test.a, "champion": test.b, "low": test.low, "high": test.high,
+               "p_better": test.p_better}
     if promote:
         tracking.promote(client, name, version, tracking.CHAMPION)
-    run_id = client.get_model_version(name, version).run_id
-    tracking.log_metrics(client, run_id, {f"retrain_challenger_{metric}": challenger,
-                                          **({f"retrain_champion_{metric}": champion} if champion is not None else {})},
-                         step=0)
-    client.set_tag(run_id, "pouta.retrain_decision", "promoted" if promote else "kept champion")
-    return {"status": "promoted" if promote else "kept champion", "challenger": challenger, "champion": champion,
-            "champion_version": champ[0] if champ else None, "version": version, "model": name}
+    tracking.log_metrics(client, run_id, logged, step=0)
+    decision = "promoted" if promote else "kept champion"
+    client.set_tag(run_id, "pouta.retrain_decision", decision)
+    return {"status": decision, **out, "metric": key, "champion_version": champ[0] if champ else None,
+            "version": version, "model": name}

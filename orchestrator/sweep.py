@@ -22,14 +22,16 @@ log = logging.getLogger(__name__)
 
 
 def parse_objectives(text: str | None, metric: str, mode: str) -> list[tuple[str, str]]:
+    """``--objectives`` (else ``--metric``/``--mode``) -> [(reported metric, mode)]; split
+    metrics select on validation: ``pixel_ap`` -> ``val_pixel_ap``."""
     if not text:
-        return [(metric, mode)]
+        return [(ex.selection_metric(metric), mode)]
     out = []
     for item in text.split(","):
         name, _, m = item.strip().partition(":")
         if m not in ("max", "min") or not name:
             raise ConfigError(f"--objectives: expected metric:max|min items, got '{item.strip()}'")
-        out.append((name, m))
+        out.append((ex.selection_metric(name), m))
     return out
 
 
@@ -101,9 +103,10 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
     check_category_sets(plan, space)
-    ex.init_ray()
+    ex.init_ray(plan)
     plan.fingerprints = {c: ex.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
     client, _, parent_id, parent_key = ex.open_parent(plan, "sweep", {"search_space": space.path.name})
+    ex.warn_if_selecting_on_test(plan)
     tracking_params = {"search_space": space.path.name, "num_samples": num_samples, "scheduler": scheduler,
                        "objectives": ",".join(f"{k}:{m}" for k, m in objectives)}
     from orchestrator import tracking
@@ -138,7 +141,7 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
             scheduler=sched, num_samples=num_samples, max_concurrent_trials=plan.max_concurrent or None)
         tuner = ex.make_tuner(plan, name, job, param_space, tune_config, cb, resume)
         results = tuner.fit()
-        keys = sorted({k for k, _ in objectives} | {"image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"})
+        keys = ex.both_splits([k for k, _ in objectives] + list(ex.SUMMARY_METRICS))
         rows = ex.trial_rows(results, keys)
         best = ex.best_checkpoint_of(rows, metric, mode)
         entry: dict[str, Any] = {"trials": rows}

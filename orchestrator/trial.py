@@ -15,6 +15,7 @@ from orchestrator.worker import train_worker
 from pouta_core.config import Config
 
 SAMPLED = "sampled"   # param_space key holding the searched config values
+CONTROLLER_FAILURE_LIMIT = 3
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,10 @@ def run_trial(params: dict[str, Any], job: Job) -> None:
             # Stable name: rerunning the same trial resumes from its latest checkpoint.
             name=f"{job.experiment}-{category}-{trial_id}",
             storage_path=job.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+            # Bounded: a worker group that cannot start (no resources, a dead node) fails the
+            # trial after a few tries instead of retrying forever (Ray's default is -1).
+            failure_config=ray.train.FailureConfig(max_failures=job.max_failures,
+                                                   controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
         ),

@@ -54,26 +54,25 @@ def train_worker(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.get("cpus_per_worker", 1))))
-    data = load_category(cfg["data_root"], cfg["dataset"], cfg["category"], config.image_size,
-                         cache_dir=cfg.get("cache_dir"), progress=False)
-    if not len(data.test_set) or not (data.test_set.labels == 1).any():
-        raise ValueError(f"{cfg['data_root']}: category '{cfg['category']}' needs anomalous test images "
-                         "to evaluate and report metrics")
+    data = load_category(cfg["data_root"], cfg["dataset"], cfg["category"], config, cache_dir=cfg.get("cache_dir"),
+                         progress=False)
     textures = TextureFolder(cfg["texture_dir"], config.image_size) if cfg.get("texture_dir") else None
+    # The grid shows test images when there are any: a picture, never a choice.
+    shown = data.test_set if data.test_set is not None else data.val_set
     latency = measure_latency(config, device)
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"pouta-{cfg['category']}-rank{rank}-"))
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            shutil.copy2(Path(d) / ckpt.CHECKPOINT, run_dir / ckpt.CHECKPOINT)
+            shutil.copytree(d, run_dir, dirs_exist_ok=True)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         metrics = {**metrics, "latency_ms": latency}
         checkpoint = None
         if checkpoint_dir is not None:
             # Every checkpoint carries its grid: ASHA may stop a trial before its last epoch.
-            write_heatmaps(checkpoint_dir, data.test_set, device)
+            write_heatmaps(checkpoint_dir, shown, device)
             checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
         ray.train.report({k: v for k, v in metrics.items() if _reportable(v)}, checkpoint=checkpoint)
 
@@ -81,10 +80,11 @@ def train_worker(cfg: dict[str, Any]) -> None:
     # checkpoint Ray resumes from and the one MLflow receives at the end.
     config = config.replace(checkpoint_every=config.eval_every)
     try:
-        fit(config, data.train_images, run_dir, test_set=data.test_set if rank == 0 else None,
-            textures=textures, device=device, report=report, progress=False,
-            wrap_model=ray.train.torch.prepare_model, shard=(rank, world),
-            extra_state={"dataset": cfg["dataset"], "category": cfg["category"]})
+        fit(config, data.train_images, run_dir, val_set=data.val_set if rank == 0 else None,
+            test_set=data.test_set if rank == 0 else None, textures=textures, device=device, report=report,
+            progress=False, wrap_model=ray.train.torch.prepare_model, shard=(rank, world),
+            extra_state={"dataset": cfg["dataset"], "category": cfg["category"], "val_split": data.selection.mode},
+            sidecars={ckpt.VAL_FILES: data.selection_record()})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 

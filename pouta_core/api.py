@@ -13,10 +13,12 @@ import torch
 from PIL import Image
 
 from pouta_core import checkpoint as ckpt
+from pouta_core.bootstrap import Evidence
 from pouta_core.config import Config, ConfigError
 from pouta_core.data import EvalDataset, ImageCache, decode, load_image, read_split
 from pouta_core.data.errors import DataError
 from pouta_core.data.images import list_images
+from pouta_core.data.validation import SelectionSplit, split_for_selection, synthetic_validation
 from pouta_core.inference import ExportWrapper, predict
 from pouta_core.synthesis import TextureFolder
 from pouta_core.training import ReportFn, evaluate, fit, resolve_device
@@ -27,18 +29,44 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CategoryData:
+    """A category decoded for training: the images trained on, the validation set every
+    choice is made on, and the test set that is only reported (None when the category has
+    no labelled test images)."""
+
     train_images: torch.Tensor
-    test_set: EvalDataset
+    val_set: EvalDataset
+    test_set: EvalDataset | None
+    selection: SelectionSplit
+    val_files: list[str]
+
+    def selection_record(self) -> dict[str, Any]:
+        """What ``val_files.json`` holds: the resolved split and its validation images."""
+        return {"val_split": self.selection.mode, "val_files": self.val_files,
+                "test_images": 0 if self.test_set is None else len(self.test_set)}
 
 
-def load_category(data_root: str | Path, dataset: str, category: str, image_size: int, *,
+def load_category(data_root: str | Path, dataset: str, category: str, config: Config, *,
                   cache_dir: str | Path | None = None, progress: bool = True) -> CategoryData:
-    """Read the layout, validate it, decode every image once (through the cache)."""
+    """Read the layout, validate it, split it for selection (``config.val_split`` /
+    ``val_ratio``), decode every image once (through the cache)."""
     split = read_split(data_root, dataset, category)
-    cache = ImageCache(image_size, cache_dir)
-    train_images, _, _ = decode(split.train, cache, desc=f"{category}: train images", progress=progress)
-    images, masks, labels = decode(split.test, cache, desc=f"{category}: test images", progress=progress)
-    return CategoryData(train_images, EvalDataset(images, masks, labels))
+    parts = split_for_selection(split, data_root, config.val_split, config.val_ratio,
+                                where=f"{data_root} [{category}]")
+    cache = ImageCache(config.image_size, cache_dir)
+
+    def labelled(samples, what: str) -> EvalDataset:
+        return EvalDataset(*decode(samples, cache, desc=f"{category}: {what} images", progress=progress))
+
+    train_images, _, _ = decode(parts.train, cache, desc=f"{category}: train images", progress=progress)
+    if parts.mode == "synthetic":
+        held, _, _ = decode(parts.val, cache, desc=f"{category}: validation images", progress=progress)
+        val_set = synthetic_validation(held, config)
+    else:
+        val_set = labelled(parts.val, "validation")
+    test_set = labelled(parts.test, "test") if parts.test else None
+    if parts.mode == "none":
+        test_set = val_set   # one set, scored once (fit sees the identity)
+    return CategoryData(train_images, val_set, test_set, parts, parts.val_files(data_root))
 
 
 def train(config: Config, *, data_root: str | Path, dataset: str, category: str, out: str | Path,
@@ -46,26 +74,46 @@ def train(config: Config, *, data_root: str | Path, dataset: str, category: str,
           report: ReportFn | None = None, num_workers: int = 0, progress: bool = True,
           resume: bool = True, **fit_kwargs: Any) -> dict[str, Any]:
     dev = resolve_device(device)
-    data = load_category(data_root, dataset, category, config.image_size, cache_dir=cache_dir,
-                         progress=progress)
+    data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=progress)
     textures = TextureFolder(texture_dir, config.image_size) if texture_dir else None
-    extra = {"dataset": dataset, "category": category}
-    return fit(config, data.train_images, out, test_set=data.test_set, textures=textures, device=dev,
-               report=report, num_workers=num_workers, progress=progress, resume=resume,
-               extra_state=extra, **fit_kwargs)
+    extra = {"dataset": dataset, "category": category, "val_split": data.selection.mode}
+    return fit(config, data.train_images, out, val_set=data.val_set, test_set=data.test_set, textures=textures,
+               device=dev, report=report, num_workers=num_workers, progress=progress, resume=resume,
+               extra_state=extra, sidecars={ckpt.VAL_FILES: data.selection_record()}, **fit_kwargs)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path, dataset: str, category: str,
-                        device: str = "auto", cache_dir: str | Path | None = None,
+                        device: str = "auto", cache_dir: str | Path | None = None, split: str = "test",
                         progress: bool = True) -> dict[str, float]:
+    """Metrics of a checkpoint on ``split`` ("val" or "test") of a category, split as the
+    checkpoint's config says (the images it was chosen on are its validation split)."""
+    if split not in ("val", "test"):
+        raise ConfigError(f"--split must be val or test, got '{split}'")
     dev = resolve_device(device)
     model, config, _ = ckpt.load_model(checkpoint, dev)
-    data = load_category(data_root, dataset, category, config.image_size, cache_dir=cache_dir,
-                         progress=progress)
-    if not len(data.test_set):
-        raise DataError(f"{data_root}: category '{category}' has no test images")
-    metrics, threshold = evaluate(model, data.test_set, dev)
+    data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=progress)
+    chosen = data.val_set if split == "val" else data.test_set
+    if chosen is None or not len(chosen):
+        raise DataError(f"{data_root}: category '{category}' has no labelled test images "
+                        f"(val_split={data.selection.mode}); evaluate --split val")
+    metrics, threshold = evaluate(model, chosen, dev)
     return {**metrics, "f1_threshold": threshold}
+
+
+def validation_evidence(checkpoint: str | Path, *, data_root: str | Path, dataset: str, category: str,
+                        split_like: Config | None = None, device: str = "auto",
+                        cache_dir: str | Path | None = None) -> tuple[Evidence, np.ndarray]:
+    """A checkpoint's scores and maps on a category's validation images -> (evidence, labels).
+    ``split_like``: take the split keys (val_split, val_ratio, foreground_threshold) from this
+    config instead of the checkpoint's, so two models are scored on the same images."""
+    dev = resolve_device(device)
+    model, config, _ = ckpt.load_model(checkpoint, dev)
+    if split_like is not None:
+        config = config.replace(val_split=split_like.val_split, val_ratio=split_like.val_ratio,
+                                foreground_threshold=split_like.foreground_threshold)
+    data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=False)
+    scores, maps = predict(model, data.val_set.images, device=dev)
+    return Evidence(scores, maps, data.val_set.masks[:, 0].numpy()), data.val_set.labels.numpy()
 
 
 def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Path, *,

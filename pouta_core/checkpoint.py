@@ -18,6 +18,7 @@ from pouta_core.model import AnomalyDetector, build_model
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
+VAL_FILES = "val_files.json"   # the validation split the run was chosen on (pouta_core.data.validation)
 FORMAT = 1
 
 

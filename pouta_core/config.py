@@ -107,8 +107,13 @@ class Config:
     lambda_2: float = field(default=0.3, metadata=_spec(ge=0.0, le=100.0, help="MSS weight, scale 2"))
     lambda_3: float = field(default=0.2, metadata=_spec(ge=0.0, le=100.0, help="MSS weight, scale 3"))
     lambda_4: float = field(default=0.1, metadata=_spec(ge=0.0, le=100.0, help="MSS weight, scale 4"))
-    focal_alpha: float = field(
-        default=1.0, metadata=_spec(ge=0.0, le=1.0, help="focal loss alpha_t (anomalous class)")
+    focal_alpha: float | None = field(
+        default=None,
+        metadata=_spec(
+            ge=0.0, le=1.0,
+            help="focal loss class balance (Lin et al.): anomalous pixels weigh alpha, normal "
+            "pixels 1 - alpha; null (default, the paper's alpha_t = 1) weighs every pixel 1",
+        ),
     )
     focal_gamma: float = field(
         default=2.0, metadata=_spec(ge=0.0, le=10.0, help="focal loss gamma")
@@ -157,6 +162,22 @@ class Config:
             help="keep anomalies on pixels whose grey level differs from the border's median by "
             "more than this; null (default) puts them anywhere, as for textures",
         ),
+    )
+
+    # --- model selection (docs/orchestration.md, "How models are chosen") ---------------
+    val_split: str = field(
+        default="auto",
+        metadata=_spec(
+            choices=("auto", "from_test", "synthetic", "none"),
+            help="images every choice is made on: part of the test split (from_test), held-out good "
+            "images with synthetic anomalies (synthetic), the test split itself (none); auto: "
+            "from_test when the test split has good and anomalous images, else synthetic",
+        ),
+    )
+    val_ratio: float = field(
+        default=0.3,
+        metadata=_spec(gt=0.0, lt=1.0, help="share of the test split (from_test) or of the good "
+                       "training images (synthetic) that goes to validation"),
     )
 
     def __post_init__(self) -> None:

@@ -73,8 +73,9 @@ def contrast_check(run: str | Path, data_root: str | Path, dataset: str | None =
     category = state.get("category")
     if category is None:
         raise ConfigError(f"{run}: checkpoint does not name its category (not written by `pouta train`)")
-    data = load_category(data_root, dataset or state.get("dataset", "mvtec"), category, config.image_size,
-                         progress=False)
+    data = load_category(data_root, dataset or state.get("dataset", "mvtec"), category, config, progress=False)
+    if data.test_set is None:
+        raise ConfigError(f"{data_root}: category '{category}' has no labelled test images")
     images, masks = data.test_set.images, data.test_set.masks
     maps: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images), batch_size):

@@ -42,21 +42,23 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
     return s.mean()
 
 
-def focal_loss(logits: torch.Tensor, mask: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, mask: torch.Tensor, alpha: float | None, gamma: float) -> torch.Tensor:
     """Focal loss (Lin et al. 2017) on 2-class logits (B, 2, H, W) against a 0/1 mask
     (B, 1, H, W): mean over pixels of -alpha_t (1 - p_t)^gamma log p_t.
 
-    The paper sets alpha_t = 1; we read alpha_t as one weight for every pixel (as DRAEM's
-    FocalLoss, whose per-class alpha defaults to ones), not Lin's alpha / (1 - alpha) pair,
-    which at alpha = 1 would give normal pixels no loss at all."""
+    alpha_t = alpha on anomalous pixels and 1 - alpha on normal ones, Lin's class balance;
+    ``alpha=None`` is the paper's setting, alpha_t = 1 on every pixel (as DRAEM's FocalLoss)."""
     target = mask[:, 0].long()
     logp = F.log_softmax(logits.float(), dim=1)
     logp_t = logp.gather(1, target[:, None])[:, 0]
     p_t = logp_t.exp()
-    return (-alpha * (1 - p_t).pow(gamma) * logp_t).mean()
+    loss = -(1 - p_t).pow(gamma) * logp_t
+    if alpha is not None:
+        loss = loss * torch.where(target == 1, alpha, 1 - alpha)
+    return loss.mean()
 
 
-def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor, alpha: float | None, gamma: float) -> torch.Tensor:
     """Focal + L1 on the anomaly probability (eq. 5 / 7). Logits at a coarser scale are
     bilinearly upsampled to the mask's size first."""
     if logits.shape[-2:] != mask.shape[-2:]:

@@ -54,6 +54,23 @@ def evaluate(model: nn.Module, test_set: EvalDataset, device: torch.device, batc
     return metrics, f1_max(scores, labels)[1]
 
 
+def evaluate_splits(model: nn.Module, val_set: EvalDataset | None, test_set: EvalDataset | None,
+                    device: torch.device) -> tuple[dict[str, float], float | None]:
+    """``val_<metric>`` and ``test_<metric>`` -> (metrics, threshold). The threshold (F1-max)
+    comes from validation only; test metrics are reported, never used."""
+    metrics: dict[str, float] = {}
+    threshold = None
+    if val_set is not None and len(val_set):
+        val, threshold = evaluate(model, val_set, device)
+        metrics.update({f"val_{k}": v for k, v in val.items()})
+        if test_set is val_set:   # val_split=none: one set, scored once
+            metrics.update({f"test_{k}": v for k, v in val.items()})
+    if test_set is not None and test_set is not val_set and len(test_set):
+        test, _ = evaluate(model, test_set, device)
+        metrics.update({f"test_{k}": v for k, v in test.items()})
+    return metrics, threshold
+
+
 def _diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
@@ -63,6 +80,7 @@ def fit(
     train_images: torch.Tensor,
     out_dir: str | Path,
     *,
+    val_set: EvalDataset | None = None,
     test_set: EvalDataset | None = None,
     textures: TextureFolder | None = None,
     device: str | torch.device = "cpu",
@@ -73,9 +91,12 @@ def fit(
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
     shard: tuple[int, int] = (0, 1),
     extra_state: dict[str, Any] | None = None,
+    sidecars: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train on ``train_images`` (N, 3, S, S) uint8 good images; write ``out_dir/checkpoint.pt``,
-    ``config.yaml`` and ``metrics.json`` (rank 0 only). Returns the final metrics dict."""
+    ``config.yaml``, ``metrics.json`` and the JSON ``sidecars`` (rank 0 only). Every
+    evaluation scores ``val_set`` (``val_*`` metrics and the stored threshold) and
+    ``test_set`` (``test_*``, only reported). Returns the final metrics dict."""
     out_dir = Path(out_dir)
     device = torch.device(device)
     rank, world = shard
@@ -95,7 +116,8 @@ def fit(
     state_path = out_dir / ckpt.CHECKPOINT
     if resume and state_path.exists():
         state = ckpt.load_state(state_path, device)
-        changed = _diff_keys(state["config"], config.to_dict())
+        # Through Config, so keys added since the checkpoint was written compare as defaults.
+        changed = _diff_keys(Config.from_dict(state["config"]).to_dict(), config.to_dict())
         if changed:
             raise ConfigError(f"{state_path}: was trained with a different config ({', '.join(changed)}); "
                               "use another --out or remove it")
@@ -121,6 +143,8 @@ def fit(
         })
         config.to_yaml(out_dir / ckpt.CONFIG)
         ckpt.write_json(out_dir / ckpt.METRICS, {**metrics, "threshold": threshold})
+        for name, data in (sidecars or {}).items():
+            ckpt.write_json(out_dir / name, data)
         return out_dir
 
     bar = tqdm(range(start_epoch, config.epochs + 1), desc="training", disable=not (progress and is_main),
@@ -159,8 +183,8 @@ def fit(
         bar.set_postfix(loss=f"{metrics.get('loss_total', float('nan')):.4f}")
         last = epoch == config.epochs
         if epoch % config.eval_every == 0 or last:
-            if is_main and test_set is not None and len(test_set):
-                evaluated, threshold = evaluate(model, test_set, device)
+            if is_main:
+                evaluated, threshold = evaluate_splits(model, val_set, test_set, device)
                 metrics.update(evaluated)
             checkpoint_dir = None
             if is_main and (epoch % config.checkpoint_every == 0 or last):
@@ -170,6 +194,10 @@ def fit(
                 report(metrics, checkpoint_dir)
         elif is_main and epoch % config.checkpoint_every == 0:
             save(epoch, {**last_metrics, **metrics})
-    if is_main and start_epoch > config.epochs:
+    if start_epoch > config.epochs:
         log.info("%s is already trained for %d epochs", state_path, config.epochs)
+        if report is not None:
+            # Restored at its last epoch (killed after the final checkpoint, before the
+            # caller recorded it): report the final metrics again, with that checkpoint.
+            report(last_metrics, out_dir if is_main else None)
     return {**last_metrics, "threshold": threshold}

@@ -32,6 +32,9 @@ DISTRIBUTIONS = {
     "grid": {"values"},
 }
 SPACES_DIR = Path(__file__).resolve().parent
+# Trials are compared on their validation metrics: searching the validation set itself
+# would let a trial win by choosing easier images.
+SELECTION_KEYS = ("val_split", "val_ratio")
 
 
 class SearchSpaceError(ConfigError):
@@ -86,6 +89,8 @@ def _number(path: Path, key: str, name: str, value: Any, integer: bool) -> float
 def _dimension(path: Path, key: str, spec: Any) -> Dimension:
     if key not in Config.keys():
         raise _err(path, key, "is not a config key")
+    if key in SELECTION_KEYS:
+        raise _err(path, key, "chooses the validation images trials are compared on; it cannot be searched")
     if not isinstance(spec, dict) or "distribution" not in spec:
         raise _err(path, key, "expected a mapping with a 'distribution'")
     dist = spec["distribution"]

@@ -30,7 +30,22 @@ def trained(tmp_path_factory):
 
 def test_train_writes_the_run_folder(trained):
     _, run = trained
-    assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "config.yaml", "metrics.json"}
+    assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "config.yaml", "metrics.json", "val_files.json"}
+    record = json.loads((run / "val_files.json").read_text())
+    assert record["val_split"] == "from_test" and record["val_files"]
+    assert all(f.startswith("tiles/test/") for f in record["val_files"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val_pixel_ap", "test_pixel_ap"} <= set(metrics)
+
+
+def test_evaluate_split_val_scores_exactly_the_validation_files(trained):
+    root, run = trained
+    common = ["--checkpoint", run, "--data-root", root / "data", "--dataset", "mvtec", "--category", "tiles",
+              "--json", "--device", "cpu"]
+    val = json.loads(pouta("evaluate", *common, "--split", "val").stdout)
+    stored = json.loads((run / "metrics.json").read_text())
+    assert val["pixel_ap"] == pytest.approx(stored["val_pixel_ap"], abs=1e-6)
+    assert val["f1_threshold"] == pytest.approx(stored["threshold"], abs=1e-6)
 
 
 def test_evaluate_prints_the_metric_dict_as_json(trained):

@@ -117,5 +117,6 @@ def test_start_local_dry_run_binds_to_loopback():
     out = subprocess.run(["bash", str(CLUSTER / "start_local.sh"), "--dry-run"], capture_output=True, text=True,
                          check=True)
     lines = out.stdout.splitlines()
-    assert lines[0].split()[0].endswith("ray") and "--dashboard-host 127.0.0.1" in lines[0]
+    assert lines[0].split()[0] == "RAY_AUTH_MODE=token"   # token auth on explicitly, token file or not
+    assert lines[0].split()[1].endswith("ray") and "--dashboard-host 127.0.0.1" in lines[0]
     assert "mlflow" in lines[1] and "--host 127.0.0.1" in lines[1]

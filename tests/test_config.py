@@ -7,7 +7,7 @@ from pouta_core.config import PRESETS, Config, ConfigError, parse_overrides
 def test_defaults_are_the_papers_hyperparameters():
     cfg = Config()
     assert (cfg.lambda_1, cfg.lambda_2, cfg.lambda_3, cfg.lambda_4) == (0.4, 0.3, 0.2, 0.1)
-    assert (cfg.focal_alpha, cfg.focal_gamma) == (1.0, 2.0)
+    assert (cfg.focal_alpha, cfg.focal_gamma) == (None, 2.0)
     assert (cfg.lr, cfg.batch_size, cfg.epochs) == (2e-4, 8, 600)
     assert cfg.lr_milestones == (480, 540) and cfg.lr_factor == 0.2
     assert cfg.image_size == 224 and cfg.variant == "pouta"

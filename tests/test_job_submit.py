@@ -78,7 +78,7 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
         assert child.data.tags["dataset"] == "mvtec" and child.data.tags["variant"] == "pouta"
         assert len(child.data.tags["pouta.data_fingerprint"]) == 64 and child.data.tags["git_commit"]
         assert child.data.params["category"] in ("tiles", "pills") and "lambda_1" in child.data.params
-        assert {"loss_total", "loss_rec", "pixel_ap", "image_auroc"} <= set(child.data.metrics)
+        assert {"loss_total", "loss_rec", "val_pixel_ap", "test_pixel_ap", "val_image_auroc"} <= set(child.data.metrics)
         assert child.info.status == "FINISHED"
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"config.yaml", "metrics.json", "checkpoint"} <= artifacts
@@ -88,5 +88,5 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
         version = client.get_model_version_by_alias(f"pouta-mvtec-{category}", "challenger")
         assert version.run_id in {c.info.run_id for c in children}
         assert "heatmaps.png" in {a.path for a in client.list_artifacts(version.run_id)}
-        steps = [m.step for m in client.get_metric_history(version.run_id, "pixel_ap")]
+        steps = [m.step for m in client.get_metric_history(version.run_id, "val_pixel_ap")]
         assert steps == list(range(1, len(steps) + 1))   # epochs as steps, no duplicates (ASHA may stop at 1)

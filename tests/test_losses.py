@@ -26,23 +26,34 @@ def test_focal_loss_on_uniform_logits():
     logits = torch.zeros(1, 2, 4, 4)        # p_t = 0.5 everywhere
     mask = torch.zeros(1, 1, 4, 4)
     mask[..., :2, :] = 1
-    assert focal_loss(logits, mask, alpha=1.0, gamma=2.0).item() == pytest.approx(0.25 * math.log(2))
-    assert focal_loss(logits, mask, alpha=0.5, gamma=0.0).item() == pytest.approx(0.5 * math.log(2))
+    assert focal_loss(logits, mask, alpha=None, gamma=2.0).item() == pytest.approx(0.25 * math.log(2))
+    assert focal_loss(logits, mask, alpha=None, gamma=0.0).item() == pytest.approx(math.log(2))
+
+
+def test_focal_alpha_balances_anomalous_against_normal_pixels():
+    logits = torch.zeros(1, 2, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :1, :] = 1                    # a quarter of the pixels are anomalous
+    log2 = math.log(2)
+    # Lin et al.: alpha on anomalous pixels, 1 - alpha on normal ones
+    assert focal_loss(logits, mask, alpha=0.75, gamma=0.0).item() == pytest.approx((0.25 * 0.75 + 0.75 * 0.25) * log2)
+    assert focal_loss(logits, mask, alpha=1.0, gamma=0.0).item() == pytest.approx(0.25 * log2)
+    assert focal_loss(logits, mask, alpha=0.0, gamma=0.0).item() == pytest.approx(0.75 * log2)
 
 
 def test_segmentation_loss_is_focal_plus_l1_on_probability():
     logits = torch.randn(2, 2, 8, 8)
     mask = (torch.rand(2, 1, 8, 8) > 0.7).float()
     prob = torch.softmax(logits, 1)[:, 1:]
-    expected = focal_loss(logits, mask, 1.0, 2.0) + (prob - mask).abs().mean()
-    assert segmentation_loss(logits, mask, 1.0, 2.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    expected = focal_loss(logits, mask, None, 2.0) + (prob - mask).abs().mean()
+    assert segmentation_loss(logits, mask, None, 2.0).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_coarse_logits_are_upsampled_to_the_mask():
     logits = torch.zeros(1, 2, 4, 4)
     logits[:, 1] = 10.0                     # anomaly everywhere
     mask = torch.ones(1, 1, 16, 16)
-    assert segmentation_loss(logits, mask, 1.0, 2.0).item() < 1e-3
+    assert segmentation_loss(logits, mask, None, 2.0).item() < 1e-3
 
 
 @pytest.mark.parametrize("variant", ["pouta", "pouta-base", "vanilla"])

@@ -1,15 +1,20 @@
 """launch / sweep / retrain / promote on an in-process Ray (one per module) with the embedded
-sqlite MLflow, on tiny demo data."""
+sqlite MLflow, on tiny demo data, while a decoy `ray start --head` (another user's cluster)
+runs on the same machine."""
 
 import shutil
 
+import numpy as np
 import pytest
-import ray
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from servers import ray_head
 
-from orchestrator import cli, tracking
+from orchestrator import cli, cluster, tracking
+from pouta_core.data import read_split
 from pouta_core.data.demo import generate
+from pouta_core.data.validation import split_for_selection
 
 SMALL = ["--preset", "tiny", "--set", "image_size=32", "--set", "rec_width=4", "--set", "fcm_width=4",
          "--set", "disc_width=4", "--set", "epochs=2", "--set", "eval_every=1", "--set", "lr_milestones=[]",
@@ -21,9 +26,12 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("orch")
     generate(root / "data", categories=2, image_size=48, n_train=6, n_test_good=3, n_test_defect=2)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    ray.init(num_cpus=2)   # with the dashboard: Ray Train cleans up placement groups through it
-    yield {"root": root, "data": root / "data", "uri": uri, "client": MlflowClient(uri)}
-    ray.shutdown()
+    # Another Ray on the machine: anything that finds its cluster by "auto" now fails or
+    # hangs ("Found multiple active Ray instances"); the commands must name theirs.
+    with ray_head(root, num_cpus=1):
+        address = cluster.connect(num_cpus=2)   # what every command does without --ray-address
+        yield {"root": root, "data": root / "data", "uri": uri, "client": MlflowClient(uri), "address": address}
+        cluster.disconnect()
 
 
 def common(env, name):
@@ -64,6 +72,59 @@ def test_rerunning_a_finished_launch_resumes_without_duplicates(env, capsys):
     assert cli.main(["launch", "--categories", "all", *common(env, "launch-a"), *PILLS_ON_OBJECT]) == 0
     assert len(runs(env, **{"pouta.kind": "trial"})) == 2
     assert len(env["client"].search_model_versions("name = 'pouta-mvtec-tiles'")) == 1
+
+
+def test_trials_report_validation_and_test_metrics_and_choose_on_validation(env, capsys):
+    args = ["sweep", "--space", "mss_lambdas", "--categories", "tiles", "--num-samples", "3", "--scheduler", "none",
+            *common(env, "sweep-val")]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "val_pixel_ap" in out and "test_pixel_ap" in out
+    children = runs(env, **{"pouta.kind": "trial", "category": "tiles"})
+    children = [c for c in children if c.data.tags[tracking.TAG_KEY].startswith("sweep:sweep-val/")]
+    assert len(children) == 3
+    for child in children:
+        for metric in ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"):
+            assert {f"val_{metric}", f"test_{metric}"} <= set(child.data.metrics), metric
+        assert metric not in child.data.metrics and child.data.tags[tracking.TAG_SELECTION] == "validation"
+        assert "val_files.json" in {a.path for a in env["client"].list_artifacts(child.info.run_id)}
+    best = max(children, key=lambda c: c.data.metrics["val_pixel_ap"])
+    version = env["client"].get_model_version_by_alias("pouta-mvtec-tiles", "challenger")
+    assert version.run_id == best.info.run_id
+
+
+def scramble_test_part(src, dst):
+    """A copy of the data whose test part (not the validation part) is replaced by noise."""
+    shutil.copytree(src, dst)
+    parts = split_for_selection(read_split(dst, "mvtec", "tiles"), dst, "from_test", 0.3)
+    rng = np.random.default_rng(0)
+    for sample in parts.test:
+        size = Image.open(sample.path).size
+        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(sample.path)
+    return parts
+
+
+def test_a_sweep_chooses_the_same_trial_and_threshold_whatever_the_test_images(env, tmp_path, capsys):
+    parts = scramble_test_part(env["data"], tmp_path / "scrambled")
+    assert parts.test and parts.val
+    chosen = {}
+    for name, data in (("leak-a", env["data"]), ("leak-b", tmp_path / "scrambled")):
+        best_out = tmp_path / f"{name}.yaml"
+        args = ["sweep", "--space", "mss_lambdas", "--categories", "tiles", "--num-samples", "2", "--scheduler",
+                "none", *common(env, name), "--data-root", str(data), "--best-out", str(best_out),
+                "--experiment", name]
+        assert cli.main(args) == 0
+        client = env["client"]
+        exp = client.get_experiment_by_name(name)
+        trials = client.search_runs([exp.experiment_id], filter_string="tags.`pouta.kind` = 'trial'")
+        best = max(trials, key=lambda c: c.data.metrics["val_pixel_ap"])
+        path = client.download_artifacts(best.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path / name))
+        state = torch.load(path, weights_only=True)
+        chosen[name] = (best_out.read_text(), state["threshold"], best.data.metrics["val_pixel_ap"],
+                        best.data.metrics["test_pixel_ap"])
+    a, b = chosen["leak-a"], chosen["leak-b"]
+    assert a[:3] == b[:3]             # same best config, same stored threshold, same validation metric
+    assert a[3] != b[3]               # while the test metric did see the other images
 
 
 def test_ablation_grid_prints_every_variant(env, tmp_path, capsys):
@@ -112,6 +173,20 @@ def test_retrain_skips_unchanged_data_and_promotes_a_first_champion(env, capsys)
     assert aliases(env, "pouta-mvtec-tiles")["champion"] == aliases(env, "pouta-mvtec-tiles")["challenger"]
 
 
+def test_retrain_gate_keeps_the_champion_against_an_equal_model(env, capsys):
+    # Same data, same parameters, --force: a bit-identical challenger. Zero margin, yet the
+    # bootstrap gives it no chance of being better, so the champion stays.
+    assert cli.main(["retrain", "--categories", "tiles", "--force", "--promote-margin", "0",
+                     "--bootstrap-resamples", "200", *common(env, "retrain")]) == 0
+    out = capsys.readouterr().out
+    assert "tiles          kept champion" in out and "P(challenger better) 0.000" in out
+    champion, challenger = (aliases(env, "pouta-mvtec-tiles")[k] for k in ("champion", "challenger"))
+    assert champion != challenger
+    run = env["client"].get_run(env["client"].get_model_version("pouta-mvtec-tiles", challenger).run_id)
+    assert run.data.metrics["gate_p_better"] == 0.0 and run.data.metrics["gate_delta"] == 0.0
+    assert run.data.metrics["gate_delta_low"] == run.data.metrics["gate_delta_high"] == 0.0
+
+
 def test_retrain_keeps_champion_unless_better_by_margin(env, capsys):
     assert cli.main(["retrain", "--categories", "tiles", "--force", "--promote-margin", "1.0",
                      *common(env, "retrain")]) == 0
@@ -128,15 +203,26 @@ def test_promote_moves_champion_and_rejects_unknown_versions(env, capsys):
 
 
 def test_a_failing_category_does_not_stop_the_others(env, capsys):
-    # pills loses its anomalous test images: its training cannot report metrics and fails.
+    # pills loses its anomalous test images: a validation split from the test set is impossible.
     for defect in ("scratch", "stain", "missing"):
         shutil.rmtree(env["data"] / "pills" / "test" / defect)
         shutil.rmtree(env["data"] / "pills" / "ground_truth" / defect)
-    code = cli.main(["retrain", "--categories", "all", "--force", *common(env, "retrain")])
+    code = cli.main(["retrain", "--categories", "all", "--force", "--val-split", "from_test", *common(env, "retrain")])
     captured = capsys.readouterr()
     assert code == 1
     assert "pills          failed" in captured.out and "failed: pills" in captured.err
+    assert "val_split=from_test needs good and anomalous test images" in captured.out
     assert "tiles          " in captured.out and "tiles          failed" not in captured.out
+
+
+def test_a_category_without_defect_images_validates_on_synthetic_anomalies(env, capsys):
+    # the previous test left pills with good test images only: auto -> synthetic validation
+    assert cli.main(["launch", "--categories", "pills", *common(env, "launch-synthetic")]) == 0
+    out = capsys.readouterr().out
+    assert "no test metrics for pills" in out
+    (child,) = [r for r in runs(env, **{"pouta.kind": "trial", "category": "pills"})
+                if r.data.tags[tracking.TAG_KEY].startswith("launch:launch-synthetic/")]
+    assert child.data.metrics["val_pixel_ap"] >= 0 and not any(k.startswith("test_") for k in child.data.metrics)
 
 
 def test_tracking_uri_falls_back_to_the_embedded_sqlite(monkeypatch, tmp_path):

@@ -73,11 +73,21 @@ def test_optuna_space_carries_list_choices_as_strings_and_back():
     assert dists["sampled/lr"].log and dists["sampled/epochs"].step == 100
 
 
-def test_objectives_parse_and_reject_bad_items():
-    assert parse_objectives("pixel_ap:max,latency_ms:min", "x", "max") == [("pixel_ap", "max"), ("latency_ms", "min")]
-    assert parse_objectives(None, "pixel_ap", "max") == [("pixel_ap", "max")]
+def test_objectives_select_on_validation_and_reject_bad_items():
+    assert parse_objectives("pixel_ap:max,latency_ms:min", "x", "max") == [("val_pixel_ap", "max"),
+                                                                          ("latency_ms", "min")]
+    assert parse_objectives(None, "pixel_ap", "max") == [("val_pixel_ap", "max")]
     with pytest.raises(ConfigError, match="expected metric:max|min items, got 'pixel_ap'"):
         parse_objectives("pixel_ap", "x", "max")
+    with pytest.raises(ConfigError, match="metric 'test_pixel_ap': choices are made on validation metrics only"):
+        parse_objectives(None, "test_pixel_ap", "max")
+
+
+def test_a_space_cannot_search_the_validation_split(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("space:\n  val_ratio: {distribution: uniform, low: 0.2, high: 0.5}\n")
+    with pytest.raises(ConfigError, match="key 'val_ratio': chooses the validation images"):
+        search_spaces.load(str(path), Config())
 
 
 def test_pareto_front_keeps_only_non_dominated_trials():

@@ -29,16 +29,16 @@ class Interrupt(Exception):
 
 def test_resume_equals_uninterrupted_training(tmp_path, data):
     images, test = data
-    full = fit(CFG, images, tmp_path / "a", test_set=test, progress=False)
+    full = fit(CFG, images, tmp_path / "a", val_set=test, progress=False)
 
     def stop_after_first(metrics, checkpoint_dir):
         if metrics["epoch"] == 1:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        fit(CFG, images, tmp_path / "b", test_set=test, progress=False, report=stop_after_first)
+        fit(CFG, images, tmp_path / "b", val_set=test, progress=False, report=stop_after_first)
     assert ckpt.load_state(tmp_path / "b")["epoch"] == 1
-    resumed = fit(CFG, images, tmp_path / "b", test_set=test, progress=False)
+    resumed = fit(CFG, images, tmp_path / "b", val_set=test, progress=False)
     a, b = ckpt.load_state(tmp_path / "a"), ckpt.load_state(tmp_path / "b")
     assert a["epoch"] == b["epoch"] == 3
     for k in a["model"]:
@@ -48,11 +48,12 @@ def test_resume_equals_uninterrupted_training(tmp_path, data):
 
 def test_run_folder_holds_checkpoint_config_and_metrics(tmp_path, data):
     images, test = data
-    fit(CFG, images, tmp_path, test_set=test, progress=False)
+    fit(CFG, images, tmp_path, val_set=test, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.json"]
+    assert not any(k.startswith("test_") for k in json.loads((tmp_path / "metrics.json").read_text()))
     assert Config.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == CFG
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["epoch"] == 3 and "pixel_auroc" in metrics and "loss_mss" in metrics
+    assert metrics["epoch"] == 3 and "val_pixel_auroc" in metrics and "loss_mss" in metrics
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["config"] == CFG.to_dict() and isinstance(state["threshold"], float)
 
@@ -61,8 +62,31 @@ def test_report_is_called_every_evaluation_with_the_checkpoint_dir(tmp_path, dat
     images, test = data
     calls = []
     cfg = CFG.replace(epochs=4, eval_every=2, checkpoint_every=4, lr_milestones=[3])
-    fit(cfg, images, tmp_path, test_set=test, progress=False, report=lambda m, d: calls.append((m["epoch"], d)))
+    fit(cfg, images, tmp_path, val_set=test, progress=False, report=lambda m, d: calls.append((m["epoch"], d)))
     assert calls == [(2, None), (4, tmp_path)]
+
+
+def test_a_run_restored_at_its_last_epoch_reports_its_final_metrics_again(tmp_path, data):
+    # A driver killed after the final checkpoint but before it recorded the report: the
+    # restored trial must report its final metrics, else Tune sees no metric at all.
+    images, test = data
+    first = []
+    fit(CFG, images, tmp_path, val_set=test, progress=False, report=lambda m, d: first.append((m, d)))
+    again = []
+    fit(CFG, images, tmp_path, val_set=test, progress=False, report=lambda m, d: again.append((m, d)))
+    assert len(again) == 1 and again[0][1] == tmp_path
+    assert again[0][0]["epoch"] == 3 and again[0][0]["val_pixel_ap"] == first[-1][0]["val_pixel_ap"]
+
+
+def test_threshold_and_val_metrics_ignore_the_test_set(tmp_path, data):
+    images, val = data
+    test = EvalDataset(val.images, val.masks, val.labels)
+    scrambled = EvalDataset(val.images, val.masks.flip(0), 1 - val.labels)
+    a = fit(CFG, images, tmp_path / "a", val_set=val, test_set=test, progress=False)
+    b = fit(CFG, images, tmp_path / "b", val_set=val, test_set=scrambled, progress=False)
+    assert a["threshold"] == b["threshold"]
+    assert {k: v for k, v in a.items() if k.startswith("val_")} == {k: v for k, v in b.items() if k.startswith("val_")}
+    assert a["test_image_auroc"] == pytest.approx(1 - b["test_image_auroc"]) and a["test_image_auroc"] != 0.5
 
 
 def test_resume_with_a_different_config_names_the_keys(tmp_path, data):

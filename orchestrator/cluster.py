@@ -1,0 +1,85 @@
+"""Which Ray cluster a command uses, named explicitly for every process it starts.
+
+Ray finds a cluster by ``address="auto"`` in several places a user never sees (Ray Train's
+placement-group cleaner, the state API inside workers). With a second Ray on the machine (a
+colleague's ``ray start``, a test run) those lookups fail with "Found multiple active Ray
+instances", and with a stopped one (``ray_current_cluster`` left behind) they retry a dead
+GCS forever. So a command either joins the cluster the user names (``--ray-address`` or
+``RAY_ADDRESS``) or starts its own in-process one on a port chosen here, and in both cases
+the address reaches every actor and task through ``RAY_ADDRESS`` in the driver's environment
+and in the job's ``runtime_env``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+
+import ray
+
+from orchestrator import tracking
+
+log = logging.getLogger(__name__)
+
+ADDRESS_ENV = "RAY_ADDRESS"
+_GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"   # read by Ray when it starts a head node in-process
+_saved_env: dict[str, str | None] | None = None
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_env(values: dict[str, str]) -> None:
+    global _saved_env
+    if _saved_env is None:
+        _saved_env = {k: os.environ.get(k) for k in (ADDRESS_ENV, _GCS_PORT_ENV)}
+    os.environ.update(values)
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
+    """Join the cluster at ``address`` (else ``$RAY_ADDRESS``), or start an in-process one
+    when neither is given; never follow the cluster ``ray start`` last recorded.
+
+    -> the GCS address (``host:port``) every process of this command uses. A second call
+    while connected returns the current address."""
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    address = address or os.environ.get(ADDRESS_ENV) or None
+    env_vars = {"POUTA_GIT_COMMIT": tracking.git_commit()}
+    if address is None:
+        # Our own head on a port we chose, so its address is known before any Ray process
+        # starts: the raylet and every worker inherit RAY_ADDRESS from this environment.
+        port = _free_port()
+        gcs = f"127.0.0.1:{port}"
+        _set_env({_GCS_PORT_ENV: str(port), ADDRESS_ENV: gcs})
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=True,
+                 include_dashboard=True, runtime_env={"env_vars": {**env_vars, ADDRESS_ENV: gcs}})
+        log.info("started an in-process Ray at %s", gcs)
+        return gcs
+    if num_cpus is not None:
+        raise ValueError("num_cpus applies to an in-process Ray only, not to a cluster being joined")
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    gcs = canonicalize_bootstrap_address_or_die(address)   # "auto" -> the one host:port, or a clear error
+    _set_env({ADDRESS_ENV: gcs})
+    ray.init(address=gcs, log_to_driver=True, runtime_env={"env_vars": {**env_vars, ADDRESS_ENV: gcs}})
+    log.info("joined the Ray cluster at %s", gcs)
+    return gcs
+
+
+def disconnect() -> None:
+    """Shut Ray down (an in-process cluster stops) and restore the environment."""
+    global _saved_env
+    ray.shutdown()
+    if _saved_env is not None:
+        for key, value in _saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _saved_env = None

@@ -1,0 +1,57 @@
+"""The paired bootstrap gate: exact on the full sample, paired, and it never calls a model
+better than itself."""
+
+import numpy as np
+import pytest
+
+from pouta_core import metrics
+from pouta_core.bootstrap import Evidence, paired_bootstrap
+
+
+def evidence(rng, labels, quality):
+    n = len(labels)
+    masks = np.zeros((n, 8, 8), np.uint8)
+    masks[labels == 1, 2:5, 2:5] = 1
+    maps = rng.random((n, 8, 8)).astype(np.float32) + quality * masks
+    return Evidence(scores=maps.reshape(n, -1).max(1), maps=maps, masks=masks)
+
+
+@pytest.fixture
+def case():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 12 + [1] * 8)
+    return labels, evidence(rng, labels, 0.9), evidence(rng, labels, 0.2)
+
+
+@pytest.mark.parametrize("metric", ["image_auroc", "pixel_auroc", "pixel_ap"])
+def test_full_sample_values_equal_the_exact_metrics(case, metric):
+    labels, good, _ = case
+    result = paired_bootstrap(metric, good, good, labels, resamples=5)
+    reference = metrics.compute(good.scores, labels, good.maps, good.masks)[metric]
+    assert result.a == pytest.approx(reference, abs=1e-9) and result.b == result.a
+
+
+@pytest.mark.parametrize("metric", ["image_auroc", "pixel_auroc", "pixel_ap"])
+def test_a_model_is_never_better_than_itself(case, metric):
+    labels, good, _ = case
+    result = paired_bootstrap(metric, good, good, labels, resamples=200)
+    assert result.p_better == 0.0 and result.low == result.high == 0.0
+
+
+def test_a_clearly_better_model_wins_with_high_probability(case):
+    labels, good, weak = case
+    result = paired_bootstrap("pixel_ap", good, weak, labels, resamples=300, seed=1)
+    assert result.delta > 0 and result.p_better > 0.95 and result.low > 0
+    reverse = paired_bootstrap("pixel_ap", weak, good, labels, resamples=300, seed=1)
+    assert reverse.p_better < 0.05
+
+
+def test_resamples_are_seeded(case):
+    labels, good, weak = case
+    a = paired_bootstrap("image_auroc", good, weak, labels, resamples=50, seed=3)
+    assert a == paired_bootstrap("image_auroc", good, weak, labels, resamples=50, seed=3)
+
+
+def test_unsupported_metric_is_named():
+    with pytest.raises(ValueError, match="supports image_auroc, pixel_auroc, pixel_ap; got 'pixel_aupro'"):
+        paired_bootstrap("pixel_aupro", None, None, np.zeros(2))
