@@ -58,12 +58,15 @@ class Plan:
         """``config`` (default ``base``) with the category's own values applied."""
         return (config or self.base).replace(**self.per_category.get(category, {}))
 
-    def job(self, config: Config | None = None) -> Job:
+    def job(self, config: Config | None = None, category_values: dict[str, dict[str, Any]] | None = None) -> Job:
+        """The trials' job: ``config`` (default ``base``) for every category, then
+        ``category_values`` and the plan's --category-set values (those win) per category."""
+        values = {c: {**(category_values or {}).get(c, {}), **self.per_category.get(c, {})} for c in self.categories}
         return Job(base_config=(config or self.base).to_dict(), data_root=str(Path(self.data_root).resolve()),
                    dataset=self.dataset, storage_path=str(Path(self.storage_path).resolve()), experiment=self.name,
                    workers=self.workers_per_category, gpus_per_worker=self.gpus_per_worker,
                    cpus_per_worker=self.cpus_per_worker, texture_dir=_abs(self.texture_dir),
-                   cache_dir=_abs(self.cache_dir))
+                   cache_dir=_abs(self.cache_dir), category_values={c: v for c, v in values.items() if v})
 
 
 def parse_category_sets(items: list[str], categories: list[str], base: Config) -> dict[str, dict[str, Any]]:
@@ -150,6 +153,15 @@ def experiment_path(plan: Plan, name: str) -> Path:
     return Path(plan.storage_path).resolve() / name
 
 
+def check_new_or_resumed(plan: Plan, name: str, resume: bool) -> None:
+    """An experiment that exists is only continued with ``resume``; checked before anything
+    starts, so a refused command leaves no Ray, no MLflow run behind."""
+    path = experiment_path(plan, name)
+    if path.exists() and not resume:
+        raise ConfigError(f"{path}: experiment '{name}' already exists; pass --resume to continue it "
+                          "or --name to start another")
+
+
 def make_tuner(plan: Plan, name: str, job: Job, param_space: dict[str, Any], tune_config: tune.TuneConfig,
                cb: MlflowTrialCallback, resume: bool) -> tune.Tuner:
     """A new Tuner, or the restored one when ``resume`` (finished trials are not rerun).
@@ -158,10 +170,8 @@ def make_tuner(plan: Plan, name: str, job: Job, param_space: dict[str, Any], tun
     so ``param_space``, which Tune prints and stores per trial, holds only what varies."""
     path = experiment_path(plan, name)
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), TRIAL_DRIVER_RESOURCES)
+    check_new_or_resumed(plan, name, resume)
     if path.exists():
-        if not resume:
-            raise ConfigError(f"{path}: experiment '{name}' already exists; pass --resume to continue it "
-                              "or --name to start another")
         if tune.Tuner.can_restore(str(path)):
             return tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
                                       resume_unfinished=True, resume_errored=True)

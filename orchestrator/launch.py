@@ -9,7 +9,6 @@ from ray import tune
 
 from orchestrator import experiment as ex
 from orchestrator import tracking
-from orchestrator.trial import SAMPLED
 
 
 def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str, Any]] | None = None,
@@ -22,12 +21,9 @@ def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str,
         plan.fingerprints = {c: ex.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
     client, _, parent_id, parent_key = ex.open_parent(plan, kind)
     ex.warn_if_selecting_on_test(plan)
-    job = plan.job()
+    job = plan.job(category_values=per_category)
     cb = ex.callback(plan, job, parent_id, parent_key)
-    # The plan's --category-set values are the most specific, so they win.
-    per_category = {c: {**(per_category or {}).get(c, {}), **plan.per_category.get(c, {})} for c in plan.categories}
-    param_space = {"category": tune.grid_search(plan.categories),
-                   SAMPLED: tune.sample_from(lambda config: per_category.get(config["category"], {}))}
+    param_space = {"category": tune.grid_search(plan.categories)}
     tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None)
     tuner = ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume)
     results = tuner.fit()

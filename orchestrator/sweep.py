@@ -1,6 +1,8 @@
 """``pouta sweep``: one Optuna study per category (Ray Tune + OptunaSearch, seeded sampler,
-RDB storage), every trial a Ray Train run, ASHA stopping weak trials on the reported metric.
-Grid spaces (``ablation.yaml``) run every grid point instead of a study."""
+RDB storage), every trial a Ray Train run, ASHA stopping weak trials on the reported
+validation metric. All categories run in one Tune experiment and share its trial slots
+(orchestrator/scheduling.py). Grid spaces (``ablation.yaml``) run every grid point of every
+category instead of a study."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import yaml
 from ray import tune
 
 from orchestrator import experiment as ex
-from orchestrator.trial import SAMPLED
+from orchestrator import tracking
+from orchestrator.scheduling import CategorySearch, PerCategoryScheduler
+from orchestrator.trial import SAMPLED, decode_sampled
 from pouta_core.checkpoint import atomic_write
 from pouta_core.config import ConfigError
 from search_spaces import SearchSpace
@@ -96,6 +100,8 @@ def check_category_sets(plan: ex.Plan, space: SearchSpace) -> None:
 def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler: str | None,
               study_storage: str | None, resume: bool, objectives: list[tuple[str, str]],
               best_out: str | None = None) -> dict[str, Any]:
+    """Search every category at once in one Tune experiment: one Optuna study (or grid) and one
+    ASHA per category, all sharing ``plan.max_concurrent`` trial slots. -> summary per category."""
     multi = len(objectives) > 1
     scheduler = scheduler or ("none" if multi else "asha")
     if multi and scheduler == "asha":
@@ -103,67 +109,86 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
     check_category_sets(plan, space)
+    ex.check_new_or_resumed(plan, plan.name, resume)
+    base = plan.base.replace(**space.fixed)
+    storage_url = study_storage or default_study_storage(plan.storage_path)
+    search_alg = None if space.has_grid else _category_search(plan, space, objectives, storage_url, num_samples,
+                                                              resume)
     ex.init_ray(plan)
     plan.fingerprints = {c: ex.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
     client, _, parent_id, parent_key = ex.open_parent(plan, "sweep", {"search_space": space.path.name})
     ex.warn_if_selecting_on_test(plan)
-    tracking_params = {"search_space": space.path.name, "num_samples": num_samples, "scheduler": scheduler,
-                       "objectives": ",".join(f"{k}:{m}" for k, m in objectives)}
-    from orchestrator import tracking
-
-    tracking.log_params(client, parent_id, tracking_params)
-    storage_url = study_storage or default_study_storage(plan.storage_path)
-    summary: dict[str, Any] = {}
-    failed = False
-    for category in plan.categories:
-        name = f"{plan.name}-{category}"
-        base = plan.config_for(category, plan.base.replace(**space.fixed))
-        job = plan.job(base)
-        cb = ex.callback(plan, job, parent_id, parent_key)
-        param_space: dict[str, Any] = {"category": category}
-        metric, mode = objectives[0]
-        sched = None
-        if scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            sched = ASHAScheduler(time_attr="epoch", max_t=base.epochs,
-                                  grace_period=min(base.epochs, max(base.eval_every, base.epochs // 4)),
-                                  reduction_factor=2)
-        if space.has_grid:
-            param_space[SAMPLED] = grid_space(space)
-            search_alg = None
-        else:
-            # One seeded sampler per category, so categories do not all try the same points.
-            seed = zlib.crc32(f"{plan.base.seed}:{category}".encode())
-            search_alg = _optuna_search(space, objectives, storage_url, name, seed, resume)
-        tune_config = tune.TuneConfig(
-            metric=None if multi else metric, mode=None if multi else mode, search_alg=search_alg,
-            scheduler=sched, num_samples=num_samples, max_concurrent_trials=plan.max_concurrent or None)
-        tuner = ex.make_tuner(plan, name, job, param_space, tune_config, cb, resume)
-        results = tuner.fit()
-        keys = ex.both_splits([k for k, _ in objectives] + list(ex.SUMMARY_METRICS))
-        rows = ex.trial_rows(results, keys)
-        best = ex.best_checkpoint_of(rows, metric, mode)
-        entry: dict[str, Any] = {"trials": rows}
-        if multi:
-            entry["pareto"] = pareto_front(rows, objectives)
-        if best is None:
-            failed = True
-            entry["error"] = "no trial finished with a checkpoint"
-        else:
-            sampled = best["config"].get(SAMPLED, {})
-            from orchestrator.trial import decode_sampled
-
-            config = base.replace(**decode_sampled(sampled))
-            model_name, version = ex.register_best(plan, cb, category, best["trial_id"], best["checkpoint"])
-            entry.update(best={k: best.get(k) for k in ["trial_id", "epoch", *keys]}, config=config.to_dict(),
-                         registered_model=model_name, version=version)
-        summary[category] = entry
-    tracking.finish(client, parent_id, ok=not failed)
+    tracking.log_params(client, parent_id, {"search_space": space.path.name, "num_samples": num_samples,
+                                            "scheduler": scheduler,
+                                            "objectives": ",".join(f"{k}:{m}" for k, m in objectives)})
+    job = plan.job(base)
+    cb = ex.callback(plan, job, parent_id, parent_key)
+    metric, mode = objectives[0]
+    if space.has_grid:
+        param_space: dict[str, Any] = {"category": tune.grid_search(plan.categories), SAMPLED: grid_space(space)}
+        samples = num_samples
+    else:
+        param_space, samples = {}, num_samples * len(plan.categories)
+    tune_config = tune.TuneConfig(
+        metric=None if multi else metric, mode=None if multi else mode, search_alg=search_alg,
+        scheduler=_asha(plan, base) if scheduler == "asha" else None, num_samples=samples,
+        max_concurrent_trials=plan.max_concurrent or None)
+    results = ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume).fit()
+    keys = ex.both_splits([k for k, _ in objectives] + list(ex.SUMMARY_METRICS))
+    summary = {c: _category_summary(plan, base, cb, c, ex.trial_rows([r for r in results if _category(r) == c], keys),
+                                    objectives, keys) for c in plan.categories}
+    tracking.finish(client, parent_id, ok=not any("error" in e for e in summary.values()))
     if best_out:
         best_configs = {c: e["config"] for c, e in summary.items() if "config" in e}
         atomic_write(Path(best_out), lambda fh: fh.write(yaml.safe_dump(best_configs, sort_keys=False).encode()))
     return summary
+
+
+def _category(result) -> str | None:
+    return result.config.get("category") if result.config else None
+
+
+def _asha(plan: ex.Plan, base) -> PerCategoryScheduler:
+    """ASHA per category (a pills trial is never stopped for being worse than a tiles trial)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    def make(category: str) -> ASHAScheduler:
+        epochs = plan.config_for(category, base).epochs
+        eval_every = plan.config_for(category, base).eval_every
+        return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(epochs, max(eval_every, epochs // 4)),
+                             reduction_factor=2)
+
+    return PerCategoryScheduler(make, plan.categories)
+
+
+def _category_summary(plan: ex.Plan, base, cb, category: str, rows: list[dict[str, Any]],
+                      objectives: list[tuple[str, str]], keys: list[str]) -> dict[str, Any]:
+    """The category's trials, its best by the first objective (registered as challenger), and
+    the Pareto front for several objectives."""
+    metric, mode = objectives[0]
+    entry: dict[str, Any] = {"trials": rows}
+    if len(objectives) > 1:
+        entry["pareto"] = pareto_front(rows, objectives)
+    best = ex.best_checkpoint_of(rows, metric, mode)
+    if best is None:
+        return {**entry, "error": "no trial finished with a checkpoint"}
+    config = plan.config_for(category, base).replace(**decode_sampled(best["config"].get(SAMPLED, {})))
+    model_name, version = ex.register_best(plan, cb, category, best["trial_id"], best["checkpoint"])
+    return {**entry, "best": {k: best.get(k) for k in ["trial_id", "epoch", *keys]}, "config": config.to_dict(),
+            "registered_model": model_name, "version": version}
+
+
+def _category_search(plan: ex.Plan, space: SearchSpace, objectives, storage_url: str, num_samples: int,
+                     resume: bool) -> CategorySearch:
+    searchers = {}
+    for category in plan.categories:
+        # One seeded sampler per category, so categories do not all try the same points.
+        seed = zlib.crc32(f"{plan.base.seed}:{category}".encode())
+        searchers[category] = _optuna_search(space, objectives, storage_url, f"{plan.name}-{category}", seed, resume)
+    metrics, modes = [k for k, _ in objectives], [m for _, m in objectives]
+    one = len(objectives) == 1
+    return CategorySearch(searchers, dict.fromkeys(plan.categories, num_samples),
+                          metric=metrics[0] if one else metrics, mode=modes[0] if one else modes)
 
 
 def _optuna_search(space: SearchSpace, objectives, storage_url: str, study_name: str, seed: int, resume: bool):

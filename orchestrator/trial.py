@@ -3,7 +3,7 @@ function trainable that builds and fits a TorchTrainer)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray.train
@@ -33,6 +33,9 @@ class Job:
     max_failures: int = 2
     texture_dir: str | None = None
     cache_dir: str | None = None
+    # Config values of one category only (--category-set, retrain's best known values),
+    # over base_config; the sampled values of a trial go over both.
+    category_values: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def scaling(self) -> ray.train.ScalingConfig:
         resources = {"CPU": self.cpus_per_worker}
@@ -51,7 +54,9 @@ def decode_sampled(sampled: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_config(job: Job, params: dict[str, Any]) -> Config:
-    return Config.from_dict({**job.base_config, **decode_sampled(params.get(SAMPLED, {}))})
+    """A trial's config: the job's base, its category's own values, then the sampled ones."""
+    return Config.from_dict({**job.base_config, **job.category_values.get(params["category"], {}),
+                             **decode_sampled(params.get(SAMPLED, {}))})
 
 
 def run_trial(params: dict[str, Any], job: Job) -> None:

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from servers import ray_head
@@ -140,23 +141,35 @@ def test_ablation_grid_prints_every_variant(env, tmp_path, capsys):
     assert {"vanilla", "pouta"} <= variants
 
 
-def test_sweep_resume_does_not_redo_finished_trials(env, tmp_path, capsys):
+def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_path, capsys):
     import optuna
 
-    args = ["sweep", "--space", "mss_lambdas", "--categories", "pills", "--num-samples", "2",
-            *common(env, "sweep-r"), "--best-out", str(tmp_path / "best.yaml"), *PILLS_ON_OBJECT]
+    args = ["sweep", "--space", "mss_lambdas", "--categories", "tiles,pills", "--num-samples", "2",
+            "--max-concurrent", "2", *common(env, "sweep-r"), "--best-out", str(tmp_path / "best.yaml"),
+            *PILLS_ON_OBJECT]
     assert cli.main(args) == 0
     storage = f"sqlite:///{env['root'] / 'ray' / 'optuna.db'}"
-    study = optuna.load_study(study_name="sweep-r-pills", storage=storage)
-    assert len(study.trials) == 2
+    for category in ("tiles", "pills"):
+        study = optuna.load_study(study_name=f"sweep-r-{category}", storage=storage)
+        assert len(study.trials) == 2 and all(t.state.is_finished() for t in study.trials)
+    trials = [r for r in runs(env, **{"pouta.kind": "trial"})
+              if r.data.tags[tracking.TAG_KEY].startswith("sweep:sweep-r/")]
+    span = {c: (min(r.info.start_time for r in trials if r.data.tags["category"] == c),
+                max(r.info.end_time for r in trials if r.data.tags["category"] == c)) for c in ("tiles", "pills")}
+    # one study does not wait for the other: the categories' trials overlap in time
+    assert span["pills"][0] < span["tiles"][1] and span["tiles"][0] < span["pills"][1]
     assert cli.main(args) == 2            # the experiment exists: refuse without --resume
     assert "pass --resume" in capsys.readouterr().err
     assert cli.main([*args, "--resume"]) == 0
-    assert len(optuna.load_study(study_name="sweep-r-pills", storage=storage).trials) == 2
-    best = (tmp_path / "best.yaml").read_text()
-    assert "pills:" in best and "lambda_1:" in best and "foreground_threshold: 0.3" in best
-    pills_trials = runs(env, **{"pouta.kind": "trial", "category": "pills"})
-    assert len(pills_trials) >= 3 and {r.data.params["foreground_threshold"] for r in pills_trials} == {"0.3"}
+    for category in ("tiles", "pills"):
+        assert len(optuna.load_study(study_name=f"sweep-r-{category}", storage=storage).trials) == 2
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert set(best) == {"tiles", "pills"} and "lambda_1" in best["pills"]
+    assert best["pills"]["foreground_threshold"] == 0.3 and best["tiles"]["foreground_threshold"] is None
+    pills_trials = [r for r in trials if r.data.tags["category"] == "pills"]
+    assert len(pills_trials) == 2 and {r.data.params["foreground_threshold"] for r in pills_trials} == {"0.3"}
+    assert len([r for r in runs(env, **{"pouta.kind": "trial"})
+                if r.data.tags[tracking.TAG_KEY].startswith("sweep:sweep-r/")]) == 4
 
 
 def test_retrain_skips_unchanged_data_and_promotes_a_first_champion(env, capsys):
