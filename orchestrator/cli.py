@@ -13,6 +13,11 @@ from pathlib import Path
 from pouta_core.config import PRESETS, Config, ConfigError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+# What finishes an interrupted command: its experiment state and MLflow runs are kept.
+RESUME_HINTS = {"sweep": "rerun the same command with --resume",
+                "launch": "rerun the same command to resume it",
+                "retrain": "rerun the same command to resume it",
+                "train": "rerun the same command to resume from the last checkpoint"}
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "paper") -> None:
@@ -463,14 +468,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--runs must be at least 20")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from orchestrator import interrupts
     from pouta_core.data.errors import DataError
 
     try:
-        return args.func(args)
+        with interrupts.stop_on_signals():
+            return args.func(args)
     except (*USER_ERRORS, DataError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         print(f"pouta: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C or SIGTERM (interrupts.Interrupted), once or twice
+        tracking = sys.modules.get("orchestrator.tracking")   # loaded only by commands that track
+        if tracking is not None:
+            tracking.kill_open_runs()
+        hint = RESUME_HINTS.get(args.command, "")
+        print(f"pouta: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return interrupts.EXIT_CODE
 
 
 if __name__ == "__main__":

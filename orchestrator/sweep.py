@@ -15,7 +15,7 @@ import yaml
 from ray import tune
 
 from orchestrator import experiment as ex
-from orchestrator import tracking
+from orchestrator import interrupts, tracking
 from orchestrator.scheduling import CategorySearch, PerCategoryScheduler
 from orchestrator.trial import SAMPLED, decode_sampled
 from pouta_core.checkpoint import atomic_write
@@ -133,7 +133,9 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
         metric=None if multi else metric, mode=None if multi else mode, search_alg=search_alg,
         scheduler=_asha(plan, base) if scheduler == "asha" else None, num_samples=samples,
         max_concurrent_trials=plan.max_concurrent or None)
-    results = ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume).fit()
+    results = interrupts.fit(ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume))
+    if not space.has_grid:
+        _fail_dangling_optuna_trials(storage_url, [f"{plan.name}-{c}" for c in plan.categories])
     keys = ex.both_splits([k for k, _ in objectives] + list(ex.SUMMARY_METRICS))
     summary = {c: _category_summary(plan, base, cb, c, ex.trial_rows([r for r in results if _category(r) == c], keys),
                                     objectives, keys) for c in plan.categories}
@@ -189,6 +191,21 @@ def _category_search(plan: ex.Plan, space: SearchSpace, objectives, storage_url:
     one = len(objectives) == 1
     return CategorySearch(searchers, dict.fromkeys(plan.categories, num_samples),
                           metric=metrics[0] if one else metrics, mode=modes[0] if one else modes)
+
+
+def _fail_dangling_optuna_trials(storage_url: str, study_names: list[str]) -> None:
+    """After a finished sweep no Optuna trial may stay RUNNING: one asked for by a driver that
+    died before Tune saved the trial it belonged to is marked FAIL (it never ran to the end)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = optuna.storages.RDBStorage(storage_url)
+    for name in study_names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            log.warning("optuna study %s: trial %d was left RUNNING by an interrupted driver; marked FAIL",
+                        name, trial.number)
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
 def _optuna_search(space: SearchSpace, objectives, storage_url: str, study_name: str, seed: int, resume: bool):

@@ -84,15 +84,36 @@ def get_or_create_run(client: MlflowClient, exp_id: str, key: str, *, name: str,
     run_id = find_run(client, exp_id, key)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
-        return run_id
-    all_tags = {TAG_KEY: key, **tags}
-    if parent_id:
-        all_tags["mlflow.parentRunId"] = parent_id
-    return client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+    else:
+        all_tags = {TAG_KEY: key, **tags}
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run_id = client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+    _open_runs[run_id] = client
+    return run_id
+
+
+# Runs this process set RUNNING and has not finished: an interrupted command marks them KILLED.
+_open_runs: dict[str, MlflowClient] = {}
 
 
 def finish(client: MlflowClient, run_id: str, ok: bool = True) -> None:
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+    _open_runs.pop(run_id, None)
+
+
+def kill_open_runs() -> list[str]:
+    """Mark every run this process left RUNNING as KILLED (a resumed command reopens them).
+    -> their ids."""
+    killed = []
+    for run_id, client in list(_open_runs.items()):
+        try:
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+            killed.append(run_id)
+        except Exception as exc:  # the store may be gone; say so, keep going
+            log.warning("could not mark MLflow run %s KILLED: %s", run_id, exc)
+        _open_runs.pop(run_id, None)
+    return killed
 
 
 def flatten(prefix: str, obj: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ on every rank; rank 0 attaches the checkpoint), and resumption from Ray's latest
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +29,31 @@ from pouta_core.training import fit
 from pouta_core.visualize import heatmap_grid, select_examples
 
 HEATMAPS = "heatmaps.png"
+# Local run folders are named after their worker's PID: a worker killed by ASHA or a lost
+# driver cannot clean up, so the next worker on the node removes folders of dead PIDs.
+RUN_DIR_PREFIX = "pouta-run-"
+
+
+def remove_stale_run_dirs(root: str | None = None) -> list[Path]:
+    """Remove ``RUN_DIR_PREFIX<pid>-*`` folders in the temp folder whose process is gone."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
+        pid = path.name.removeprefix(RUN_DIR_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
 
 
 def measure_latency(config: Config, device: torch.device, runs: int = 10) -> float:
@@ -61,7 +87,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
     shown = data.test_set if data.test_set is not None else data.val_set
     latency = measure_latency(config, device)
 
-    run_dir = Path(tempfile.mkdtemp(prefix=f"pouta-{cfg['category']}-rank{rank}-"))
+    remove_stale_run_dirs()
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-{cfg['category']}-rank{rank}-"))
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:

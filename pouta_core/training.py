@@ -147,6 +147,11 @@ def fit(
             ckpt.write_json(out_dir / name, data)
         return out_dir
 
+    if start_epoch > 1 and report is not None and last_metrics:
+        # A restored run first reports where it stands: the caller may have lost the report made
+        # just before the interruption (Tune, MLflow drop epochs they already have). Restored at
+        # its last epoch, it reports with the checkpoint: that is its final result.
+        report(last_metrics, out_dir if is_main and start_epoch > config.epochs else None)
     bar = tqdm(range(start_epoch, config.epochs + 1), desc="training", disable=not (progress and is_main),
                initial=start_epoch - 1, total=config.epochs)
     for epoch in bar:
@@ -196,8 +201,4 @@ def fit(
             save(epoch, {**last_metrics, **metrics})
     if start_epoch > config.epochs:
         log.info("%s is already trained for %d epochs", state_path, config.epochs)
-        if report is not None:
-            # Restored at its last epoch (killed after the final checkpoint, before the
-            # caller recorded it): report the final metrics again, with that checkpoint.
-            report(last_metrics, out_dir if is_main else None)
     return {**last_metrics, "threshold": threshold}
