@@ -175,6 +175,9 @@ def _add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> N
     p.add_argument("--category-set", dest="category_sets", metavar="CATEGORY:KEY=VALUE", action="append",
                    default=[], help="override one config key for one category only (e.g. "
                    "pills:foreground_threshold=0.3 for an object among textures); repeatable")
+    p.add_argument("--pending-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop when a trial's workers wait this long for resources the cluster does not free "
+                   "(default 600)")
     p.add_argument("--ray-address", help="Ray cluster to join (host:port of its GCS; default: $RAY_ADDRESS, "
                    "else an in-process Ray started for this command)")
     p.add_argument("--texture-dir")
@@ -185,7 +188,7 @@ def _add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> N
 def _plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: str = "max"):
     from orchestrator.experiment import Plan, parse_category_sets, resolve_categories
 
-    for flag in ("workers_per_category", "cpus_per_worker"):
+    for flag in ("workers_per_category", "cpus_per_worker", "pending_timeout"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
     categories = resolve_categories(args.data_root, args.dataset, args.categories)
@@ -196,7 +199,7 @@ def _plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: s
                 experiment=args.experiment, workers_per_category=args.workers_per_category,
                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                 max_concurrent=args.max_concurrent, texture_dir=args.texture_dir, cache_dir=args.cache_dir,
-                ray_address=args.ray_address,
+                ray_address=args.ray_address, pending_timeout=args.pending_timeout,
                 metric=metric, mode=mode)
 
 
@@ -348,6 +351,12 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kill_open_runs() -> None:
+    tracking = sys.modules.get("orchestrator.tracking")   # loaded only by commands that track
+    if tracking is not None:
+        tracking.kill_open_runs()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pouta", description="POUTA visual anomaly detection")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -469,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from orchestrator import interrupts
+    from orchestrator.errors import ClusterStalled
     from pouta_core.data.errors import DataError
 
     try:
@@ -478,10 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         print(f"pouta: error: {msg}", file=sys.stderr)
         return 2
+    except ClusterStalled as exc:
+        _kill_open_runs()
+        print(f"pouta: error: {exc}; rerun the same command (sweep: with --resume) once it fits", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:   # Ctrl-C or SIGTERM (interrupts.Interrupted), once or twice
-        tracking = sys.modules.get("orchestrator.tracking")   # loaded only by commands that track
-        if tracking is not None:
-            tracking.kill_open_runs()
+        _kill_open_runs()
         hint = RESUME_HINTS.get(args.command, "")
         print(f"pouta: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return interrupts.EXIT_CODE

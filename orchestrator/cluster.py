@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 ADDRESS_ENV = "RAY_ADDRESS"
 _GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"   # read by Ray when it starts a head node in-process
 _saved_env: dict[str, str | None] | None = None
+_started_here = False
 
 
 def _free_port() -> int:
@@ -59,6 +60,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
         _set_env({_GCS_PORT_ENV: str(port), ADDRESS_ENV: gcs})
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=True,
                  include_dashboard=True, runtime_env={"env_vars": {**env_vars, ADDRESS_ENV: gcs}})
+        global _started_here
+        _started_here = True
         log.info("started an in-process Ray at %s", gcs)
         return gcs
     if num_cpus is not None:
@@ -72,10 +75,16 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
     return gcs
 
 
+def started_here() -> bool:
+    """Whether the connected cluster is one this process started (fixed size: no autoscaler)."""
+    return _started_here and ray.is_initialized()
+
+
 def disconnect() -> None:
     """Shut Ray down (an in-process cluster stops) and restore the environment."""
-    global _saved_env
+    global _saved_env, _started_here
     ray.shutdown()
+    _started_here = False
     if _saved_env is not None:
         for key, value in _saved_env.items():
             if value is None:

@@ -14,9 +14,11 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator import tracking
+from orchestrator import cluster, interrupts, tracking
+from orchestrator.errors import ClusterStalled
 from orchestrator.mlflow_callback import MlflowTrialCallback
 from orchestrator.trial import SAMPLED, Job, run_trial
+from orchestrator.watchdog import DEFAULT_PENDING_TIMEOUT_S, StallWatchdog, check_feasible
 from pouta_core.config import Config, ConfigError, parse_overrides
 from pouta_core.data import categories as list_categories
 from pouta_core.data import read_split
@@ -48,6 +50,7 @@ class Plan:
     texture_dir: str | None = None
     cache_dir: str | None = None
     ray_address: str | None = None
+    pending_timeout: float = DEFAULT_PENDING_TIMEOUT_S
     metric: str = "pixel_ap"
     mode: str = "max"
     fingerprints: dict[str, str] = field(default_factory=dict)
@@ -98,9 +101,12 @@ def _abs(p: str | None) -> str | None:
 def init_ray(plan: Plan | None = None) -> str:
     """Connect to the cluster the plan names (``--ray-address``, else ``RAY_ADDRESS``), or
     start an in-process one: see :mod:`orchestrator.cluster`."""
-    from orchestrator import cluster
-
-    return cluster.connect(plan.ray_address if plan else None)
+    address = cluster.connect(plan.ray_address if plan else None)
+    if plan is not None and cluster.started_here():
+        # A fixed-size cluster (no autoscaler): a worker no node can hold fails now, not after
+        # --pending-timeout.
+        check_feasible(plan.job().worker_resources(), plan.workers_per_category)
+    return address
 
 
 def resolve_categories(data_root: str, dataset: str, spec: str) -> list[str]:
@@ -175,11 +181,26 @@ def make_tuner(plan: Plan, name: str, job: Job, param_space: dict[str, Any], tun
         if tune.Tuner.can_restore(str(path)):
             return tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
                                       resume_unfinished=True, resume_errored=True)
+    watchdog = StallWatchdog(plan.pending_timeout, job.worker_resources(), job.workers)
     return tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config,
-        run_config=tune.RunConfig(name=name, storage_path=str(Path(plan.storage_path).resolve()), callbacks=[cb],
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+        run_config=tune.RunConfig(name=name, storage_path=str(Path(plan.storage_path).resolve()),
+                                  callbacks=[cb, watchdog], failure_config=tune.FailureConfig(max_failures=1)),
     )
+
+
+def fit(tuner: tune.Tuner):
+    """``tuner.fit()`` that stops the command on Ctrl-C/SIGTERM (:mod:`orchestrator.interrupts`)
+    and lets a stalled cluster's message through Tune's wrapping error."""
+    try:
+        return interrupts.fit(tuner)
+    except Exception as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, ClusterStalled):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 # Metrics computed on an image split; trials report each as val_<name> and test_<name>.

@@ -8,7 +8,7 @@ from typing import Any
 from ray import tune
 
 from orchestrator import experiment as ex
-from orchestrator import interrupts, tracking
+from orchestrator import tracking
 
 
 def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str, Any]] | None = None,
@@ -26,7 +26,7 @@ def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str,
     param_space = {"category": tune.grid_search(plan.categories)}
     tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None)
     tuner = ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume)
-    results = interrupts.fit(tuner)
+    results = ex.fit(tuner)
     keys = ex.both_splits(ex.SUMMARY_METRICS)
     summary: dict[str, Any] = {}
     for r in results:

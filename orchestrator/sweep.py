@@ -15,7 +15,7 @@ import yaml
 from ray import tune
 
 from orchestrator import experiment as ex
-from orchestrator import interrupts, tracking
+from orchestrator import tracking
 from orchestrator.scheduling import CategorySearch, PerCategoryScheduler
 from orchestrator.trial import SAMPLED, decode_sampled
 from pouta_core.checkpoint import atomic_write
@@ -133,7 +133,7 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
         metric=None if multi else metric, mode=None if multi else mode, search_alg=search_alg,
         scheduler=_asha(plan, base) if scheduler == "asha" else None, num_samples=samples,
         max_concurrent_trials=plan.max_concurrent or None)
-    results = interrupts.fit(ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume))
+    results = ex.fit(ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume))
     if not space.has_grid:
         _fail_dangling_optuna_trials(storage_url, [f"{plan.name}-{c}" for c in plan.categories])
     keys = ex.both_splits([k for k, _ in objectives] + list(ex.SUMMARY_METRICS))

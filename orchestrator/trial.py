@@ -37,12 +37,15 @@ class Job:
     # over base_config; the sampled values of a trial go over both.
     category_values: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def scaling(self) -> ray.train.ScalingConfig:
+    def worker_resources(self) -> dict[str, float]:
         resources = {"CPU": self.cpus_per_worker}
         if self.gpus_per_worker:
             resources["GPU"] = self.gpus_per_worker
+        return resources
+
+    def scaling(self) -> ray.train.ScalingConfig:
         return ray.train.ScalingConfig(num_workers=self.workers, use_gpu=self.gpus_per_worker > 0,
-                                       resources_per_worker=resources)
+                                       resources_per_worker=self.worker_resources())
 
 
 def decode_sampled(sampled: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -42,6 +43,8 @@ def common(env, name):
 
 def runs(env, **tags):
     exp = env["client"].get_experiment_by_name("pouta")
+    if exp is None:
+        return []
     flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     return env["client"].search_runs([exp.experiment_id], filter_string=flt)
 
@@ -236,6 +239,35 @@ def test_a_category_without_defect_images_validates_on_synthetic_anomalies(env, 
     (child,) = [r for r in runs(env, **{"pouta.kind": "trial", "category": "pills"})
                 if r.data.tags[tracking.TAG_KEY].startswith("launch:launch-synthetic/")]
     assert child.data.metrics["val_pixel_ap"] >= 0 and not any(k.startswith("test_") for k in child.data.metrics)
+
+
+def test_a_worker_no_node_can_hold_fails_at_once(env, capsys):
+    code = cli.main(["launch", "--categories", "tiles", "--gpus-per-worker", "1", *common(env, "launch-gpu")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert ("infeasible: a trial needs {'CPU': 1.0, 'GPU': 1.0} x 1 worker(s); cluster has CPU 2 free of 2, "
+            "GPU 0 free of 0: add GPU nodes or lower --gpus-per-worker") in err
+    assert not runs(env, **{tracking.TAG_KEY: "launch:launch-gpu"})     # refused before any MLflow run
+
+
+def test_a_demand_the_cluster_never_frees_stops_after_the_pending_timeout(env, capsys):
+    import time
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    hog = placement_group([{"CPU": 2}])     # another job holds every CPU
+    ray.get(hog.ready(), timeout=60)
+    try:
+        started = time.monotonic()
+        code = cli.main(["launch", "--categories", "tiles", "--pending-timeout", "10", *common(env, "launch-stall")])
+        took = time.monotonic() - started
+    finally:
+        remove_placement_group(hog)
+    err = capsys.readouterr().err
+    assert code == 3 and took < 120, err
+    assert "waited 10 s for resources (--pending-timeout): a trial needs {'CPU': 1.0} x 1 worker(s)" in err
+    (parent,) = runs(env, **{tracking.TAG_KEY: "launch:launch-stall"})
+    assert parent.info.status == "KILLED"
 
 
 def test_tracking_uri_falls_back_to_the_embedded_sqlite(monkeypatch, tmp_path):
