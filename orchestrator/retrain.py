@@ -25,6 +25,7 @@ from orchestrator import experiment as ex
 from orchestrator import tracking
 from orchestrator.launch import run_launch
 from pouta_core.config import Config, ConfigError
+from search_spaces.loader import SELECTION_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,10 @@ def last_trained_fingerprint(client, exp_id: str, dataset: str, category: str) -
 
 
 def _config_from_params(params: dict[str, str], base: Config) -> dict[str, Any]:
-    """The config keys an MLflow run logged, parsed back from their string form."""
+    """The hyperparameters an MLflow run logged, parsed back from their string form. The
+    validation split is the command's own (--val-split), never an earlier run's."""
     return {key: (None if params[key] == "None" else yaml.safe_load(params[key]))
-            for key in Config.keys() if key in params}
+            for key in Config.keys() if key in params and key not in SELECTION_KEYS}
 
 
 def params_for(source: str, client, exp_id: str, dataset: str, category: str, metric: str, mode: str,
@@ -97,7 +99,7 @@ def params_for(source: str, client, exp_id: str, dataset: str, category: str, me
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: key '{category}': expected a mapping of config keys")
     Config.from_dict({**base.to_dict(), **values}, source=f"{path} [{category}]")
-    return values
+    return {k: v for k, v in values.items() if k not in SELECTION_KEYS}
 
 
 def _latest_version(client, dataset: str, category: str) -> int:

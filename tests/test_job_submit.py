@@ -48,7 +48,7 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
               "--runtime-env-json", json.dumps({"excludes": [".venv", "demo", "bench-out", "*.db"]}),
               "--no-wait", "--", *entry]
     # The dashboard answers before its job agent is up on a busy machine: retry that case only.
-    for _ in range(24):
+    for _ in range(48):
         submitted = ray_cli(*submit, check=False)
         if submitted.returncode == 0 or "No available agent" not in submitted.stderr + submitted.stdout:
             break
