@@ -24,6 +24,7 @@ import yaml
 from orchestrator import experiment as ex
 from orchestrator import tracking
 from orchestrator.launch import run_launch
+from pouta_core.bootstrap import BOOTSTRAP_METRICS, BootstrapResult
 from pouta_core.config import Config, ConfigError
 from search_spaces.loader import SELECTION_KEYS
 
@@ -42,8 +43,6 @@ class Gate:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from pouta_core.bootstrap import BOOTSTRAP_METRICS
-
         if self.metric not in BOOTSTRAP_METRICS:
             raise ConfigError(f"--metric {self.metric}: the retrain gate compares {', '.join(BOOTSTRAP_METRICS)}")
         if self.margin < 0:
@@ -52,6 +51,10 @@ class Gate:
             raise ConfigError(f"--confidence must be in [0, 1], got {self.confidence}")
         if self.resamples < 1:
             raise ConfigError(f"--bootstrap-resamples must be >= 1, got {self.resamples}")
+
+    def promotes(self, result: BootstrapResult) -> bool:
+        """Better by more than the margin, and better in at least ``confidence`` of the resamples."""
+        return result.delta > self.margin and result.p_better >= self.confidence
 
 
 def last_trained_fingerprint(client, exp_id: str, dataset: str, category: str) -> str | None:
@@ -193,7 +196,7 @@ def _decide(plan: ex.Plan, client, category: str, result: dict[str, Any], gate: 
         promote, logged, out = True, {f"gate_challenger_{key}": value}, {"challenger": value, "champion": None}
     else:
         test = paired_bootstrap(gate.metric, challenger, champion, labels, resamples=gate.resamples, seed=gate.seed)
-        promote = test.delta > gate.margin and test.p_better >= gate.confidence
+        promote = gate.promotes(test)
         logged = {f"gate_challenger_{key}": test.a, f"gate_champion_{key}": test.b, "gate_delta": test.delta,
                   "gate_delta_low": test.low, "gate_delta_high": test.high, "gate_p_better": test.p_better}
         out = {"challenger": test.a, "champion": test.b, "low": test.low, "high": test.high,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pouta_core import metrics
-from pouta_core.bootstrap import Evidence, paired_bootstrap
+from pouta_core.bootstrap import BootstrapResult, Evidence, paired_bootstrap
 
 
 def evidence(rng, labels, quality):
@@ -55,3 +55,26 @@ def test_resamples_are_seeded(case):
 def test_unsupported_metric_is_named():
     with pytest.raises(ValueError, match="supports image_auroc, pixel_auroc, pixel_ap; got 'pixel_aupro'"):
         paired_bootstrap("pixel_aupro", None, None, np.zeros(2))
+
+
+@pytest.mark.parametrize(("delta", "p_better", "promoted"), [
+    (0.02, 0.99, True),      # better by the margin, and confidently
+    (0.004, 0.99, False),    # confidently better, but by less than the margin
+    (0.02, 0.90, False),     # better by the margin on these images, but not confidently
+    (0.0, 0.0, False),       # the same model
+])
+def test_retrain_gate_needs_both_the_margin_and_the_confidence(delta, p_better, promoted):
+    from orchestrator.retrain import Gate
+
+    result = BootstrapResult("pixel_ap", 0.5 + delta, 0.5, -0.01, 0.03, p_better, 1000)
+    assert Gate(margin=0.005, confidence=0.95).promotes(result) is promoted
+
+
+def test_retrain_gate_rejects_bad_settings_by_flag_name():
+    from orchestrator.retrain import Gate
+    from pouta_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--confidence must be in"):
+        Gate(confidence=1.5)
+    with pytest.raises(ConfigError, match="--metric pixel_aupro: the retrain gate compares"):
+        Gate(metric="pixel_aupro")

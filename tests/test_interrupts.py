@@ -1,6 +1,7 @@
 """A sweep stopped at any instant is finished by ``--resume``: Ctrl-C stops the whole command
-(exit 130, MLflow runs KILLED, nothing registered), a SIGKILL of the driver at several points
-loses nothing, and the resumed sweep holds every trial once in Tune, Optuna and MLflow."""
+(exit 130, MLflow runs KILLED, nothing registered), a SIGKILL of the driver (here right after a
+trial's final checkpoint) loses nothing, and the resumed sweep holds every trial once in Tune,
+Optuna and MLflow. The test_training resume tests cover the exact restore of a trial."""
 
 import contextlib
 import json
@@ -101,7 +102,12 @@ def resume_and_check(data: Path, root: Path) -> None:
         assert client.get_model_version_by_alias(f"pouta-mvtec-{category}", "challenger")
 
 
-def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(data, tmp_path):
+def final_checkpoints(root: Path) -> int:
+    return sum(m.get("epoch") == EPOCHS for m in checkpoints(root))
+
+
+def test_a_sweep_stopped_by_ctrl_c_then_killed_is_finished_by_resume(data, tmp_path):
+    # 1. Ctrl-C after a first checkpoint: the whole command stops, nothing is chosen.
     proc = start(sweep_args(data, tmp_path), tmp_path)
     try:
         wait_for(lambda: len(checkpoints(tmp_path)) >= 1, proc, tmp_path)
@@ -120,22 +126,19 @@ def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(data, tmp_path):
     assert runs and all(r.info.status in ("KILLED", "FINISHED") for r in runs)
     assert [r for r in runs if r.data.tags.get("pouta.kind") == "sweep"][0].info.status == "KILLED"
     assert not client.search_registered_models()               # nothing chosen from a partial sweep
-    resume_and_check(data, tmp_path)
 
+    # 2. The resumed sweep is SIGKILLed as soon as a final checkpoint is on disk: for that
+    #    trial, (usually) before Tune has recorded its last result.
+    seen = final_checkpoints(tmp_path)
+    proc = start([*sweep_args(data, tmp_path), "--resume"], tmp_path)
+    try:
+        wait_for(lambda: final_checkpoints(tmp_path) > seen, proc, tmp_path)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        stop_group(proc)
 
-def test_sigkill_of_the_driver_at_several_points_is_finished_by_resume(data, tmp_path):
-    """Killed after a first checkpoint, resumed, killed again as soon as a final checkpoint is
-    on disk (before Tune has, usually, recorded that trial's last result), resumed to the end."""
-    for n, epoch in enumerate((1, EPOCHS)):
-        seen = sum(m.get("epoch") == epoch for m in checkpoints(tmp_path))
-        proc = start([*sweep_args(data, tmp_path), *(["--resume"] if n else [])], tmp_path)
-        try:
-            wait_for(lambda e=epoch, k=seen: sum(m.get("epoch") == e for m in checkpoints(tmp_path)) > k,
-                     proc, tmp_path)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-        finally:
-            stop_group(proc)
+    # 3. Resumed again: it finishes, with every trial once everywhere.
     resume_and_check(data, tmp_path)
 
 
