@@ -102,6 +102,25 @@ def _cmd_bench_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_orchestration(args: argparse.Namespace) -> int:
+    from orchestrator.bench import bench_orchestration
+
+    if args.trials < 1 or args.slots < 1:
+        raise ConfigError("--trials and --slots must be >= 1")
+    result = bench_orchestration(args.categories, args.trials, args.slots, args.work)
+    if args.json:
+        _print_json(result)
+    else:
+        r = result
+        print(f"{args.categories} categories x {args.trials} trials, {args.slots} slots: concurrent "
+              f"{r['concurrent_wall_s']:.0f} s, serial {r['serial_wall_s']:.0f} s (x{r['wall_ratio']:.2f}); "
+              f"training {result['training_share_of_slot_time']:.0%} of slot time; per-trial overhead "
+              f"{result['trial_overhead_s_median']:.1f} s (start {result['trial_startup_overhead_s_median']:.1f}, "
+              f"end {result['trial_teardown_overhead_s_median']:.1f})")
+        print(", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in result["targets"].items()))
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from pouta_core.data.demo import generate
 
@@ -463,6 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--samples", type=int, default=64)
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(func=_cmd_bench_synthesis)
+    bo = bench_sub.add_parser("orchestration", help="concurrent vs one-category-after-another sweeps, "
+                              "per-trial overhead, on an in-process Ray with more logical CPUs than cores")
+    bo.add_argument("--categories", type=int, default=4, choices=range(1, 5), metavar="K", help="1 to 4 (default 4)")
+    bo.add_argument("--trials", type=int, default=4, help="trials per category (default 4)")
+    bo.add_argument("--slots", type=int, default=8, help="logical CPUs = concurrent trials (default 8)")
+    bo.add_argument("--work", help="folder for data, Ray results and MLflow (default: a new temp folder)")
+    bo.add_argument("--json", action="store_true")
+    bo.set_defaults(func=_cmd_bench_orchestration)
     bx = bench_sub.add_parser("metrics", help="metrics vs scikit-learn: seconds and difference")
     bx.add_argument("--pixels", type=int, default=10_000_000)
     bx.add_argument("--json", action="store_true")

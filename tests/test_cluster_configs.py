@@ -5,6 +5,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,121 @@ def test_start_local_dry_run_binds_to_loopback():
     assert lines[0].split()[0] == "RAY_AUTH_MODE=token"   # token auth on explicitly, token file or not
     assert lines[0].split()[1].endswith("ray") and "--dashboard-host 127.0.0.1" in lines[0]
     assert "mlflow" in lines[1] and "--host 127.0.0.1" in lines[1]
+
+
+def ray_containers(obj):
+    """Every container (also in embedded manifests) that runs a Ray image."""
+    if isinstance(obj, dict):
+        if "name" in obj and str(obj.get("image", "")).startswith("rayproject/ray"):   # a Kubernetes container
+            yield obj
+        for v in obj.values():
+            yield from ray_containers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from ray_containers(v)
+    elif isinstance(obj, str) and obj.lstrip().startswith(("apiVersion", "kind")):
+        for doc in yaml.safe_load_all(obj):
+            yield from ray_containers(doc)
+
+
+def test_every_cluster_config_turns_token_auth_on_explicitly():
+    starts = 0
+    for path in FILES:
+        lines = [ln for ln in path.read_text().splitlines() if "ray start" in ln and not ln.lstrip().startswith("#")]
+        for line in lines:
+            starts += 1
+            exported = "export RAY_AUTH_MODE=token" in path.read_text()
+            assert "RAY_AUTH_MODE=token" in line or exported, f"{path.name}: {line.strip()}"
+        if path.suffix == ".yaml":
+            for container in (c for d in yaml_docs(path) for c in ray_containers(d)):
+                env = {e["name"]: e for e in container.get("env", [])}
+                assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{path.name}: {container['name']}"
+                assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ray-auth-token"
+    assert starts >= 3
+
+
+def listening(pids: set[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket in LISTEN state owned by ``pids`` (from ss)."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        address, _, port = fields[3].rpartition(":")
+        for pid in map(int, re.findall(r"pid=(\d+)", line)):
+            if pid in pids:
+                found.append((address.strip("[]").removeprefix("::ffff:"), int(port), pid))
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        children.setdefault(pp, []).append(p)
+    seen, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            todo.extend(children.get(p, []))
+    return seen
+
+
+def test_start_local_is_closed_without_a_token_and_binds_its_http_servers_to_loopback(tmp_path):
+    import json
+    import os
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    from servers import free_port
+
+    if shutil.which("ss") is None:
+        pytest.skip("needs `ss` (iproute2) to list listening sockets")
+    ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port()}
+    token = tmp_path / "secret" / "auth_token"      # no token yet: the script must still turn auth on
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **{k: str(v) for k, v in ports.items()},
+           "POUTA_RUN_DIR": str(tmp_path / "run"), "RAY_AUTH_TOKEN_PATH": str(token),
+           "VENV": str(Path(sys.executable).parents[1])}
+    subprocess.run(["bash", str(CLUSTER / "start_local.sh")], env=env, check=True, capture_output=True, timeout=60)
+    try:
+        assert token.stat().st_mode & 0o777 == 0o600
+        dashboard = f"http://127.0.0.1:{ports['DASHBOARD_PORT']}"
+        deadline = time.monotonic() + 180
+        while True:
+            request = urllib.request.Request(f"{dashboard}/api/jobs/", method="POST",
+                                             data=json.dumps({"entrypoint": "touch /tmp/pwned"}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(request, timeout=5)
+                raise AssertionError("an unauthenticated job submission was accepted")
+            except urllib.error.HTTPError as exc:
+                if exc.code in (401, 403):
+                    break
+                assert time.monotonic() < deadline, f"dashboard answered {exc.code}"
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert time.monotonic() < deadline, "dashboard never came up"
+            time.sleep(1)
+        while True:   # MLflow starts slower than the dashboard
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{ports['MLFLOW_PORT']}/health", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert time.monotonic() < deadline, "MLflow never came up"
+                time.sleep(1)
+        pids = set()
+        for name in ("ray", "mlflow"):
+            pids |= descendants(int((tmp_path / "run" / f"{name}.pid").read_text()))
+        sockets = listening(pids)
+        by_port = {port: address for address, port, _ in sockets}
+        assert by_port[ports["DASHBOARD_PORT"]] == "127.0.0.1" and by_port[ports["MLFLOW_PORT"]] == "127.0.0.1"
+        # Ray's core ports (GCS, raylet, agents, workers) are the ones cluster/SECURITY.md names as open;
+        # nothing the script starts serves HTTP on another address.
+        for address, port, pid in sockets:
+            if address not in ("127.0.0.1", "::1"):
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                assert name.startswith(("gcs_server", "raylet", "ray::", "python")), (address, port, name)
+                assert port not in (ports["DASHBOARD_PORT"], ports["MLFLOW_PORT"])
+    finally:
+        subprocess.run(["bash", str(CLUSTER / "stop_local.sh")], env=env, capture_output=True, timeout=60)
