@@ -4,7 +4,7 @@
 # Usage: cluster/start_local.sh [--dry-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN_DIR=${POUTA_RUN_DIR:-.pouta-local}
+RUN_DIR=$(realpath -m "${POUTA_RUN_DIR:-.pouta-local}")
 RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
@@ -12,7 +12,7 @@ VENV=${VENV:-.venv}
 RAY_CMD=("$VENV/bin/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT"
          --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --block)
 MLFLOW_CMD=("$VENV/bin/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT"
-            --backend-store-uri "sqlite:///$PWD/$RUN_DIR/mlflow.db" --artifacts-destination "$PWD/$RUN_DIR/artifacts")
+            --backend-store-uri "sqlite:///$RUN_DIR/mlflow.db" --artifacts-destination "$RUN_DIR/artifacts")
 # A closed cluster: token authentication on explicitly (Ray turns it off when no token file
 # exists yet), with a token only this user can read. Clients on this machine set
 # RAY_AUTH_MODE=token and read the same file.

@@ -224,6 +224,7 @@ def test_start_local_is_closed_without_a_token_and_binds_its_http_servers_to_loo
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 assert time.monotonic() < deadline, "MLflow never came up"
                 time.sleep(1)
+        assert (tmp_path / "run" / "mlflow.db").is_file()   # state goes where POUTA_RUN_DIR says, not into the repo
         pids = set()
         for name in ("ray", "mlflow"):
             pids |= descendants(int((tmp_path / "run" / f"{name}.pid").read_text()))
