@@ -1,4 +1,5 @@
-"""The training loop: one visible function, plain PyTorch.
+"""The training loop: ``fit``, a loop a reader sees at once, around named steps (``new_state``,
+``restore``, ``train_epoch``, ``evaluate_splits``, ``save``); plain PyTorch.
 
 Adam + MultiStepLR (per epoch), AMP on CUDA, synthesis inside the data pipeline, evaluation
 every ``eval_every`` epochs, atomic checkpoints every ``checkpoint_every`` epochs. Every
@@ -15,6 +16,7 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,106 @@ def _diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+@dataclass
+class TrainState:
+    """What one epoch hands to the next, and what a checkpoint holds."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    epoch: int = 0                                # last finished epoch
+    threshold: float | None = None                # image threshold, F1-max on validation
+    metrics: dict[str, Any] = field(default_factory=dict)   # of the last evaluation
+
+    def to_checkpoint(self, config: Config, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "config": config.to_dict(), "threshold": self.threshold,
+                "metrics": {k: float(v) for k, v in metrics.items()}}
+
+
+def new_state(config: Config, device: torch.device) -> TrainState:
+    """Model, Adam and MultiStepLR (per epoch), and the AMP scaler (on CUDA only), seeded."""
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones),
+                                                     gamma=config.lr_factor)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    return TrainState(model, optimizer, scheduler, scaler)
+
+
+def restore(state: TrainState, path: Path, config: Config, device: torch.device) -> None:
+    """Load ``path`` into ``state``; refuse a checkpoint trained with another config."""
+    saved = ckpt.load_state(path, device)
+    # Through Config, so keys added since the checkpoint was written compare as defaults.
+    changed = _diff_keys(Config.from_dict(saved["config"]).to_dict(), config.to_dict())
+    if changed:
+        raise ConfigError(f"{path}: was trained with a different config ({', '.join(changed)}); "
+                          "use another --out or remove it")
+    for name in ("model", "optimizer", "scheduler", "scaler"):
+        getattr(state, name).load_state_dict(saved[name])
+    state.epoch, state.threshold = int(saved["epoch"]), saved.get("threshold")
+    state.metrics = dict(saved.get("metrics", {}))
+    log.info("resuming %s after epoch %d", path, state.epoch)
+
+
+def train_epoch(state: TrainState, net: nn.Module, dataset: TrainDataset, config: Config, epoch: int, *,
+                batch_size: int, shard: tuple[int, int], num_workers: int, device: torch.device
+                ) -> dict[str, Any]:
+    """One epoch over this rank's slice of the epoch's seeded permutation -> loss_* means, epoch, lr."""
+    rank, world = shard
+    net.train()
+    dataset.set_epoch(epoch)
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(
+        sample_seed(config.seed, epoch, -1) % 2**63))
+    per_rank = len(perm) // world
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=perm[rank * per_rank:(rank + 1) * per_rank].tolist(),
+                        drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda")
+    use_amp = state.scaler.is_enabled()
+    sums: dict[str, float] = {}
+    steps = 0
+    for batch in loader:
+        image, clean, mask = (batch[k].to(device, non_blocking=True) for k in ("image", "clean", "mask"))
+        with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
+            out = net(image)
+        terms = pouta_loss(out, clean, mask, config)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(terms["total"]).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        steps += 1
+    state.scheduler.step()
+    state.epoch = epoch
+    metrics: dict[str, Any] = {f"loss_{k}": v / max(steps, 1) for k, v in sums.items()}
+    metrics.update(epoch=epoch, lr=state.optimizer.param_groups[0]["lr"])
+    if not math.isfinite(metrics.get("loss_total", 0.0)):
+        raise FloatingPointError(f"training diverged at epoch {epoch}: loss is {metrics['loss_total']}")
+    return metrics
+
+
+def save(state: TrainState, out_dir: Path, config: Config, metrics: dict[str, Any], *,
+         extra_state: dict[str, Any] | None = None, sidecars: dict[str, dict[str, Any]] | None = None) -> Path:
+    """``checkpoint.pt``, ``config.yaml``, ``metrics.json`` and the JSON sidecars, each atomic."""
+    ckpt.save_checkpoint(out_dir, {**state.to_checkpoint(config, metrics), **(extra_state or {})})
+    config.to_yaml(out_dir / ckpt.CONFIG)
+    ckpt.write_json(out_dir / ckpt.METRICS, {**metrics, "threshold": state.threshold})
+    for name, data in (sidecars or {}).items():
+        ckpt.write_json(out_dir / name, data)
+    return out_dir
+
+
+def _batch_size(config: Config, n: int, world: int) -> int:
+    size = min(config.batch_size, max(1, n // world))
+    if size < config.batch_size:
+        log.warning("batch_size %d is more than the %d training images per rank: using %d",
+                    config.batch_size, n // world, size)
+    return size
+
+
 def fit(
     config: Config,
     train_images: torch.Tensor,
@@ -97,108 +199,39 @@ def fit(
     ``config.yaml``, ``metrics.json`` and the JSON ``sidecars`` (rank 0 only). Every
     evaluation scores ``val_set`` (``val_*`` metrics and the stored threshold) and
     ``test_set`` (``test_*``, only reported). Returns the final metrics dict."""
-    out_dir = Path(out_dir)
-    device = torch.device(device)
-    rank, world = shard
-    is_main = rank == 0
+    out_dir, device = Path(out_dir), torch.device(device)
+    is_main = shard[0] == 0
     if len(train_images) < 2:
         raise ConfigError(f"need at least 2 training images, got {len(train_images)}")
-
-    torch.manual_seed(config.seed)
-    model = build_model(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=list(config.lr_milestones), gamma=config.lr_factor)
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start_epoch, threshold, last_metrics = 1, None, {}
-
-    state_path = out_dir / ckpt.CHECKPOINT
-    if resume and state_path.exists():
-        state = ckpt.load_state(state_path, device)
-        # Through Config, so keys added since the checkpoint was written compare as defaults.
-        changed = _diff_keys(Config.from_dict(state["config"]).to_dict(), config.to_dict())
-        if changed:
-            raise ConfigError(f"{state_path}: was trained with a different config ({', '.join(changed)}); "
-                              "use another --out or remove it")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"]) + 1
-        threshold = state.get("threshold")
-        last_metrics = dict(state.get("metrics", {}))
-        log.info("resuming %s at epoch %d", state_path, start_epoch)
-
-    net = wrap_model(model) if wrap_model else model
+    state = new_state(config, device)
+    if resume and (out_dir / ckpt.CHECKPOINT).exists():
+        restore(state, out_dir / ckpt.CHECKPOINT, config, device)
+        if report is not None and state.metrics:
+            # A restored run first reports where it stands: the caller may have lost the report
+            # made just before the interruption (Tune, MLflow drop epochs they already have).
+            # Restored at its last epoch, it reports with the checkpoint: its final result.
+            report(state.metrics, out_dir if is_main and state.epoch >= config.epochs else None)
+    net = wrap_model(state.model) if wrap_model else state.model
     dataset = TrainDataset(train_images, AnomalySynthesizer(config, textures), config.seed)
-    batch_size = min(config.batch_size, max(1, len(dataset) // world))
-
-    def save(epoch: int, metrics: dict[str, Any]) -> Path:
-        ckpt.save_checkpoint(out_dir, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "config": config.to_dict(), "threshold": threshold,
-            "metrics": {k: float(v) for k, v in metrics.items()}, **(extra_state or {}),
-        })
-        config.to_yaml(out_dir / ckpt.CONFIG)
-        ckpt.write_json(out_dir / ckpt.METRICS, {**metrics, "threshold": threshold})
-        for name, data in (sidecars or {}).items():
-            ckpt.write_json(out_dir / name, data)
-        return out_dir
-
-    if start_epoch > 1 and report is not None and last_metrics:
-        # A restored run first reports where it stands: the caller may have lost the report made
-        # just before the interruption (Tune, MLflow drop epochs they already have). Restored at
-        # its last epoch, it reports with the checkpoint: that is its final result.
-        report(last_metrics, out_dir if is_main and start_epoch > config.epochs else None)
-    bar = tqdm(range(start_epoch, config.epochs + 1), desc="training", disable=not (progress and is_main),
-               initial=start_epoch - 1, total=config.epochs)
+    batch_size = _batch_size(config, len(dataset), shard[1])
+    keep = {"extra_state": extra_state, "sidecars": sidecars}
+    bar = tqdm(range(state.epoch + 1, config.epochs + 1), desc="training", disable=not (progress and is_main),
+               initial=state.epoch, total=config.epochs)
     for epoch in bar:
-        net.train()
-        dataset.set_epoch(epoch)
-        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(
-            sample_seed(config.seed, epoch, -1) % 2**63))
-        per_rank = len(perm) // world
-        indices = perm[rank * per_rank:(rank + 1) * per_rank].tolist()
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True,
-                            num_workers=num_workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
-        sums: dict[str, float] = {}
-        steps = 0
-        for batch in loader:
-            image = batch["image"].to(device, non_blocking=True)
-            clean = batch["clean"].to(device, non_blocking=True)
-            mask = batch["mask"].to(device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
-                out = net(image)
-            terms = pouta_loss(out, clean, mask, config)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["total"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            steps += 1
-        scheduler.step()
-        metrics: dict[str, Any] = {f"loss_{k}": v / max(steps, 1) for k, v in sums.items()}
-        metrics.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"])
-        if not math.isfinite(metrics.get("loss_total", 0.0)):
-            raise FloatingPointError(f"training diverged at epoch {epoch}: loss is {metrics['loss_total']}")
-        bar.set_postfix(loss=f"{metrics.get('loss_total', float('nan')):.4f}")
+        metrics = train_epoch(state, net, dataset, config, epoch, batch_size=batch_size, shard=shard,
+                              num_workers=num_workers, device=device)
+        bar.set_postfix(loss=f"{metrics['loss_total']:.4f}")
         last = epoch == config.epochs
         if epoch % config.eval_every == 0 or last:
             if is_main:
-                evaluated, threshold = evaluate_splits(model, val_set, test_set, device)
+                evaluated, state.threshold = evaluate_splits(state.model, val_set, test_set, device)
                 metrics.update(evaluated)
             checkpoint_dir = None
             if is_main and (epoch % config.checkpoint_every == 0 or last):
-                checkpoint_dir = save(epoch, metrics)
-            last_metrics = metrics
+                checkpoint_dir = save(state, out_dir, config, metrics, **keep)
+            state.metrics = metrics
             if report is not None:
                 report(metrics, checkpoint_dir)
         elif is_main and epoch % config.checkpoint_every == 0:
-            save(epoch, {**last_metrics, **metrics})
-    if start_epoch > config.epochs:
-        log.info("%s is already trained for %d epochs", state_path, config.epochs)
-    return {**last_metrics, "threshold": threshold}
+            save(state, out_dir, config, {**state.metrics, **metrics}, **keep)
+    return {**state.metrics, "threshold": state.threshold}
