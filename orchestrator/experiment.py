@@ -25,12 +25,6 @@ from pouta_core.data import read_split
 
 log = logging.getLogger(__name__)
 
-# A trial's own process only waits for its Ray Train run; the workers hold the cores. Tune
-# refuses an empty request, and any fraction of a CPU would leave N trials unable to fit
-# their N one-CPU workers on N CPUs, so the trial asks for 1 MiB of memory and no CPU.
-TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1024**2}
-
-
 @dataclass
 class Plan:
     """What the user asked for, common to launch / sweep / retrain."""
@@ -175,7 +169,7 @@ def make_tuner(plan: Plan, name: str, job: Job, param_space: dict[str, Any], tun
     The job (paths, resources, base config) reaches trials through ``tune.with_parameters``,
     so ``param_space``, which Tune prints and stores per trial, holds only what varies."""
     path = experiment_path(plan, name)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), TRIAL_DRIVER_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), job.trial_resources())
     check_new_or_resumed(plan, name, resume)
     if path.exists():
         if tune.Tuner.can_restore(str(path)):
@@ -185,7 +179,8 @@ def make_tuner(plan: Plan, name: str, job: Job, param_space: dict[str, Any], tun
     return tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(name=name, storage_path=str(Path(plan.storage_path).resolve()),
-                                  callbacks=[cb, watchdog], failure_config=tune.FailureConfig(max_failures=1)),
+                                  callbacks=[cb, watchdog], failure_config=tune.FailureConfig(max_failures=1),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
 
 
@@ -232,8 +227,10 @@ def trial_rows(results, metric_keys: list[str]) -> list[dict[str, Any]]:
         if r.error is not None or not r.metrics:
             rows.append({"trial_id": r.metrics.get("trial_id") if r.metrics else None, "error": str(r.error)})
             continue
+        # Ray Train runs name their checkpoint in the metrics; one-worker trials are Tune's own.
+        checkpoint = r.metrics.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None)
         rows.append({"trial_id": r.metrics.get("trial_id"), "config": r.config, "path": r.path,
-                     "checkpoint": r.metrics.get("checkpoint_path"),
+                     "checkpoint": checkpoint,
                      **{k: r.metrics.get(k) for k in ["epoch", *metric_keys]}})
     return rows
 

@@ -77,8 +77,10 @@ class MlflowTrialCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run_id = self.run_for(trial)
         epoch = int(result.get("epoch", -1))
-        if result.get("checkpoint_path"):
-            self.checkpoints[trial.trial_id] = result["checkpoint_path"]
+        # Ray Train runs name their checkpoint in the result; one-worker trials are Tune's own.
+        path = result.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None)
+        if path:
+            self.checkpoints[trial.trial_id] = path
         if epoch <= self.steps.get(run_id, -1):
             return    # a restarted trial reports epochs MLflow already has
         tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items()
@@ -88,7 +90,7 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self.run_for(trial)
-        path = self.checkpoints.get(trial.trial_id)
+        path = (trial.checkpoint.path if trial.checkpoint else None) or self.checkpoints.get(trial.trial_id)
         if path and Path(path).is_dir():
             for name in ARTIFACTS:
                 f = Path(path) / name

@@ -11,7 +11,7 @@ import ray.tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator.worker import train_worker
+from orchestrator.worker import TuneSession, train_worker
 from pouta_core.config import Config
 
 SAMPLED = "sampled"   # param_space key holding the searched config values
@@ -43,6 +43,13 @@ class Job:
             resources["GPU"] = self.gpus_per_worker
         return resources
 
+    def trial_resources(self) -> dict[str, float]:
+        """What Tune reserves for the trial: the worker itself when it trains in the trial's
+        process; else only 1 MiB of memory for the process that waits on Ray Train (Tune
+        refuses an empty request, and any fraction of a CPU would keep N one-CPU workers from
+        fitting on N CPUs)."""
+        return self.worker_resources() if self.workers == 1 else {"CPU": 0, "memory": 1024**2}
+
     def scaling(self) -> ray.train.ScalingConfig:
         return ray.train.ScalingConfig(num_workers=self.workers, use_gpu=self.gpus_per_worker > 0,
                                        resources_per_worker=self.worker_resources())
@@ -64,15 +71,24 @@ def trial_config(job: Job, params: dict[str, Any]) -> Config:
 
 def run_trial(params: dict[str, Any], job: Job) -> None:
     """The Tune function trainable. ``params`` (what Tune shows and searches): category and
-    sampled (dict); ``job`` arrives through ``tune.with_parameters``."""
+    sampled (dict); ``job`` arrives through ``tune.with_parameters``.
+
+    *Decision*: a one-worker trial trains in this process, reporting to Tune directly; only a
+    trial with several workers (DDP) builds a Ray Train ``TorchTrainer``. Ray Train's
+    controller and helper actors cost about 25 s per trial here and add nothing for one worker;
+    Tune's own checkpoints and retries (``FailureConfig``) resume it as well."""
     category = params["category"]
     config = trial_config(job, params)
+    worker_config = {"config": config.to_dict(), "data_root": job.data_root, "dataset": job.dataset,
+                     "category": category, "texture_dir": job.texture_dir, "cache_dir": job.cache_dir,
+                     "cpus_per_worker": job.cpus_per_worker}
+    if job.workers == 1:
+        train_worker(worker_config, TuneSession(use_gpu=job.gpus_per_worker > 0))
+        return
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.to_dict(), "data_root": job.data_root, "dataset": job.dataset,
-                           "category": category, "texture_dir": job.texture_dir, "cache_dir": job.cache_dir,
-                           "cpus_per_worker": job.cpus_per_worker},
+        train_loop_config=worker_config,
         scaling_config=job.scaling(),
         run_config=ray.train.RunConfig(
             # Stable name: rerunning the same trial resumes from its latest checkpoint.

@@ -1,8 +1,11 @@
-"""What every Ray Train worker runs: pouta_core's training loop, wrapped.
+"""What every worker of a trial runs: pouta_core's training loop, wrapped.
 
-DDP through ``prepare_model``, this rank's slice of every epoch through ``shard``,
-``ray.train.report`` with a checkpoint on every evaluation epoch (the same number of calls
-on every rank; rank 0 attaches the checkpoint), and resumption from Ray's latest checkpoint.
+Two sessions run it. A trial with several workers is a Ray Train run (``TrainSession``): DDP
+through ``prepare_model``, this rank's slice of every epoch through ``shard``,
+``ray.train.report`` with a checkpoint on every evaluation epoch (the same number of calls on
+every rank; rank 0 attaches the checkpoint), resumption from Ray Train's latest checkpoint.
+A one-worker trial runs the same function inside the Tune trial's own process
+(``TuneSession``: ``ray.tune.report``, Tune's checkpoints and retries).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 
 from pouta_core import checkpoint as ckpt
@@ -72,12 +76,51 @@ def write_heatmaps(run_dir: Path, test_set, device: torch.device) -> None:
     ckpt.atomic_write(run_dir / HEATMAPS, lambda fh: grid.save(fh, format="PNG"))
 
 
-def train_worker(cfg: dict[str, Any]) -> None:
-    """``cfg``: config (dict), data_root, dataset, category, texture_dir, cache_dir, cpus_per_worker."""
+class TrainSession:
+    """A Ray Train worker's view of its run."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def get_checkpoint(self):
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)
+
+
+class TuneSession:
+    """A one-worker trial, run in the Tune trial's process (rank 0 of 1, no DDP)."""
+
+    rank, world = 0, 1
+
+    def __init__(self, use_gpu: bool) -> None:
+        # Tune gives a trial that asked for a GPU its own CUDA_VISIBLE_DEVICES.
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def get_checkpoint(self):
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+
+def train_worker(cfg: dict[str, Any], session: TrainSession | TuneSession | None = None) -> None:
+    """``cfg``: config (dict), data_root, dataset, category, texture_dir, cache_dir, cpus_per_worker.
+    ``session``: where it reports (default: the Ray Train run it is a worker of)."""
+    session = session or TrainSession()
     config = Config.from_dict(cfg["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.get("cpus_per_worker", 1))))
     data = load_category(cfg["data_root"], cfg["dataset"], cfg["category"], config, cache_dir=cfg.get("cache_dir"),
@@ -89,19 +132,17 @@ def train_worker(cfg: dict[str, Any]) -> None:
 
     remove_stale_run_dirs()
     run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-{cfg['category']}-rank{rank}-"))
-    restored = ray.train.get_checkpoint()
+    restored = session.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
             shutil.copytree(d, run_dir, dirs_exist_ok=True)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         metrics = {**metrics, "latency_ms": latency}
-        checkpoint = None
         if checkpoint_dir is not None:
             # Every checkpoint carries its grid: ASHA may stop a trial before its last epoch.
             write_heatmaps(checkpoint_dir, shown, device)
-            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
-        ray.train.report({k: v for k, v in metrics.items() if _reportable(v)}, checkpoint=checkpoint)
+        session.report({k: v for k, v in metrics.items() if _reportable(v)}, checkpoint_dir)
 
     # Every evaluation epoch is also a checkpoint epoch, so every report carries the
     # checkpoint Ray resumes from and the one MLflow receives at the end.
@@ -109,7 +150,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     try:
         fit(config, data.train_images, run_dir, val_set=data.val_set if rank == 0 else None,
             test_set=data.test_set if rank == 0 else None, textures=textures, device=device, report=report,
-            progress=False, wrap_model=ray.train.torch.prepare_model, shard=(rank, world),
+            progress=False, wrap_model=session.prepare_model, shard=(rank, world),
             extra_state={"dataset": cfg["dataset"], "category": cfg["category"], "val_split": data.selection.mode},
             sidecars={ckpt.VAL_FILES: data.selection_record()})
     finally:

@@ -59,7 +59,7 @@ def stop_group(proc: subprocess.Popen) -> None:
 def checkpoints(root: Path) -> list[dict]:
     """Metrics of every checkpoint Ray Train has persisted so far."""
     out = []
-    for f in (root / "ray").glob("*/checkpoint_*/metrics.json"):
+    for f in (root / "ray").rglob("checkpoint_*/metrics.json"):
         with contextlib.suppress(ValueError, OSError):
             out.append(json.loads(f.read_text()))
     return out
