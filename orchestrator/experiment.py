@@ -121,11 +121,6 @@ def fingerprint_category(data_root: str, dataset: str, category: str) -> str:
     return tracking.fingerprint([s.path for s in split.train], Path(data_root))
 
 
-def selection_tag(config: Config) -> str:
-    """``pouta.selection``: which split this run's choices were made on."""
-    return "test" if config.val_split == "none" else "validation"
-
-
 def warn_if_selecting_on_test(plan: Plan) -> None:
     if any(plan.config_for(c).val_split == "none" for c in plan.categories):
         log.warning("val_split=none: trials, thresholds and promotion are chosen on the test split, so the "
@@ -135,10 +130,9 @@ def warn_if_selecting_on_test(plan: Plan) -> None:
 def open_parent(plan: Plan, kind: str, extra_tags: dict[str, str] | None = None):
     client, exp_id = tracking.setup(plan.tracking_uri, plan.experiment)
     key = f"{kind}:{plan.name}"
-    run_id = tracking.get_or_create_run(client, exp_id, key, name=plan.name,
-                                        tags={tracking.TAG_KIND: kind, "dataset": plan.dataset,
-                                              "git_commit": tracking.git_commit(),
-                                              tracking.TAG_SELECTION: selection_tag(plan.base), **(extra_tags or {})})
+    tags = {tracking.TAG_KIND: kind, "dataset": plan.dataset, "git_commit": tracking.git_commit(),
+            tracking.TAG_SELECTION: tracking.selection_tag(plan.base.val_split), **(extra_tags or {})}
+    run_id = tracking.get_or_create_run(client, exp_id, key, name=plan.name, tags=tags)
     tracking.log_params(client, run_id, {"command": kind, "dataset": plan.dataset,
                                          "categories": ",".join(plan.categories), "name": plan.name})
     return client, exp_id, run_id, key

@@ -54,7 +54,7 @@ class MlflowTrialCallback(Callback):
             client, self._exp_id, key, name=f"{category}-{trial.trial_id}", parent_id=self.parent_run_id,
             tags={**self.tags, tracking.TAG_KIND: "trial", "pouta.category": category, "dataset": job.dataset,
                   "category": category, "variant": config.variant,
-                  tracking.TAG_SELECTION: "test" if config.val_split == "none" else "validation",
+                  tracking.TAG_SELECTION: tracking.selection_tag(config.val_split),
                   tracking.TAG_FINGERPRINT: self.fingerprints.get(category, "unknown")})
         tracking.log_params(client, run_id, {**config.to_dict(), "category": category, "dataset": job.dataset})
         self.runs[trial.trial_id] = run_id

@@ -97,6 +97,11 @@ def get_or_create_run(client: MlflowClient, exp_id: str, key: str, *, name: str,
 _open_runs: dict[str, MlflowClient] = {}
 
 
+def selection_tag(val_split: str) -> str:
+    """The ``pouta.selection`` tag: which split a run's choices were made on."""
+    return "test" if val_split == "none" else "validation"
+
+
 def finish(client: MlflowClient, run_id: str, ok: bool = True) -> None:
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
     _open_runs.pop(run_id, None)
