@@ -178,6 +178,7 @@ def _decide(plan: ex.Plan, client, category: str, result: dict[str, Any], gate: 
     """Score challenger and champion on the same validation images; promote the challenger
     when there is no champion, or when it is better by ``gate.margin`` and the paired
     bootstrap says it is better with probability >= ``gate.confidence``."""
+    from pouta_core import metrics
     from pouta_core.api import validation_evidence
     from pouta_core.bootstrap import paired_bootstrap
 
@@ -192,7 +193,7 @@ def _decide(plan: ex.Plan, client, category: str, result: dict[str, Any], gate: 
     run_id = client.get_model_version(name, version).run_id
     key = f"val_{gate.metric}"
     if champion is None:   # a first champion: nothing to compare with
-        value = paired_bootstrap(gate.metric, challenger, challenger, labels, resamples=1).a
+        value = metrics.compute(challenger.scores, labels, challenger.maps, challenger.masks)[gate.metric]
         promote, logged, out = True, {f"gate_challenger_{key}": value}, {"challenger": value, "champion": None}
     else:
         test = paired_bootstrap(gate.metric, challenger, champion, labels, resamples=gate.resamples, seed=gate.seed)

@@ -17,7 +17,19 @@ from ray.tune.search import Searcher
 log = logging.getLogger(__name__)
 
 
-class CategorySearch(Searcher):
+class _PickledState:
+    """Tune saves searchers and schedulers with its experiment state: the whole object, pickled."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__, fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))
+
+
+class CategorySearch(_PickledState, Searcher):
     """``searchers[category]`` proposes that category's trials; ``budget[category]`` trials
     each. The next trial goes to the category with the fewest trials started so far, so the
     studies advance together and none waits for another to finish."""
@@ -56,16 +68,8 @@ class CategorySearch(Searcher):
         if trial_id in self.category_of:
             self.searchers[self.category_of[trial_id]].on_trial_complete(trial_id, result, error)
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__, fh)
 
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))
-
-
-class PerCategoryScheduler(FIFOScheduler):
+class PerCategoryScheduler(_PickledState, FIFOScheduler):
     """A scheduler per category (``make(category)``, e.g. ASHA), fed only that category's
     trials: a weak trial is stopped against its own category's rungs. Trials start in FIFO
     order, as the per-category searchers proposed them."""
@@ -98,11 +102,3 @@ class PerCategoryScheduler(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "\n".join(f"{c}: {s.debug_string()}" for c, s in self.schedulers.items())
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__, fh)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))

@@ -155,8 +155,8 @@ def _asha(plan: ex.Plan, base) -> PerCategoryScheduler:
     from ray.tune.schedulers import ASHAScheduler
 
     def make(category: str) -> ASHAScheduler:
-        epochs = plan.config_for(category, base).epochs
-        eval_every = plan.config_for(category, base).eval_every
+        config = plan.config_for(category, base)
+        epochs, eval_every = config.epochs, config.eval_every
         return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(epochs, max(eval_every, epochs // 4)),
                              reduction_factor=2)
 
