@@ -11,6 +11,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
+from optuna.exceptions import UpdateFinishedTrialError
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
@@ -61,8 +62,14 @@ class CategorySearch(_PickledState, Searcher):
         return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self.category_of:
+        if trial_id not in self.category_of:
+            return
+        try:
             self.searchers[self.category_of[trial_id]].on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:
+            # A driver killed after the study recorded the trial's end but before Tune saved its
+            # state: the restored trial reports again; the study already has its final value.
+            log.info("trial %s: its Optuna trial is already finished; result not reported again", trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self.category_of:
