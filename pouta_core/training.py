@@ -210,7 +210,8 @@ def fit(
             # A restored run first reports where it stands: the caller may have lost the report
             # made just before the interruption (Tune, MLflow drop epochs they already have).
             # Restored at its last epoch, it reports with the checkpoint: its final result.
-            report(state.metrics, out_dir if is_main and state.epoch >= config.epochs else None)
+            report({**state.metrics, "epoch": state.epoch},
+                   out_dir if is_main and state.epoch >= config.epochs else None)
     net = wrap_model(state.model) if wrap_model else state.model
     dataset = TrainDataset(train_images, AnomalySynthesizer(config, textures), config.seed)
     batch_size = _batch_size(config, len(dataset), shard[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -74,11 +75,16 @@ def mlflow_server(root: Path):
 
 @contextlib.contextmanager
 def ray_head(root: Path, num_cpus: int = 2):
+    """``ray start --head`` with token auth on and a token of its own (never ~/.ray's).
+    -> address, dashboard URL, and ``env``: what a client of this cluster adds to its environment."""
     port, dash, client = free_port(), free_port(), free_port()
     log = root / "ray-head.log"
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")   # unix socket paths must stay < 108 bytes
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    token = Path(temp_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **auth}
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
@@ -86,7 +92,54 @@ def ray_head(root: Path, num_cpus: int = 2):
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", 180, proc, log)
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": auth}
     finally:
         stop(proc, timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_worker_node(head: dict, root: Path, name: str, num_cpus: int = 1):
+    """A second raylet joining the ``ray_head`` ``head`` (``ray start --address``), as a worker
+    machine would. -> its ``ray start --block`` process; all the node's processes descend from it."""
+    log = root / f"ray-{name}.log"
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **head["env"]}
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--address", head["address"], "--block", "--node-ip-address", "127.0.0.1",
+         "--num-cpus", str(num_cpus), "--disable-usage-stats"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker node {name} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        kill_tree(proc)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc: Linux, as Ray's raylet is)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process, every descendant and its process group at once: a machine lost."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)

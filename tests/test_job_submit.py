@@ -29,8 +29,8 @@ def cluster(tmp_path_factory):
         yield {"root": root, "mlflow": mlflow_url, **ray}
 
 
-def ray_cli(*args, check=True, timeout=120):
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}   # the client reads ~/.ray/auth_token
+def ray_cli(cluster, *args, check=True, timeout=120):
+    env = {**os.environ, **cluster["env"]}   # the cluster's token
     out = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, env=env, timeout=timeout)
     if check and out.returncode:
         raise AssertionError(f"ray {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -49,7 +49,7 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
               "--no-wait", "--", *entry]
     # The dashboard answers before its job agent is up on a busy machine: retry that case only.
     for _ in range(48):
-        submitted = ray_cli(*submit, check=False)
+        submitted = ray_cli(cluster, *submit, check=False)
         if submitted.returncode == 0 or "No available agent" not in submitted.stderr + submitted.stdout:
             break
         time.sleep(5)
@@ -58,11 +58,11 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
     deadline = time.monotonic() + 900
     status = ""
     while time.monotonic() < deadline:
-        status = ray_cli("job", "status", "--address", cluster["dashboard"], job_id).stdout.lower()
+        status = ray_cli(cluster, "job", "status", "--address", cluster["dashboard"], job_id).stdout.lower()
         if any(s in status for s in ("succeeded", "failed", "stopped")):
             break
         time.sleep(5)
-    logs = ray_cli("job", "logs", "--address", cluster["dashboard"], job_id, check=False).stdout
+    logs = ray_cli(cluster, "job", "logs", "--address", cluster["dashboard"], job_id, check=False).stdout
     assert "succeeded" in status, f"job did not succeed:\n{status}\n{logs[-5000:]}"
     assert "best configs written to" in logs
 

@@ -1,0 +1,85 @@
+"""A worker machine lost mid-trial: on a real two-raylet cluster (a head with no CPUs, two
+worker nodes of one CPU, each a ``ray start --address`` of its own), SIGKILL the node that
+runs the trial. The trial continues from its last checkpoint on the other node, the sweep
+finishes, and MLflow holds the trial once with every epoch once."""
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+from servers import descendants, kill_tree, ray_head, ray_worker_node
+
+from pouta_core.data.demo import generate
+
+EPOCHS = 6
+SMALL = ["--preset", "tiny", "--set", "image_size=32", "--set", "rec_width=4", "--set", "fcm_width=4",
+         "--set", "disc_width=4", "--set", f"epochs={EPOCHS}", "--set", "eval_every=1", "--set", "lr_milestones=[]",
+         "--set", "batch_size=4"]
+
+
+def trial_pid(log: Path) -> int | None:
+    """The trial's process, from Ray's prefix on the lines it prints: ``(run_trial pid=N)``."""
+    found = re.search(r"\(run_trial pid=(\d+)", log.read_text())
+    return int(found.group(1)) if found else None
+
+
+def checkpoint_epochs(root: Path) -> list[int]:
+    out = []
+    for f in (root / "ray").rglob("checkpoint_*/metrics.json"):
+        with contextlib.suppress(ValueError, OSError):
+            out.append(json.loads(f.read_text())["epoch"])
+    return out
+
+
+def test_a_trial_on_a_lost_node_continues_on_the_other(tmp_path):
+    data = tmp_path / "data"
+    generate(data, categories=1, image_size=48, n_train=6, n_test_good=3, n_test_defect=2)
+    with ray_head(tmp_path, num_cpus=0) as head, \
+            ray_worker_node(head, tmp_path, "a") as node_a, \
+            ray_worker_node(head, tmp_path, "b") as node_b:
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **head["env"]}
+        log = tmp_path / "driver.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "sweep", "--space", "mss_lambdas", "--data-root", str(data),
+             "--dataset", "mvtec", "--categories", "tiles", "--num-samples", "1", "--max-concurrent", "1",
+             "--scheduler", "none", "--storage-path", str(tmp_path / "ray"), "--ray-address", head["address"],
+             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--name", "lost",
+             "--pending-timeout", "180", *SMALL],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 400
+            # Lost after its second checkpoint: a restart from scratch would report epoch 1 again.
+            while max(checkpoint_epochs(tmp_path), default=0) < 2 or trial_pid(log) is None:
+                assert proc.poll() is None, f"driver exited {proc.returncode}:\n{log.read_text()[-4000:]}"
+                assert time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(0.1)
+            running = [n for n in (node_a, node_b) if trial_pid(log) in descendants(n.pid)]
+            assert len(running) == 1, "the trial should run on exactly one worker node"
+            killed_at = max(checkpoint_epochs(tmp_path))
+            assert killed_at < EPOCHS, "the trial finished before its node could be lost"
+            kill_tree(running[0])
+            code = proc.wait(600)
+        finally:
+            kill_tree(proc)
+    out = log.read_text()
+    assert code == 0, out[-5000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("pouta")
+    runs = client.search_runs([exp.experiment_id])
+    trials = [r for r in runs if r.data.tags.get("pouta.kind") == "trial"]
+    assert len(trials) == 1
+    assert all(r.info.status == "FINISHED" for r in runs)
+    steps = [m.step for m in client.get_metric_history(trials[0].info.run_id, "val_pixel_ap")]
+    assert steps == list(range(1, EPOCHS + 1)), steps
+    # Tune's own record of the trial: it failed once and went on from a checkpoint, not from epoch 1.
+    results = [json.loads(line) for f in (tmp_path / "ray").rglob("result.json") for line in f.read_text().splitlines()]
+    epochs = [r["epoch"] for r in results]
+    assert epochs.count(1) == 1, epochs                       # not started again from scratch
+    assert len(epochs) > len(set(epochs)), epochs              # the restored trial re-reported its checkpoint
+    assert client.get_model_version_by_alias("pouta-mvtec-tiles", "challenger")
