@@ -34,6 +34,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--category", required=True)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cache-dir", help="on-disk cache of decoded, resized images")
+    _add_image_limit_arg(p)
+
+
+def _add_image_limit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="largest image decoded, in pixels (default: Pillow's 89,478,485); bigger files are "
+                   "refused as possible decompression bombs; raise it for big scans")
 
 
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
@@ -107,12 +114,15 @@ def _cmd_bench_orchestration(args: argparse.Namespace) -> int:
 
     if args.trials < 1 or args.slots < 1:
         raise ConfigError("--trials and --slots must be >= 1")
-    result = bench_orchestration(args.categories, args.trials, args.slots, args.work)
+    if args.epoch_floor_s < 0:
+        raise ConfigError(f"--epoch-floor-s must be >= 0, got {args.epoch_floor_s}")
+    result = bench_orchestration(args.categories, args.trials, args.slots, args.work, args.epoch_floor_s)
     if args.json:
         _print_json(result)
     else:
         r = result
-        print(f"{args.categories} categories x {args.trials} trials, {args.slots} slots: concurrent "
+        print(f"{args.categories} categories x {args.trials} trials, {args.slots} slots, epochs of at least "
+              f"{args.epoch_floor_s:g} s (simulated accelerator): concurrent "
               f"{r['concurrent_wall_s']:.0f} s, serial {r['serial_wall_s']:.0f} s (x{r['wall_ratio']:.2f}); "
               f"training {result['training_share_of_slot_time']:.0%} of slot time; per-trial overhead "
               f"{result['trial_overhead_s_median']:.1f} s (start {result['trial_startup_overhead_s_median']:.1f}, "
@@ -159,13 +169,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pouta_core import api
 
-    results = api.predict_paths(args.checkpoint, args.paths, args.out, threshold=args.threshold,
-                                save_maps=args.save_maps, device=args.device)
+    result = api.predict_paths(args.checkpoint, args.paths, args.out, threshold=args.threshold,
+                               save_maps=args.save_maps, device=args.device)
     if args.json:
-        _print_json(results)
+        _print_json({"scored": result.scored, "failed": [{"image": p, "error": e} for p, e in result.failed]})
     else:
-        for r in results:
+        for r in result.scored:
             print(f"{r['score']:.4f}  {'ANOMALOUS' if r['anomalous'] else 'ok':9}  {r['image']}")
+    if result.failed:
+        print(f"pouta: {len(result.failed)} of {len(result.failed) + len(result.scored)} images could not be "
+              "read (the others were scored):", file=sys.stderr)
+        for path, reason in result.failed:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -406,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float, help="decision threshold (default: the stored one)")
     p.add_argument("--save-maps", action="store_true", help="also write raw maps as .npy")
+    _add_image_limit_arg(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_predict)
@@ -487,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--categories", type=int, default=4, choices=range(1, 5), metavar="K", help="1 to 4 (default 4)")
     bo.add_argument("--trials", type=int, default=4, help="trials per category (default 4)")
     bo.add_argument("--slots", type=int, default=8, help="logical CPUs = concurrent trials (default 8)")
+    bo.add_argument("--epoch-floor-s", type=float, default=3.0,
+                    help="simulated accelerator: each epoch lasts at least this long, waiting rather "
+                         "than computing (default 3; 0 = purely CPU-bound trials sharing this machine's cores)")
     bo.add_argument("--work", help="folder for data, Ray results and MLflow (default: a new temp folder)")
     bo.add_argument("--json", action="store_true")
     bo.set_defaults(func=_cmd_bench_orchestration)
@@ -509,6 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pouta_core.data.errors import DataError
 
     try:
+        if getattr(args, "max_image_pixels", None) is not None:
+            from pouta_core.data.images import set_max_image_pixels
+
+            set_max_image_pixels(args.max_image_pixels)
         with interrupts.stop_on_signals():
             return args.func(args)
     except (*USER_ERRORS, DataError) as exc:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+from typing import Any
 
 import ray
 
@@ -42,16 +43,19 @@ def _set_env(values: dict[str, str]) -> None:
     os.environ.update(values)
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
+def connect(address: str | None = None, *, num_cpus: int | None = None,
+            runtime_env: dict[str, Any] | None = None) -> str:
     """Join the cluster at ``address`` (else ``$RAY_ADDRESS``), or start an in-process one
     when neither is given; never follow the cluster ``ray start`` last recorded.
+    ``runtime_env`` adds to the job's runtime environment (its ``env_vars`` are merged).
 
     -> the GCS address (``host:port``) every process of this command uses. A second call
     while connected returns the current address."""
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = address or os.environ.get(ADDRESS_ENV) or None
-    env_vars = {"POUTA_GIT_COMMIT": tracking.git_commit()}
+    extra = dict(runtime_env or {})
+    env_vars = {"POUTA_GIT_COMMIT": tracking.git_commit(), **extra.pop("env_vars", {})}
     if address is None:
         # Our own head on a port we chose, so its address is known before any Ray process
         # starts: the raylet and every worker inherit RAY_ADDRESS from this environment.
@@ -59,7 +63,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
         gcs = f"127.0.0.1:{port}"
         _set_env({_GCS_PORT_ENV: str(port), ADDRESS_ENV: gcs})
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=True,
-                 include_dashboard=True, runtime_env={"env_vars": {**env_vars, ADDRESS_ENV: gcs}})
+                 include_dashboard=True, runtime_env={**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}})
         global _started_here
         _started_here = True
         log.info("started an in-process Ray at %s", gcs)
@@ -70,7 +74,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
 
     gcs = canonicalize_bootstrap_address_or_die(address)   # "auto" -> the one host:port, or a clear error
     _set_env({ADDRESS_ENV: gcs})
-    ray.init(address=gcs, log_to_driver=True, runtime_env={"env_vars": {**env_vars, ADDRESS_ENV: gcs}})
+    ray.init(address=gcs, log_to_driver=True, runtime_env={**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}})
     log.info("joined the Ray cluster at %s", gcs)
     return gcs
 

@@ -21,7 +21,6 @@ from orchestrator.trial import SAMPLED, Job, run_trial
 from orchestrator.watchdog import DEFAULT_PENDING_TIMEOUT_S, StallWatchdog, check_feasible
 from pouta_core.config import Config, ConfigError, parse_overrides
 from pouta_core.data import categories as list_categories
-from pouta_core.data import read_split
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +113,6 @@ def resolve_categories(data_root: str, dataset: str, spec: str) -> list[str]:
     if unknown:
         raise ConfigError(f"{data_root}: unknown category '{unknown[0]}'; available: {', '.join(available)}")
     return wanted
-
-
-def fingerprint_category(data_root: str, dataset: str, category: str) -> str:
-    split = read_split(data_root, dataset, category)
-    return tracking.fingerprint([s.path for s in split.train], Path(data_root))
 
 
 def warn_if_selecting_on_test(plan: Plan) -> None:
@@ -229,6 +223,15 @@ def trial_rows(results, metric_keys: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def model_requirements() -> list[str]:
+    """What loading a logged POUTA model needs: torch, numpy, cloudpickle (MLflow pickles the
+    module with it) at this process's versions; the ``pouta`` package itself must be
+    installed where the model is loaded (it is not on PyPI)."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "numpy", "cloudpickle")]
+
+
 def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: str, checkpoint: str
                   ) -> tuple[str, str]:
     """Log the checkpoint's model into its trial's MLflow run with ``mlflow.pytorch.log_model``,
@@ -254,8 +257,11 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     name = tracking.registered_name(plan.dataset, category)
     mlflow.set_tracking_uri(tracking.resolve_tracking_uri(plan.tracking_uri))
     with mlflow.start_run(run_id=run_id):
+        # Requirements named, not inferred: MLflow's inference re-imports the model in a
+        # subprocess (about 10 s per model here, serially after the sweep).
         info = mlflow.pytorch.log_model(wrapped, name="model", signature=infer_signature(example, output),
-                                        input_example=example, registered_model_name=name)
+                                        input_example=example, registered_model_name=name,
+                                        pip_requirements=model_requirements())
     version = str(info.registered_model_version)
     client.set_tag(run_id, "pouta.registered_version", version)
     client.set_registered_model_alias(name, tracking.CHALLENGER, version)
@@ -276,6 +282,6 @@ def best_checkpoint_of(rows: list[dict[str, Any]], metric: str, mode: str) -> di
     return (max if mode == "max" else min)(ok, key=lambda r: r[metric])
 
 
-__all__ = ["SAMPLED", "Plan", "best_checkpoint_of", "callback", "experiment_path", "fingerprint_category",
+__all__ = ["SAMPLED", "Plan", "best_checkpoint_of", "callback", "experiment_path",
            "init_ray", "make_tuner", "open_parent", "register_best", "resolve_categories",
            "trial_rows"]

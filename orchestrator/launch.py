@@ -9,6 +9,7 @@ from ray import tune
 
 from orchestrator import experiment as ex
 from orchestrator import tracking
+from pouta_core import api
 
 
 def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str, Any]] | None = None,
@@ -18,7 +19,7 @@ def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str,
     command's --category-set) wins over them."""
     ex.init_ray(plan)
     if not plan.fingerprints:
-        plan.fingerprints = {c: ex.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
+        plan.fingerprints = {c: api.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
     client, _, parent_id, parent_key = ex.open_parent(plan, kind)
     ex.warn_if_selecting_on_test(plan)
     job = plan.job(category_values=per_category)

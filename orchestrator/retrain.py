@@ -24,6 +24,7 @@ import yaml
 from orchestrator import experiment as ex
 from orchestrator import tracking
 from orchestrator.launch import run_launch
+from pouta_core import api
 from pouta_core.bootstrap import BOOTSTRAP_METRICS, BootstrapResult
 from pouta_core.config import Config, ConfigError
 from search_spaces.loader import SELECTION_KEYS
@@ -135,7 +136,7 @@ def run_retrain(plan: ex.Plan, *, params_from: str, gate: Gate, force: bool,
     per_category: dict[str, dict[str, Any]] = {}
     for category in plan.categories:
         try:
-            fp = ex.fingerprint_category(plan.data_root, plan.dataset, category)
+            fp = api.fingerprint_category(plan.data_root, plan.dataset, category)
             plan.fingerprints[category] = fp
             if not force and last_trained_fingerprint(client, exp_id, plan.dataset, category) == fp:
                 summary[category] = {"status": "unchanged"}

@@ -18,6 +18,7 @@ from orchestrator import experiment as ex
 from orchestrator import tracking
 from orchestrator.scheduling import CategorySearch, PerCategoryScheduler
 from orchestrator.trial import SAMPLED, decode_sampled
+from pouta_core import api
 from pouta_core.checkpoint import atomic_write
 from pouta_core.config import ConfigError
 from search_spaces import SearchSpace
@@ -115,7 +116,7 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
     search_alg = None if space.has_grid else _category_search(plan, space, objectives, storage_url, num_samples,
                                                               resume)
     ex.init_ray(plan)
-    plan.fingerprints = {c: ex.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
+    plan.fingerprints = {c: api.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
     client, _, parent_id, parent_key = ex.open_parent(plan, "sweep", {"search_space": space.path.name})
     ex.warn_if_selecting_on_test(plan)
     tracking.log_params(client, parent_id, {"search_space": space.path.name, "num_samples": num_samples,

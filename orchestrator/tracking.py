@@ -9,11 +9,9 @@ driver is the one client that talks HTTP to ``mlflow server``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import subprocess
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -170,18 +168,6 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return os.environ.get("POUTA_GIT_COMMIT", "unknown")
-
-
-def fingerprint(paths: Iterable[Path], root: Path) -> str:
-    """sha256 over the sorted relative paths and contents of the training files."""
-    h = hashlib.sha256()
-    for p in sorted(Path(x) for x in paths):
-        h.update(str(p.resolve().relative_to(root.resolve())).encode())
-        h.update(b"\0")
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def registered_name(dataset: str, category: str) -> str:

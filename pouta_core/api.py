@@ -3,7 +3,9 @@ them. Plain functions over paths; no Ray, no MLflow."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,12 @@ import torch
 from PIL import Image
 
 from pouta_core import checkpoint as ckpt
+from pouta_core import runfolder
 from pouta_core.bootstrap import Evidence
 from pouta_core.config import Config, ConfigError
 from pouta_core.data import EvalDataset, ImageCache, decode, load_image, read_split
 from pouta_core.data.errors import DataError
-from pouta_core.data.images import list_images
+from pouta_core.data.images import list_images, warn_about
 from pouta_core.data.validation import SelectionSplit, split_for_selection, synthetic_validation
 from pouta_core.inference import ExportWrapper, predict
 from pouta_core.synthesis import TextureFolder
@@ -69,17 +72,36 @@ def load_category(data_root: str | Path, dataset: str, category: str, config: Co
     return CategoryData(train_images, val_set, test_set, parts, parts.val_files(data_root))
 
 
+def fingerprint_category(data_root: str | Path, dataset: str, category: str) -> str:
+    """sha256 of a category's training images (relative paths and contents): what decides
+    whether a retrain is due, and whether a run folder may be resumed."""
+    split = read_split(data_root, dataset, category)
+    return runfolder.fingerprint([s.path for s in split.train], Path(data_root))
+
+
 def train(config: Config, *, data_root: str | Path, dataset: str, category: str, out: str | Path,
           device: str = "auto", texture_dir: str | Path | None = None, cache_dir: str | Path | None = None,
           report: ReportFn | None = None, num_workers: int = 0, progress: bool = True,
-          resume: bool = True, **fit_kwargs: Any) -> dict[str, Any]:
+          resume: bool = True, lock: bool = True, **fit_kwargs: Any) -> dict[str, Any]:
+    """Train one category into the run folder ``out`` (``pouta_core.runfolder``): held by
+    this process (``lock``), repaired after a kill, resumed only for the same dataset,
+    category, training images and config."""
+    out = Path(out)
+    if lock:
+        runfolder.check_free(out)          # refuse at once, before decoding anything
     dev = resolve_device(device)
     data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=progress)
     textures = TextureFolder(texture_dir, config.image_size) if texture_dir else None
-    extra = {"dataset": dataset, "category": category, "val_split": data.selection.mode}
-    return fit(config, data.train_images, out, val_set=data.val_set, test_set=data.test_set, textures=textures,
-               device=dev, report=report, num_workers=num_workers, progress=progress, resume=resume,
-               extra_state=extra, sidecars={ckpt.VAL_FILES: data.selection_record()}, **fit_kwargs)
+    identity = {"dataset": dataset, "category": category,
+                "data_fingerprint": fingerprint_category(data_root, dataset, category)}
+    with runfolder.claim(out) if lock else contextlib.nullcontext():
+        runfolder.repair(out)
+        if resume:
+            runfolder.check_identity(out, identity)
+        return fit(config, data.train_images, out, val_set=data.val_set, test_set=data.test_set,
+                   textures=textures, device=dev, report=report, num_workers=num_workers, progress=progress,
+                   resume=resume, extra_state={**identity, "val_split": data.selection.mode},
+                   sidecars={ckpt.VAL_FILES: data.selection_record()}, **fit_kwargs)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path, dataset: str, category: str,
@@ -116,11 +138,39 @@ def validation_evidence(checkpoint: str | Path, *, data_root: str | Path, datase
     return Evidence(scores, maps, data.val_set.masks[:, 0].numpy()), data.val_set.labels.numpy()
 
 
+@dataclass
+class Prediction:
+    """What ``predict_paths`` did: one dict per scored image, and (path, reason) per image
+    that could not be read (those are skipped, never silently)."""
+
+    scored: list[dict[str, Any]]
+    failed: list[tuple[str, str]]
+
+
+def _inputs(paths: list[str | Path]) -> list[tuple[Path, Path]]:
+    """(file, output name stem) per image: folders are searched recursively; outputs mirror
+    each file's path below the deepest folder holding all inputs and keep its extension, so
+    ``a/x.png``, ``b/x.png`` and ``a/x.jpg`` never write the same file."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(list_images(p, recursive=True))
+        else:
+            files.append(p)      # a missing one is reported as failed, with the others scored
+    files = list(dict.fromkeys(f.resolve() for f in files))
+    if not files:
+        raise DataError(f"no images to predict in {', '.join(map(str, paths))}")
+    base = Path(os.path.commonpath([f.parent for f in files]))
+    return [(f, f.relative_to(base)) for f in files]
+
+
 def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Path, *,
                   threshold: float | None = None, save_maps: bool = False, device: str = "auto",
-                  batch_size: int = 16) -> list[dict[str, Any]]:
-    """Score every image; write ``<stem>_overlay.png`` (and ``<stem>_map.npy``) into ``out``.
-    The decision uses ``threshold``, else the one stored at training time."""
+                  batch_size: int = 16) -> Prediction:
+    """Score every readable image; write ``<name>.overlay.png`` (and ``<name>.map.npy``)
+    into ``out``, mirroring the inputs' folders. An image that cannot be read is reported
+    in ``failed`` and the others are still scored. The decision uses ``threshold``, else
+    the one stored at training time."""
     dev = resolve_device(device)
     model, config, state = ckpt.load_model(checkpoint, dev)
     if threshold is None:
@@ -128,32 +178,30 @@ def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Pa
         if threshold is None:
             raise ConfigError(f"{checkpoint}: no threshold stored (trained without anomalous test "
                               "images); pass --threshold")
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(list_images(p))
-        else:
-            files.append(p)
-    if not files:
-        raise DataError("no images to predict")
-    images = torch.stack([load_image(p, config.image_size) for p in files])
-    scores, maps = predict(model, images, device=dev, batch_size=batch_size)
+    inputs = _inputs(paths)
+    readable, images, failed = [], [], []
+    for f, rel in inputs:
+        try:
+            images.append(load_image(f, config.image_size))
+            readable.append((f, rel))
+        except DataError as exc:
+            failed.append((str(f), str(exc).removeprefix(f"{f}: ")))
+    warn_about([f for f, _ in readable], config.image_size, "predict")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stems = [p.stem for p in files]
-    # Same stem in two folders (MVTec's 000.png in every defect folder): prefix every name
-    # with its folder, so the outputs of one call are named alike.
-    clash = len(set(stems)) < len(stems)
-    names = [f"{p.parent.name}_{p.stem}" if clash else p.stem for p in files]
-    results = []
-    for p, stem, img, score, amap in zip(files, names, images, scores, maps, strict=True):
-        blended = Image.fromarray(overlay(img.permute(1, 2, 0).numpy().astype(float), amap))
-        ckpt.atomic_write(out / f"{stem}_overlay.png", lambda fh, im=blended: im.save(fh, format="PNG"))
-        if save_maps:
-            ckpt.atomic_write(out / f"{stem}_map.npy", lambda fh, a=amap: np.save(fh, a))
-        results.append({"image": str(p), "score": float(score), "anomalous": bool(score >= threshold),
-                        "threshold": float(threshold), "overlay": str(out / f"{stem}_overlay.png")})
-    return results
+    scored = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack(images[start:start + batch_size])
+        scores, maps = predict(model, batch, device=dev, batch_size=batch_size)
+        for (f, rel), img, score, amap in zip(readable[start:start + batch_size], batch, scores, maps, strict=True):
+            target = out / rel.parent
+            blended = Image.fromarray(overlay(img.permute(1, 2, 0).numpy().astype(float), amap))
+            overlay_path = target / f"{rel.name}.overlay.png"
+            ckpt.atomic_write(overlay_path, lambda fh, im=blended: im.save(fh, format="PNG"))
+            if save_maps:
+                ckpt.atomic_write(target / f"{rel.name}.map.npy", lambda fh, a=amap: np.save(fh, a))
+            scored.append({"image": str(f), "score": float(score), "anomalous": bool(score >= threshold),
+                           "threshold": float(threshold), "overlay": str(overlay_path)})
+    return Prediction(scored, failed)
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, *, check: bool = True) -> dict[str, float]:

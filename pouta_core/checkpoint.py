@@ -3,16 +3,13 @@ loaded with ``torch.load(weights_only=True)``; ``config.yaml`` and ``metrics.jso
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pouta_core.config import Config, ConfigError
+from pouta_core.files import atomic_write, write_json  # noqa: F401 - re-exported
 from pouta_core.model import AnomalyDetector, build_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -22,36 +19,9 @@ VAL_FILES = "val_files.json"   # the validation split the run was chosen on (pou
 FORMAT = 1
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda fh: fh.write(json.dumps(_json_safe(data), indent=2).encode()))
-
-
-def save_checkpoint(out_dir: Path, state: dict[str, Any]) -> Path:
+def save_checkpoint(out_dir: Path, state: dict[str, Any], *, before_replace=None) -> Path:
     path = Path(out_dir) / CHECKPOINT
-    atomic_write(path, lambda fh: torch.save({"format": FORMAT, **state}, fh))
+    atomic_write(path, lambda fh: torch.save({"format": FORMAT, **state}, fh), before_replace=before_replace)
     return path
 
 

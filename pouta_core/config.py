@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -223,8 +223,22 @@ class Config:
     def from_preset(cls, name: str = "paper", overrides: Iterable[str] = ()) -> Config:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset '{name}': choose one of {sorted(PRESETS)}")
-        values = {**PRESETS[name], **parse_overrides(overrides)}
-        return cls.from_dict(values, source=f"preset '{name}'")
+        return cls._with_overrides(PRESETS[name], overrides, f"preset '{name}'")
+
+    @classmethod
+    def _with_overrides(cls, base: Mapping[str, Any], overrides: Iterable[str], source: str) -> Config:
+        """``base`` (a preset, a file) with ``key=value`` overrides; an error about a key an
+        override set blames that override (``--set key=value``), else ``source``."""
+        items = list(overrides)
+        parsed = parse_overrides(items)
+        try:
+            return cls.from_dict({**base, **parsed})
+        except ConfigError as exc:
+            found = re.search(r"config key '([^']+)'", str(exc))
+            if found and found.group(1) in parsed:
+                item = next(i for i in reversed(items) if i.partition("=")[0].strip() == found.group(1))
+                raise ConfigError(f"--set {item}: {exc}") from None
+            raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
     def from_yaml(
@@ -251,8 +265,7 @@ class Config:
         if preset is not None and preset not in PRESETS:
             raise ConfigError(f"{path}: unknown preset '{preset}': choose one of {sorted(PRESETS)}")
         base = dict(PRESETS[preset]) if preset else {}
-        values = {**base, **data, **parse_overrides(overrides)}
-        return cls.from_dict(values, source=str(path))
+        return cls._with_overrides({**base, **data}, overrides, str(path))
 
     def replace(self, **changes: Any) -> Config:
         return self.from_dict({**self.to_dict(), **changes})
@@ -265,16 +278,10 @@ class Config:
 
     def to_yaml(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: a temporary file in the same folder, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from pouta_core.files import atomic_write
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 # Presets are plain override dicts so that they read like config files.
@@ -305,11 +312,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"override '{item}': expected key=value")
+            raise ConfigError(f"--set {item}: expected key=value")
         try:
             out[key] = yaml.safe_load(raw) if raw.strip() else raw
         except yaml.YAMLError:
-            raise ConfigError(f"override '{item}': value is not a valid YAML scalar or list") from None
+            raise ConfigError(f"--set {item}: value is not a valid YAML scalar or list") from None
     return out
 
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pouta_core import checkpoint as ckpt
+from pouta_core import runfolder
 from pouta_core.config import Config, ConfigError
 from pouta_core.data.datasets import EvalDataset, TrainDataset, sample_seed
 from pouta_core.inference import predict
@@ -160,11 +161,21 @@ def train_epoch(state: TrainState, net: nn.Module, dataset: TrainDataset, config
 
 def save(state: TrainState, out_dir: Path, config: Config, metrics: dict[str, Any], *,
          extra_state: dict[str, Any] | None = None, sidecars: dict[str, dict[str, Any]] | None = None) -> Path:
-    """``checkpoint.pt``, ``config.yaml``, ``metrics.json`` and the JSON sidecars, each atomic."""
-    ckpt.save_checkpoint(out_dir, {**state.to_checkpoint(config, metrics), **(extra_state or {})})
+    """``checkpoint.pt``, then its views ``config.yaml``, ``metrics.json`` and the JSON
+    ``sidecars`` (kept in the checkpoint too). The views are removed just before the new
+    checkpoint replaces the old one, so a kill never leaves views of another state
+    (``runfolder.repair`` writes missing ones back)."""
+    out_dir = Path(out_dir)
+    saved = {**state.to_checkpoint(config, metrics), **(extra_state or {}), "sidecars": dict(sidecars or {})}
+    views = runfolder.sidecars_of(saved)
+
+    def drop_views() -> None:
+        for name in (ckpt.CONFIG, *views):
+            (out_dir / name).unlink(missing_ok=True)
+
+    ckpt.save_checkpoint(out_dir, saved, before_replace=drop_views)
     config.to_yaml(out_dir / ckpt.CONFIG)
-    ckpt.write_json(out_dir / ckpt.METRICS, {**metrics, "threshold": state.threshold})
-    for name, data in (sidecars or {}).items():
+    for name, data in views.items():
         ckpt.write_json(out_dir / name, data)
     return out_dir
 

@@ -40,7 +40,7 @@ def test_bench_cli_reports_bad_config_key_in_one_line():
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "bench", "model", "--preset", "tiny",
                           "--set", "rec_widht=8"], capture_output=True, text=True)
     assert out.returncode == 2
-    assert out.stderr.strip() == ("pouta: error: preset 'tiny': unknown config key 'rec_widht' "
+    assert out.stderr.strip() == ("pouta: error: --set rec_widht=8: unknown config key 'rec_widht' "
                                   "(did you mean 'rec_width'?)")
 
 

@@ -30,7 +30,8 @@ def trained(tmp_path_factory):
 
 def test_train_writes_the_run_folder(trained):
     _, run = trained
-    assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "config.yaml", "metrics.json", "val_files.json"}
+    assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "config.yaml", "metrics.json", "val_files.json",
+                                              ".pouta.lock"}
     record = json.loads((run / "val_files.json").read_text())
     assert record["val_split"] == "from_test" and record["val_files"]
     assert all(f.startswith("tiles/test/") for f in record["val_files"])
@@ -63,11 +64,12 @@ def test_predict_writes_overlays_maps_and_decisions(trained, tmp_path):
     out = pouta("predict", "--checkpoint", run, images, "--out", tmp_path, "--save-maps", "--json",
                 "--threshold", "0.5", "--device", "cpu")
     results = json.loads(out.stdout)
-    assert len(results) == 2
-    assert all(r["anomalous"] == (r["score"] >= 0.5) for r in results)
+    assert len(results["scored"]) == 2 and results["failed"] == []
+    assert all(r["anomalous"] == (r["score"] >= 0.5) for r in results["scored"])
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["000_map.npy", "000_overlay.png", "001_map.npy", "001_overlay.png"]
-    assert np.load(tmp_path / "000_map.npy").shape == (32, 32)
+    assert names == ["000.png.map.npy", "000.png.overlay.png", "001.png.map.npy", "001.png.overlay.png"]
+    assert np.load(tmp_path / "000.png.map.npy").shape == (32, 32)
+    assert all(p.stat().st_mode & 0o040 for p in tmp_path.iterdir())     # readable by the group
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
@@ -101,10 +103,10 @@ def test_predict_keeps_same_named_images_from_two_folders_apart(trained, tmp_pat
     root, run = trained
     test = root / "data" / "tiles" / "test"
     results = predict_paths(run, [test / "good", test / "scratch"], tmp_path, threshold=0.5, device="cpu")
-    assert len(results) == 5
-    overlays = sorted(p.name for p in tmp_path.glob("*_overlay.png"))
-    assert overlays == ["good_000_overlay.png", "good_001_overlay.png", "good_002_overlay.png",
-                        "scratch_000_overlay.png", "scratch_001_overlay.png"]
+    assert len(results.scored) == 5 and not results.failed
+    overlays = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.overlay.png"))
+    assert overlays == ["good/000.png.overlay.png", "good/001.png.overlay.png", "good/002.png.overlay.png",
+                        "scratch/000.png.overlay.png", "scratch/001.png.overlay.png"]
 
 
 def test_contrast_check_scores_the_map_like_evaluate(trained):

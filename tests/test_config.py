@@ -63,7 +63,8 @@ def test_integer_valued_float_is_accepted_for_int_key():
         (["lr_milestones=[9, 5]"], "config key 'lr_milestones': must be strictly increasing"),
         (["epochs=100"], "config key 'lr_milestones': every milestone must be <= epochs (100)"),
         (["lr_milestones=7"], "config key 'lr_milestones': expected a list of integers"),
-        (["novalue"], "override 'novalue': expected key=value"),
+        (["novalue"], "--set novalue: expected key=value"),
+        (["lr=nan"], "--set lr=nan: config key 'lr': must be finite"),
     ],
 )
 def test_bad_values_are_rejected_with_key_and_range(overrides, needle):

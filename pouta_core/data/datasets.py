@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from pouta_core.data.images import ImageCache
+from pouta_core.data.images import ImageCache, warn_about
 from pouta_core.data.layouts import Sample
 from pouta_core.synthesis import AnomalySynthesizer
 
@@ -19,7 +19,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 def decode(samples: list[Sample], cache: ImageCache, *, desc: str = "decoding", progress: bool = True
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> images (N, 3, S, S) uint8, masks (N, 1, S, S) uint8 0/1, labels (N,) int64."""
+    """-> images (N, 3, S, S) uint8, masks (N, 1, S, S) uint8 0/1, labels (N,) int64.
+    Warns once for the split (``desc``) about images with alpha or smaller than the input."""
+    warn_about([s.path for s in samples], cache.size, desc)
     images, masks = [], []
     for s in tqdm(samples, desc=desc, disable=not progress, leave=False):
         img = cache.get(s.path)

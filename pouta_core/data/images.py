@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
+import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pouta_core.data.errors import DataError
+from pouta_core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -34,44 +36,129 @@ def list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
     return out
 
 
-def _open(path: Path) -> Image.Image:
+# Pillow's own default (about 89 million pixels); ``--max-image-pixels`` raises or lifts it.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+DECODE_VERSION = 2   # in the cache key: bump when a file decodes to other pixels than before
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Largest image (width x height) decoded; None for no limit. Bigger files are refused
+    with a one-line error (they are usually decompression bombs, sometimes line scans)."""
+    if limit is not None and limit < 1:
+        raise DataError(f"--max-image-pixels must be >= 1, got {limit}")
+    Image.MAX_IMAGE_PIXELS = limit
+
+
+def _too_big(path: Path, exc: Exception) -> DataError:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)):,} pixels" if found else "more pixels"
+    return DataError(f"{path}: image of {size} is over the limit of {Image.MAX_IMAGE_PIXELS:,} "
+                     "(a decompression bomb, or a big scan: allow it with --max-image-pixels)")
+
+
+def _open(path: Path, *, load: bool = True) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: empty file (0 bytes)")
-        img = Image.open(path)
-        img.load()
+        with warnings.catch_warnings():
+            # Pillow warns from the limit and fails from twice it: both are refusals here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            if load:
+                img.load()
         return img
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _too_big(path, exc) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image ({exc.__class__.__name__})") from None
 
 
 def image_size_of(path: Path) -> tuple[int, int]:
     """(width, height) without decoding the pixels."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: cannot decode image ({exc.__class__.__name__})") from None
+    with _open(Path(path), load=False) as img:
+        return img.size
+
+
+def header(path: Path) -> tuple[tuple[int, int], str]:
+    """((width, height), Pillow mode) from the file's header, without decoding the pixels."""
+    with _open(Path(path), load=False) as img:
+        mode = "RGBA" if img.mode == "P" and "transparency" in img.info else img.mode
+        return img.size, mode
+
+
+def to_rgb8(img: Image.Image, path: Path) -> np.ndarray:
+    """A decoded image as RGB uint8 (H, W, 3), by one rule per kind of file:
+
+    - 8-bit grey, palette, RGB, CMYK...: Pillow's conversion to RGB; grey is replicated;
+    - 16-bit samples: scaled by bit depth, not per image (the high byte, ``v // 256``, which
+      is what Pillow does for 16-bit RGB PNG and TIFF), so a 16-bit image and its 8-bit
+      version decode alike and a dark image stays dark;
+    - an alpha channel: composited over black (transparent = background, as the foreground
+      mask assumes);
+    - 32-bit integer samples are taken as 16-bit when they fit, floating-point ones refused.
+    """
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        a = np.asarray(img)
+        if mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(f"{path}: 32-bit integer samples outside 0..65535: save it as an 8- or 16-bit image")
+        grey = (a.astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "F":
+        raise DataError(f"{path}: floating-point samples (mode F): save it as an 8- or 16-bit image")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ALPHA_MODES:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        return np.round(rgba[..., :3] * (rgba[..., 3:] / 255.0)).astype(np.uint8)
+    return np.asarray(img.convert("RGB"))
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """RGB uint8 (3, size, size); greyscale images are replicated to three channels."""
-    img = _open(Path(path)).convert("RGB").resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+    """RGB uint8 (3, size, size), decoded by :func:`to_rgb8` and resized (bilinear)."""
+    path = Path(path)
+    with _open(path) as img:
+        rgb = to_rgb8(img, path)
+    resized = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
+
+
+def warn_about(paths: Iterable[Path], size: int, what: str) -> None:
+    """One warning per kind, for a split: images with an alpha channel (composited over
+    black), and images smaller than the model input (upscaled). Reads headers only."""
+    paths = list(paths)
+    alpha, small = 0, []
+    for p in paths:
+        (w, h), mode = header(p)
+        alpha += mode in ALPHA_MODES
+        if w < size or h < size:
+            small.append((w * h, w, h))
+    if alpha:
+        log.warning("%s: %d of %d images have an alpha channel: composited over black", what, alpha, len(paths))
+    if small:
+        _, w, h = min(small)
+        log.warning("%s: %d of %d images are smaller than the model input %dx%d (smallest %dx%d): upscaled",
+                    what, len(small), len(paths), size, size, w, h)
 
 
 def load_mask(path: Path, size: int, image_path: Path | None = None) -> torch.Tensor:
     """Binary uint8 (1, size, size): any nonzero pixel is anomalous. When ``image_path`` is
     given, the mask must have that image's size."""
-    img = _open(Path(path))
+    path = Path(path)
+    img = _open(path)
     if image_path is not None and img.size != image_size_of(image_path):
         raise DataError(
             f"{path}: mask is {img.size[0]}x{img.size[1]} but its image {image_path} is "
             "{}x{}".format(*image_size_of(image_path))
         )
-    arr = np.asarray(img.convert("L").resize((size, size), Image.NEAREST)) > 0
+    deep = img.mode in SIXTEEN_BIT_MODES | {"I", "F"}     # any nonzero sample, at any bit depth
+    nonzero = np.asarray(img) != 0 if deep else np.asarray(img.convert("L")) > 0
+    resized = Image.fromarray(nonzero.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    arr = np.asarray(resized) > 0
     return torch.from_numpy(arr.astype(np.uint8))[None]
 
 
@@ -86,7 +173,7 @@ class ImageCache:
 
     def _key(self, path: Path, kind: str) -> str:
         st = path.stat()
-        raw = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{self.size}|{kind}"
+        raw = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{self.size}|{kind}|{DECODE_VERSION}"
         return hashlib.sha1(raw.encode()).hexdigest()
 
     def get(self, path: Path, kind: str = "image", image_path: Path | None = None) -> torch.Tensor:
@@ -102,11 +189,7 @@ class ImageCache:
                 return t
         t = load_image(path, self.size) if kind == "image" else load_mask(path, self.size, image_path)
         if disk is not None:
-            disk.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=disk.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, t.numpy())
-            os.replace(tmp, disk)
+            atomic_write(disk, lambda fh: np.save(fh, t.numpy()))
         self._mem[mkey] = t
         return t
 
