@@ -94,10 +94,10 @@ def train(config: Config, *, data_root: str | Path, dataset: str, category: str,
     textures = TextureFolder(texture_dir, config.image_size) if texture_dir else None
     identity = {"dataset": dataset, "category": category,
                 "data_fingerprint": fingerprint_category(data_root, dataset, category)}
+    if resume:
+        runfolder.check_identity(out, identity)    # before claiming: a refusal writes nothing
     with runfolder.claim(out) if lock else contextlib.nullcontext():
         runfolder.repair(out)
-        if resume:
-            runfolder.check_identity(out, identity)
         return fit(config, data.train_images, out, val_set=data.val_set, test_set=data.test_set,
                    textures=textures, device=dev, report=report, num_workers=num_workers, progress=progress,
                    resume=resume, extra_state={**identity, "val_split": data.selection.mode},

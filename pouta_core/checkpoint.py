@@ -41,11 +41,28 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
     return state
 
 
+def load_weights(model: AnomalyDetector, weights: dict[str, torch.Tensor], path: Path | str) -> None:
+    """``load_state_dict``, with a one-line error naming the first tensor that does not fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ConfigError(f"{path}: weights do not fit the model its config describes ({len(wrong)} tensors; "
+                          f"{k} is {tuple(weights[k].shape)}, the model has {tuple(expected[k].shape)})")
+    if missing or unexpected:
+        k = (missing or unexpected)[0]
+        raise ConfigError(f"{path}: weights do not fit the model its config describes "
+                          f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {k})")
+    model.load_state_dict(weights)
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"
                ) -> tuple[AnomalyDetector, Config, dict[str, Any]]:
     """-> (model in eval mode, its config, the checkpoint state)."""
     state = load_state(path, map_location)
     config = Config.from_dict(state["config"], source=str(path))
     model = build_model(config)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path)
     return model.to(map_location).eval(), config, state

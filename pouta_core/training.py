@@ -116,7 +116,8 @@ def restore(state: TrainState, path: Path, config: Config, device: torch.device)
     if changed:
         raise ConfigError(f"{path}: was trained with a different config ({', '.join(changed)}); "
                           "use another --out or remove it")
-    for name in ("model", "optimizer", "scheduler", "scaler"):
+    ckpt.load_weights(state.model, saved["model"], path)
+    for name in ("optimizer", "scheduler", "scaler"):
         getattr(state, name).load_state_dict(saved[name])
     state.epoch, state.threshold = int(saved["epoch"]), saved.get("threshold")
     state.metrics = dict(saved.get("metrics", {}))

@@ -69,6 +69,8 @@ def _open(path: Path, *, load: bool = True) -> Image.Image:
             if load:
                 img.load()
         return img
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
