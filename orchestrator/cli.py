@@ -4,8 +4,10 @@ orchestrator; heavy imports (torch models, Ray, MLflow) happen inside the subcom
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +43,14 @@ def _add_image_limit_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", type=int, metavar="N",
                    help="largest image decoded, in pixels (default: Pillow's 89,478,485); bigger files are "
                    "refused as possible decompression bombs; raise it for big scans")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "--checkpoint", dest="checkpoint", required=True, metavar="MODEL",
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, a run folder, a checkpoint.pt "
+                   "or a Ray trial folder")
+    p.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ (default: $MLFLOW_TRACKING_URI, "
+                   "else ./mlflow-data)")
 
 
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +126,9 @@ def _cmd_bench_orchestration(args: argparse.Namespace) -> int:
         raise ConfigError("--trials and --slots must be >= 1")
     if args.epoch_floor_s < 0:
         raise ConfigError(f"--epoch-floor-s must be >= 0, got {args.epoch_floor_s}")
-    result = bench_orchestration(args.categories, args.trials, args.slots, args.work, args.epoch_floor_s)
+    # With --json, stdout is the figures only: Tune's progress tables go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = bench_orchestration(args.categories, args.trials, args.slots, args.work, args.epoch_floor_s)
     if args.json:
         _print_json(result)
     else:
@@ -153,11 +165,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from orchestrator.models import resolved
     from pouta_core import api
 
-    metrics = api.evaluate_checkpoint(args.checkpoint, data_root=args.data_root, dataset=args.dataset,
-                                      category=args.category, device=args.device, cache_dir=args.cache_dir,
-                                      split=args.split, progress=not args.json)
+    with resolved(args.checkpoint, args.tracking_uri) as checkpoint:
+        metrics = api.evaluate_checkpoint(checkpoint, data_root=args.data_root, dataset=args.dataset,
+                                          category=args.category, device=args.device, cache_dir=args.cache_dir,
+                                          split=args.split, progress=not args.json)
     if args.json:
         _print_json(metrics)
     else:
@@ -167,10 +181,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from orchestrator.models import resolved
     from pouta_core import api
 
-    result = api.predict_paths(args.checkpoint, args.paths, args.out, threshold=args.threshold,
-                               save_maps=args.save_maps, device=args.device)
+    with resolved(args.checkpoint, args.tracking_uri) as checkpoint:
+        result = api.predict_paths(checkpoint, args.paths, args.out, threshold=args.threshold,
+                                   save_maps=args.save_maps, device=args.device)
     if args.json:
         _print_json({"scored": result.scored, "failed": [{"image": p, "error": e} for p, e in result.failed]})
     else:
@@ -186,9 +202,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.models import resolved
     from pouta_core import api
 
-    result = api.export(args.checkpoint, args.format, args.out)
+    with resolved(args.checkpoint, args.tracking_uri) as checkpoint:
+        result = api.export(checkpoint, args.format, args.out)
     print(f"exported {args.format} to {args.out}; anomaly map matches PyTorch within "
           f"{result['max_abs_diff']:.1e}")
     return 0
@@ -235,7 +253,7 @@ def _plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: s
                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                 max_concurrent=args.max_concurrent, texture_dir=args.texture_dir, cache_dir=args.cache_dir,
                 ray_address=args.ray_address, pending_timeout=args.pending_timeout,
-                metric=metric, mode=mode)
+                metric=metric, mode=mode, verbose=args.verbose)
 
 
 def _category_sets_note(plan) -> str:
@@ -270,10 +288,37 @@ def _selection_warning(plan) -> None:
               "optimistic", file=sys.stderr)
 
 
+def _pouta_command() -> str:
+    """How to run ``pouta`` again from any shell: the console script beside this Python."""
+    script = Path(sys.executable).parent / "pouta"
+    return str(script) if script.is_file() else f"{sys.executable} -m orchestrator.cli"
+
+
 def _mlflow_hint(args: argparse.Namespace) -> None:
     from orchestrator import tracking
 
-    print(f"MLflow: {tracking.ui_command(tracking.resolve_tracking_uri(args.tracking_uri))}")
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///"):
+        print(f"MLflow UI: {_pouta_command()} ui --tracking-uri {uri}")
+    else:
+        print(f"MLflow UI: open {uri} in a browser")
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    """``mlflow ui`` on the store the other commands use, on 127.0.0.1 unless told otherwise."""
+    from orchestrator import tracking
+    from orchestrator.models import existing_store
+
+    uri = existing_store(args.tracking_uri)
+    if not uri.startswith(("sqlite:///", "postgresql", "mysql")):
+        raise ConfigError(f"{uri} is a tracking server already: open it in a browser")
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    argv = [str(mlflow_bin), "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    root = tracking.artifact_root(uri)
+    if root:
+        argv += ["--default-artifact-root", root]
+    print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it)", flush=True)
+    os.execv(argv[0], argv)
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
@@ -375,13 +420,17 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from orchestrator import tracking
+    from mlflow.tracking import MlflowClient
 
-    client, _ = tracking.setup(args.tracking_uri, "pouta")
+    from orchestrator import tracking
+    from orchestrator.models import existing_store
+
+    store = existing_store(args.tracking_uri)     # never creates a store it then searches in vain
     try:
-        tracking.promote(client, args.model, args.version, tracking.CHAMPION)
+        tracking.promote(MlflowClient(store), args.model, args.version, tracking.CHAMPION)
     except Exception as exc:  # MlflowException for an unknown model or version
-        raise ConfigError(f"cannot promote {args.model} version {args.version}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"cannot promote {args.model} version {args.version} in {store}: "
+                          f"{str(exc).splitlines()[0]}") from None
     print(f"{args.model}: champion -> version {args.version}")
     return 0
 
@@ -408,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a category's test (or validation) split")
-    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint.pt")
+    _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--split", default="test", choices=["test", "val"],
                    help="test (default) or val: the validation images the checkpoint was chosen on, "
@@ -417,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="score images, write heat-map overlays")
-    p.add_argument("--checkpoint", required=True)
+    _add_model_args(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float, help="decision threshold (default: the stored one)")
@@ -428,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="export to ONNX or TorchScript, checked against PyTorch")
-    p.add_argument("--checkpoint", required=True)
+    _add_model_args(p)
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_export)
@@ -478,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check the arguments and data, run nothing")
     p.set_defaults(func=_cmd_retrain)
 
+    p = sub.add_parser("ui", help="the MLflow UI on this project's tracking store (127.0.0.1 by default)")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else ./mlflow-data")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_cmd_ui)
+
     p = sub.add_parser("promote", help="move the champion alias to a registered model version")
     p.add_argument("--model", required=True, help="registered model, e.g. pouta-mvtec-bottle")
     p.add_argument("--version", required=True)
@@ -524,6 +579,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--runs must be at least 20")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # Tune's and Train's advice ("snapshotting may become a bottleneck", resource hints
+        # the watchdog turns into its own message) stays in Ray's logs.
+        for name in ("ray.tune", "ray.train"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     from orchestrator import interrupts
     from orchestrator.errors import ClusterStalled
     from pouta_core.data.errors import DataError

@@ -44,10 +44,11 @@ def _set_env(values: dict[str, str]) -> None:
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None,
-            runtime_env: dict[str, Any] | None = None) -> str:
+            runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True) -> str:
     """Join the cluster at ``address`` (else ``$RAY_ADDRESS``), or start an in-process one
     when neither is given; never follow the cluster ``ray start`` last recorded.
-    ``runtime_env`` adds to the job's runtime environment (its ``env_vars`` are merged).
+    ``runtime_env`` adds to the job's runtime environment (its ``env_vars`` are merged);
+    ``log_to_driver`` prints the workers' output here too (it is always in Ray's logs).
 
     -> the GCS address (``host:port``) every process of this command uses. A second call
     while connected returns the current address."""
@@ -62,7 +63,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         port = _free_port()
         gcs = f"127.0.0.1:{port}"
         _set_env({_GCS_PORT_ENV: str(port), ADDRESS_ENV: gcs})
-        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=True,
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
                  include_dashboard=True, runtime_env={**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}})
         global _started_here
         _started_here = True
@@ -74,7 +75,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
 
     gcs = canonicalize_bootstrap_address_or_die(address)   # "auto" -> the one host:port, or a clear error
     _set_env({ADDRESS_ENV: gcs})
-    ray.init(address=gcs, log_to_driver=True, runtime_env={**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}})
+    ray.init(address=gcs, log_to_driver=log_to_driver,
+             runtime_env={**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}})
     log.info("joined the Ray cluster at %s", gcs)
     return gcs
 

@@ -8,6 +8,7 @@ per changed category. All three share :func:`run_category_trials` and :func:`reg
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from ray import tune
 from orchestrator import cluster, interrupts, tracking
 from orchestrator.errors import ClusterStalled
 from orchestrator.mlflow_callback import MlflowTrialCallback
+from orchestrator.progress import ProgressPrinter
 from orchestrator.trial import SAMPLED, Job, run_trial
 from orchestrator.watchdog import DEFAULT_PENDING_TIMEOUT_S, StallWatchdog, check_feasible
 from pouta_core.config import Config, ConfigError, parse_overrides
@@ -46,6 +48,7 @@ class Plan:
     pending_timeout: float = DEFAULT_PENDING_TIMEOUT_S
     metric: str = "pixel_ap"
     mode: str = "max"
+    verbose: bool = False     # Tune's tables and Ray's worker logs on the console (pouta -v)
     fingerprints: dict[str, str] = field(default_factory=dict)
     # --category-set: config values for one category only, over ``base`` and any --set.
     per_category: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -94,7 +97,7 @@ def _abs(p: str | None) -> str | None:
 def init_ray(plan: Plan | None = None) -> str:
     """Connect to the cluster the plan names (``--ray-address``, else ``RAY_ADDRESS``), or
     start an in-process one: see :mod:`orchestrator.cluster`."""
-    address = cluster.connect(plan.ray_address if plan else None)
+    address = cluster.connect(plan.ray_address if plan else None, log_to_driver=bool(plan and plan.verbose))
     if plan is not None and cluster.started_here():
         # A fixed-size cluster (no autoscaler): a worker no node can hold fails now, not after
         # --pending-timeout.
@@ -164,11 +167,15 @@ def make_tuner(plan: Plan, name: str, job: Job, param_space: dict[str, Any], tun
             return tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
                                       resume_unfinished=True, resume_errored=True)
     watchdog = StallWatchdog(plan.pending_timeout, job.worker_resources(), job.workers)
+    callbacks: list[Any] = [cb, watchdog]
+    if not plan.verbose:
+        callbacks.append(ProgressPrinter(selection_metric(plan.metric), plan.mode, plan.categories))
     return tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(name=name, storage_path=str(Path(plan.storage_path).resolve()),
-                                  callbacks=[cb, watchdog], failure_config=tune.FailureConfig(max_failures=1),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+                                  callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=1),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  verbose=None if plan.verbose else 0),
     )
 
 
@@ -232,8 +239,35 @@ def model_requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "numpy", "cloudpickle")]
 
 
-def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: str, checkpoint: str
-                  ) -> tuple[str, str]:
+def describe_version(client, name: str, version: str, *, category: str, fingerprint: str,
+                     metrics: dict[str, float], searched: dict[str, Any], source: str, parent_run_id: str,
+                     selection: str) -> None:
+    """Tags and a Markdown description on a model version, so its page in the MLflow UI says
+    what it is and why it was chosen: category, data fingerprint, validation metrics (the
+    choice) and test metrics (reported only), the searched values, and the source run."""
+    shown = [k for k in SUMMARY_METRICS if f"val_{k}" in metrics]
+    tags = {"category": category, tracking.TAG_FINGERPRINT: fingerprint, "source": source,
+            "source_parent_run": parent_run_id, tracking.TAG_SELECTION: selection,
+            **{f"{split}_{k}": f"{metrics[f'{split}_{k}']:.4f}" for split in ("val", "test") for k in shown
+               if isinstance(metrics.get(f"{split}_{k}"), float) and math.isfinite(metrics[f"{split}_{k}"])},
+            **{f"searched.{k}": str(v) for k, v in searched.items()}}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+    def cell(v: float | None) -> str:
+        return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "n/a"
+
+    rows = "\n".join(f"| {k} | {cell(metrics.get(f'val_{k}'))} | {cell(metrics.get(f'test_{k}'))} |" for k in shown)
+    values = ", ".join(f"`{k}={v}`" for k, v in searched.items()) or "the base config (nothing searched)"
+    description = (f"POUTA model for **{category}**, chosen by {source} on the **{selection}** split "
+                   f"(parent run `{parent_run_id}`).\n\n| metric | validation (chosen on) | test (reported) |\n"
+                   f"|---|---|---|\n{rows}\n\nSearched values: {values}.\n\n"
+                   f"Training data fingerprint: `{fingerprint[:16]}`.")
+    client.update_model_version(name, version, description=description)
+
+
+def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: str, checkpoint: str,
+                  searched: dict[str, Any] | None = None, kind: str = "launch") -> tuple[str, str]:
     """Log the checkpoint's model into its trial's MLflow run with ``mlflow.pytorch.log_model``,
     register it as ``pouta-<dataset>-<category>`` and point ``challenger`` at the new version."""
     import mlflow
@@ -249,7 +283,7 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     done = client.get_run(run_id).data.tags.get("pouta.registered_version")
     if done:   # a rerun of a finished experiment: registered already
         return tracking.registered_name(plan.dataset, category), done
-    model, config, _ = load_model(checkpoint, "cpu")
+    model, config, state = load_model(checkpoint, "cpu")
     wrapped = MapModel(model).eval()
     example = np.random.default_rng(0).random((1, 3, config.image_size, config.image_size), dtype=np.float32)
     with torch.inference_mode():
@@ -265,8 +299,9 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     version = str(info.registered_model_version)
     client.set_tag(run_id, "pouta.registered_version", version)
     client.set_registered_model_alias(name, tracking.CHALLENGER, version)
-    client.set_model_version_tag(name, version, "category", category)
-    client.set_model_version_tag(name, version, tracking.TAG_FINGERPRINT, plan.fingerprints.get(category, ""))
+    describe_version(client, name, version, category=category, fingerprint=plan.fingerprints.get(category, ""),
+                     metrics=state.get("metrics", {}), searched=searched or {}, source=f"{kind} {plan.name}",
+                     parent_run_id=cb.parent_run_id, selection=tracking.selection_tag(config.val_split))
     tracking.finish(client, run_id)
     return name, version
 

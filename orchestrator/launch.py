@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ray import tune
 
 from orchestrator import experiment as ex
-from orchestrator import tracking
+from orchestrator import report, tracking
 from pouta_core import api
 
 
@@ -25,7 +26,8 @@ def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str,
     job = plan.job(category_values=per_category)
     cb = ex.callback(plan, job, parent_id, parent_key)
     param_space = {"category": tune.grid_search(plan.categories)}
-    tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None)
+    tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None,
+                                  reuse_actors=True)   # see sweep.py
     tuner = ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume)
     results = ex.fit(tuner)
     keys = ex.both_splits(ex.SUMMARY_METRICS)
@@ -38,8 +40,11 @@ def run_launch(plan: ex.Plan, *, resume: bool, per_category: dict[str, dict[str,
         if "error" in row or not row.get("checkpoint"):
             summary[category] = {"error": row.get("error", "no checkpoint")}
             continue
-        name, version = ex.register_best(plan, cb, category, row["trial_id"], row["checkpoint"])
+        name, version = ex.register_best(plan, cb, category, row["trial_id"], row["checkpoint"], kind=kind)
         summary[category] = {**{k: row.get(k) for k in ["trial_id", "epoch", *keys]}, "checkpoint": row["checkpoint"],
                              "registered_model": name, "version": version}
+    report.publish(client, parent_id, Path(plan.storage_path) / f"{plan.name}-report", f"{kind} {plan.name}",
+                   {c: {"trials": [e], "best": e} if "error" not in e else {"trials": [e]}
+                    for c, e in summary.items()}, keys)
     tracking.finish(client, parent_id, ok=all("error" not in e for e in summary.values()))
     return summary

@@ -15,7 +15,7 @@ import yaml
 from ray import tune
 
 from orchestrator import experiment as ex
-from orchestrator import tracking
+from orchestrator import report, tracking
 from orchestrator.scheduling import CategorySearch, PerCategoryScheduler
 from orchestrator.trial import SAMPLED, decode_sampled
 from pouta_core import api
@@ -133,13 +133,20 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
     tune_config = tune.TuneConfig(
         metric=None if multi else metric, mode=None if multi else mode, search_alg=search_alg,
         scheduler=_asha(plan, base) if scheduler == "asha" else None, num_samples=samples,
-        max_concurrent_trials=plan.max_concurrent or None)
+        max_concurrent_trials=plan.max_concurrent or None,
+        # A finished trial's process takes the next trial: no new process, no second import
+        # of torch (measured: a 19 s gap between waves of 8 trials on this 2-core machine).
+        reuse_actors=True)
     results = ex.fit(ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume))
     if not space.has_grid:
         _fail_dangling_optuna_trials(storage_url, [f"{plan.name}-{c}" for c in plan.categories])
     keys = ex.both_splits([k for k, _ in objectives] + list(ex.SUMMARY_METRICS))
     summary = {c: _category_summary(plan, base, cb, c, ex.trial_rows([r for r in results if _category(r) == c], keys),
                                     objectives, keys) for c in plan.categories}
+    folder = (Path(best_out).parent if best_out else Path(plan.storage_path)) / f"{plan.name}-report"
+    report.publish(client, parent_id, folder, f"sweep {plan.name} ({space.path.name})", summary, keys,
+                   storage_url=None if space.has_grid else storage_url,
+                   study_names={c: f"{plan.name}-{c}" for c in plan.categories}, objectives=objectives)
     tracking.finish(client, parent_id, ok=not any("error" in e for e in summary.values()))
     if best_out:
         best_configs = {c: e["config"] for c, e in summary.items() if "config" in e}
@@ -176,7 +183,8 @@ def _category_summary(plan: ex.Plan, base, cb, category: str, rows: list[dict[st
     if best is None:
         return {**entry, "error": "no trial finished with a checkpoint"}
     config = plan.config_for(category, base).replace(**decode_sampled(best["config"].get(SAMPLED, {})))
-    model_name, version = ex.register_best(plan, cb, category, best["trial_id"], best["checkpoint"])
+    model_name, version = ex.register_best(plan, cb, category, best["trial_id"], best["checkpoint"],
+                                           searched=decode_sampled(best["config"].get(SAMPLED, {})), kind="sweep")
     return {**entry, "best": {k: best.get(k) for k in ["trial_id", "epoch", *keys]}, "config": config.to_dict(),
             "registered_model": model_name, "version": version}
 

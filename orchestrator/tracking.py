@@ -47,13 +47,6 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
-def ui_command(uri: str) -> str:
-    if uri.startswith("sqlite:///"):
-        return (f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifact_root(uri)} "
-                "--host 127.0.0.1 --port 5000")
-    return f"open {uri} in a browser"
-
-
 def setup(uri: str | None, experiment: str) -> tuple[MlflowClient, str]:
     """-> (client, experiment id), creating the experiment if needed."""
     uri = resolve_tracking_uri(uri)

@@ -127,3 +127,30 @@ def test_contrast_check_bad_run_is_one_line_error(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0 and "nope" in out.stderr
+
+
+def test_ui_serves_the_store_on_loopback_and_refuses_a_missing_one(tmp_path):
+    import os
+    import signal
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+    from servers import free_port, wait_http
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("pouta")
+    port = free_port()
+    log = tmp_path / "ui.log"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--tracking-uri", uri, "--port",
+                             str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 120, proc, log)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
+                                    "?experiment_name=pouta", timeout=10) as r:
+            assert json.loads(r.read())["experiment"]["name"] == "pouta"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    missing = pouta("ui", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", check=False)
+    assert missing.returncode == 2 and "no such MLflow store" in missing.stderr
+    assert not (tmp_path / "none.db").exists()

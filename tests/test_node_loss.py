@@ -46,8 +46,10 @@ def test_a_trial_on_a_lost_node_continues_on_the_other(tmp_path):
         env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **head["env"]}
         log = tmp_path / "driver.log"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "sweep", "--space", "mss_lambdas", "--data-root", str(data),
-             "--dataset", "mvtec", "--categories", "tiles", "--num-samples", "1", "--max-concurrent", "1",
+            # -v: Ray's worker output on the console, where the trial's PID is read from.
+            [sys.executable, "-m", "orchestrator.cli", "-v", "sweep", "--space", "mss_lambdas",
+             "--data-root", str(data), "--dataset", "mvtec", "--categories", "tiles", "--num-samples", "1",
+             "--max-concurrent", "1",
              "--scheduler", "none", "--storage-path", str(tmp_path / "ray"), "--ray-address", head["address"],
              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--name", "lost",
              "--pending-timeout", "180", *SMALL],

@@ -2,6 +2,7 @@
 sqlite MLflow, on tiny demo data, while a decoy `ray start --head` (another user's cluster)
 runs on the same machine."""
 
+import json
 import shutil
 
 import numpy as np
@@ -60,7 +61,7 @@ def test_launch_trains_every_category_and_registers_challengers(env, capsys):
     assert cli.main(["launch", "--categories", "all", *common(env, "launch-a"), *PILLS_ON_OBJECT]) == 0
     out = capsys.readouterr().out
     assert "pouta-mvtec-tiles v1 (challenger)" in out and "pouta-mvtec-pills v1 (challenger)" in out
-    assert "mlflow ui --backend-store-uri" in out
+    assert f"ui --tracking-uri {env['uri']}" in out
     parent = runs(env, **{"pouta.kind": "launch"})
     children = runs(env, **{"pouta.kind": "trial"})
     assert len(parent) == 1 and len(children) == 2
@@ -76,6 +77,32 @@ def test_rerunning_a_finished_launch_resumes_without_duplicates(env, capsys):
     assert cli.main(["launch", "--categories", "all", *common(env, "launch-a"), *PILLS_ON_OBJECT]) == 0
     assert len(runs(env, **{"pouta.kind": "trial"})) == 2
     assert len(env["client"].search_model_versions("name = 'pouta-mvtec-tiles'")) == 1
+
+
+def test_weights_are_used_by_name_from_the_registry_a_run_or_a_ray_trial(env, tmp_path, capsys):
+    images = env["data"] / "tiles" / "test" / "scratch"
+    by_alias = ["predict", "--model", "models:/pouta-mvtec-tiles@challenger", str(images), "--out",
+                str(tmp_path / "a"), "--tracking-uri", env["uri"], "--json"]
+    assert cli.main(by_alias) == 0
+    scored = json.loads(capsys.readouterr().out)["scored"]
+    assert len(scored) == 2
+    # The same weights by version, by run, and from the Ray trial folder they came from.
+    version = env["client"].get_model_version_by_alias("pouta-mvtec-tiles", "challenger")
+    trial_dir = next((env["root"] / "ray" / "launch-a").glob("*category=tiles*/checkpoint_*")).parent
+    for ref in ("models:/pouta-mvtec-tiles/1", f"runs:/{version.run_id}", str(trial_dir)):
+        assert cli.main(["predict", "--model", ref, str(images), "--out", str(tmp_path / "b"),
+                         "--tracking-uri", env["uri"], "--json"]) == 0
+        assert [r["score"] for r in json.loads(capsys.readouterr().out)["scored"]] == \
+            pytest.approx([r["score"] for r in scored], abs=1e-6), ref
+    # "Not found" names the store searched; a missing store is not created.
+    assert cli.main(["predict", "--model", "models:/pouta-mvtec-tiles@nope", str(images), "--out",
+                     str(tmp_path / "c"), "--tracking-uri", env["uri"]]) == 2
+    err = capsys.readouterr().err
+    assert f"models:/pouta-mvtec-tiles@nope: not found in {env['uri']}" in err
+    missing = f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"
+    assert cli.main(["promote", "--model", "pouta-mvtec-tiles", "--version", "1", "--tracking-uri", missing]) == 2
+    assert f"{missing}: no such MLflow store" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists() and not (tmp_path / "c").exists()
 
 
 def scramble_test_part(src, dst):
@@ -165,6 +192,21 @@ def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_pa
     assert len(pills_trials) == 2 and {r.data.params["foreground_threshold"] for r in pills_trials} == {"0.3"}
     assert len([r for r in runs(env, **{"pouta.kind": "trial"})
                 if r.data.tags[tracking.TAG_KEY].startswith("sweep:sweep-r/")]) == 4
+    # The report: on the parent run and beside best.yaml.
+    report = tmp_path / "sweep-r-report"
+    assert {"trials.csv", "trials.md", "tiles-history.png", "tiles-parallel.png"} <= {p.name for p in report.iterdir()}
+    table = (report / "trials.csv").read_text().splitlines()
+    assert len(table) == 5 and "lambda_1" in table[0] and "val_pixel_ap" in table[0] and "test_pixel_ap" in table[0]
+    assert sum(",yes," in row for row in table) == 2            # one chosen trial per category
+    parent = next(r for r in runs(env, **{"pouta.kind": "sweep"}) if r.info.run_name == "sweep-r")
+    assert {"best_val_pixel_ap.tiles", "best_test_pixel_ap.pills"} <= set(parent.data.metrics)
+    logged = {f.path for f in env["client"].list_artifacts(parent.info.run_id, "report")}
+    assert {"report/trials.md", "report/tiles-history.png"} <= logged
+    # The registered version says what it is and why it was chosen.
+    version = env["client"].get_model_version_by_alias("pouta-mvtec-pills", "challenger")
+    assert version.tags["category"] == "pills" and version.tags["source"] == "sweep sweep-r"
+    assert "val_pixel_ap" in version.tags and "test_pixel_ap" in version.tags and "searched.lambda_1" in version.tags
+    assert "validation (chosen on)" in version.description and parent.info.run_id in version.description
 
 
 def test_retrain_skips_unchanged_data_and_promotes_a_first_champion(env, capsys):

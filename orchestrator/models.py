@@ -1,0 +1,108 @@
+"""Weights by name: what ``predict``, ``evaluate`` and ``export`` accept as ``--model``.
+
+- ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a registered model version. Its source
+  run (the trial that produced it) holds the POUTA checkpoint, which is what is downloaded
+  and loaded (``torch.load(weights_only=True)``), not the pickled MLflow model.
+- ``runs:/RUN_ID`` (the run's ``checkpoint`` artifact) or ``runs:/RUN_ID/PATH``.
+- a run folder or ``checkpoint.pt``; a Ray trial folder (its latest ``checkpoint_*``).
+
+The store is ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded default; a
+store that does not exist is an error (reading never creates one), and every "not found"
+names the store it searched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from pouta_core.checkpoint import CHECKPOINT
+from pouta_core.config import ConfigError
+
+log = logging.getLogger(__name__)
+URI_SCHEMES = ("models:/", "runs:/")
+
+
+def existing_store(uri: str | None) -> str:
+    """The tracking store to read from; a local store that is not there is refused."""
+    from orchestrator.tracking import DEFAULT_HOME
+
+    chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not chosen:
+        db = DEFAULT_HOME.resolve() / "mlflow.db"
+        if not db.is_file():
+            raise ConfigError(f"no MLflow store at {db} (the default): pass --tracking-uri or set "
+                              "MLFLOW_TRACKING_URI")
+        return f"sqlite:///{db}"
+    if chosen.startswith("sqlite:///") and not Path(chosen.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"{chosen}: no such MLflow store")
+    return chosen
+
+
+def local_checkpoint(path: Path) -> Path:
+    """A run folder, a ``checkpoint.pt``, or a Ray trial folder -> the checkpoint's folder or file."""
+    if path.is_file() or (path / CHECKPOINT).is_file():
+        return path
+    found = sorted(path.glob(f"checkpoint_*/{CHECKPOINT}"))
+    if found:
+        log.info("%s: using the trial's latest checkpoint, %s", path, found[-1].parent.name)
+        return found[-1].parent
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder")
+    raise ConfigError(f"{path}: no {CHECKPOINT} here, nor in a checkpoint_* folder of a Ray trial")
+
+
+def _run_and_path(ref: str, store: str) -> tuple[str, str]:
+    """-> (run id, artifact path of the checkpoint folder) for a ``models:/`` or ``runs:/`` URI."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    try:
+        if ref.startswith("runs:/"):
+            run_id, _, path = ref.removeprefix("runs:/").partition("/")
+            client.get_run(run_id)
+            return run_id, path or "checkpoint"
+        rest = ref.removeprefix("models:/")
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = rest.rpartition("/")
+            if not name:
+                raise ConfigError(f"{ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+            version = client.get_model_version(name, number)
+    except MlflowException as exc:
+        raise ConfigError(f"{ref}: not found in {store} ({str(exc).splitlines()[0]})") from None
+    if not version.run_id:
+        raise ConfigError(f"{ref}: version {version.version} has no source run in {store}")
+    return version.run_id, "checkpoint"
+
+
+@contextlib.contextmanager
+def resolved(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
+    """The local checkpoint ``ref`` names, downloaded for the ``with`` block when it is a URI."""
+    if not ref.startswith(URI_SCHEMES):
+        yield local_checkpoint(Path(ref))
+        return
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    store = existing_store(tracking_uri)
+    run_id, path = _run_and_path(ref, store)
+    tmp = tempfile.mkdtemp(prefix="pouta-model-")
+    try:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
+                                                        tracking_uri=store)
+        except (MlflowException, OSError) as exc:
+            raise ConfigError(f"{ref}: run {run_id} in {store} has no '{path}' artifact "
+                              f"({str(exc).splitlines()[0]})") from None
+        yield local_checkpoint(Path(local))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,148 @@
+"""What a sweep, launch or retrain found, on its parent MLflow run and beside ``-best.yaml``:
+
+- parent metrics ``best_val_<metric>.<category>`` and ``best_test_<metric>.<category>`` (the
+  test values of the trial chosen on validation: reported, never used to choose);
+- ``trials.csv`` and ``trials.md``: one row per trial, the searched values, validation and
+  test metrics, and which trial was chosen;
+- per category, Optuna's own plots (matplotlib): optimisation history, parameter
+  importances, parallel coordinates, and the Pareto front of a multi-objective sweep.
+
+Everything is written into a folder first and logged from there as the ``report`` artifact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pouta_core.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def table(summary: dict[str, dict[str, Any]], keys: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """-> (columns, one row per trial of every category)."""
+    from orchestrator.trial import SAMPLED
+
+    searched: list[str] = []
+    rows = []
+    for category, entry in summary.items():
+        chosen = (entry.get("best") or {}).get("trial_id")
+        for r in entry.get("trials", []):
+            values = (r.get("config") or {}).get(SAMPLED, {})
+            searched += [k for k in values if k not in searched]
+            rows.append({"category": category, "trial_id": r.get("trial_id"),
+                         "chosen": "yes" if r.get("trial_id") == chosen and chosen else "",
+                         "epoch": r.get("epoch"), **values, **{k: r.get(k) for k in keys},
+                         "error": (r.get("error") or "").splitlines()[0] if r.get("error") else ""})
+    return ["category", "trial_id", "chosen", "epoch", *searched, *keys, "error"], rows
+
+
+def _csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _markdown(title: str, columns: list[str], rows: list[dict[str, Any]]) -> str:
+    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_short(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def best_metrics(summary: dict[str, dict[str, Any]], keys: list[str]) -> dict[str, float]:
+    """``best_<split>_<metric>.<category>`` of each category's chosen trial."""
+    out = {}
+    for category, entry in summary.items():
+        for k, v in (entry.get("best") or {}).items():
+            if k in keys and isinstance(v, int | float) and math.isfinite(v):
+                out[f"best_{k}.{category}"] = float(v)
+    return out
+
+
+def study_plots(storage_url: str, study_names: dict[str, str], objectives: list[tuple[str, str]],
+                folder: Path) -> list[Path]:
+    """Optuna's matplotlib plots of each category's study -> the PNG files written. A plot a
+    study cannot have yet (importances need two finished trials that differ) is skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    names = [k.removeprefix("val_") for k, _ in objectives]
+    multi = len(objectives) > 1
+    first = {"target": (lambda t: t.values[0]) if multi else None, "target_name": f"val {names[0]}"}
+    plots = {"history": lambda s: ovm.plot_optimization_history(s, **first),
+             "importances": lambda s: ovm.plot_param_importances(s, **first),
+             "parallel": lambda s: ovm.plot_parallel_coordinate(s, **first)}
+    if multi:
+        plots["pareto"] = lambda s: ovm.plot_pareto_front(s, target_names=[f"val {n}" for n in names])
+    written = []
+    for category, study_name in study_names.items():
+        study = optuna.load_study(study_name=study_name, storage=storage_url)
+        for kind, plot in plots.items():
+            path = folder / f"{category}-{kind}.png"
+            try:
+                ax = plot(study)
+                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                fig.set_size_inches(8, 5)
+                fig.suptitle(f"{category}: {kind}")
+                fig.tight_layout()
+                atomic_write(path, lambda fh, f=fig: f.savefig(fh, format="png", dpi=100))
+                written.append(path)
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+                log.info("no %s plot for %s yet: %s", kind, category, exc)
+            finally:
+                plt.close("all")
+    return written
+
+
+def write(folder: Path, title: str, summary: dict[str, dict[str, Any]], keys: list[str], *,
+          storage_url: str | None = None, study_names: dict[str, str] | None = None,
+          objectives: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Write the report into ``folder`` -> its files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    columns, rows = table(summary, keys)
+    atomic_write(folder / "trials.csv", lambda fh: fh.write(_csv(columns, rows).encode()))
+    atomic_write(folder / "trials.md", lambda fh: fh.write(_markdown(title, columns, rows).encode()))
+    files = [folder / "trials.csv", folder / "trials.md"]
+    if storage_url and study_names:
+        files += study_plots(storage_url, study_names, objectives or [], folder)
+    return files
+
+
+def log_to_parent(client, run_id: str, folder: Path, summary: dict[str, dict[str, Any]], keys: list[str]) -> None:
+    """Best metrics as parent-run metrics; the report folder as its ``report`` artifact."""
+    from orchestrator import tracking
+
+    tracking.log_metrics(client, run_id, best_metrics(summary, keys), step=0)
+    client.log_artifacts(run_id, str(folder), artifact_path="report")
+
+
+def publish(client, run_id: str, folder: Path, title: str, summary: dict[str, dict[str, Any]], keys: list[str],
+            **plots: Any) -> Path:
+    """Write the report into ``folder`` and onto the parent run; a failure to draw or log it
+    is a warning, never a failed sweep. -> ``folder``."""
+    try:
+        write(folder, title, summary, keys, **plots)
+        log_to_parent(client, run_id, folder, summary, keys)
+    except Exception as exc:  # noqa: BLE001 - the trained models matter more than their report
+        log.warning("the report in %s is incomplete: %s", folder, exc)
+    return folder
