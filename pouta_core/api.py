@@ -20,7 +20,7 @@ from pouta_core.bootstrap import Evidence
 from pouta_core.config import Config, ConfigError
 from pouta_core.data import EvalDataset, ImageCache, decode, load_image, read_split
 from pouta_core.data.errors import DataError
-from pouta_core.data.images import list_images, warn_about
+from pouta_core.data.images import list_images, read_rgb, warn_about
 from pouta_core.data.validation import SelectionSplit, split_for_selection, synthetic_validation
 from pouta_core.inference import ExportWrapper, predict
 from pouta_core.synthesis import TextureFolder
@@ -164,11 +164,21 @@ def _inputs(paths: list[str | Path]) -> list[tuple[Path, Path]]:
     return [(f, f.relative_to(base)) for f in files]
 
 
+def _full_size_overlay(path: Path, amap: np.ndarray) -> np.ndarray:
+    """The heat map over the image at the file's own resolution (the map upsampled, bilinear)."""
+    rgb = read_rgb(path)
+    h, w = rgb.shape[:2]
+    big = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None],
+                                          size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    return overlay(rgb, big)
+
+
 def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Path, *,
                   threshold: float | None = None, save_maps: bool = False, device: str = "auto",
                   batch_size: int = 16) -> Prediction:
-    """Score every readable image; write ``<name>.overlay.png`` (and ``<name>.map.npy``)
-    into ``out``, mirroring the inputs' folders. An image that cannot be read is reported
+    """Score every readable image; write ``<name>.overlay.png`` (the heat map over the image at
+    the image's own resolution) and with ``save_maps`` ``<name>.map.npy`` (the map at the
+    model's input size) into ``out``, mirroring the inputs' folders. An image that cannot be read is reported
     in ``failed`` and the others are still scored. The decision uses ``threshold``, else
     the one stored at training time."""
     dev = resolve_device(device)
@@ -192,9 +202,9 @@ def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Pa
     for start in range(0, len(images), batch_size):
         batch = torch.stack(images[start:start + batch_size])
         scores, maps = predict(model, batch, device=dev, batch_size=batch_size)
-        for (f, rel), img, score, amap in zip(readable[start:start + batch_size], batch, scores, maps, strict=True):
+        for (f, rel), score, amap in zip(readable[start:start + batch_size], scores, maps, strict=True):
             target = out / rel.parent
-            blended = Image.fromarray(overlay(img.permute(1, 2, 0).numpy().astype(float), amap))
+            blended = Image.fromarray(_full_size_overlay(f, amap))
             overlay_path = target / f"{rel.name}.overlay.png"
             ckpt.atomic_write(overlay_path, lambda fh, im=blended: im.save(fh, format="PNG"))
             if save_maps:

@@ -154,3 +154,26 @@ def test_ui_serves_the_store_on_loopback_and_refuses_a_missing_one(tmp_path):
     missing = pouta("ui", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", check=False)
     assert missing.returncode == 2 and "no such MLflow store" in missing.stderr
     assert not (tmp_path / "none.db").exists()
+
+
+def test_pictures_show_the_map_at_full_size_with_labels(trained, tmp_path):
+    from PIL import Image
+
+    from pouta_core.visualize import COLUMNS, heatmap_grid, overlay, turbo
+
+    root, run = trained
+    # predict: the overlay has the input's resolution, not the model's 32 px
+    big = tmp_path / "big.png"
+    Image.open(root / "data" / "tiles" / "test" / "scratch" / "000.png").resize((96, 80)).save(big)
+    pouta("predict", "--checkpoint", run, big, "--out", tmp_path / "out", "--threshold", "0.5")
+    assert Image.open(tmp_path / "out" / "big.png.overlay.png").size == (96, 80)
+    # the heat map stays visible on an orange surface: a high score turns it red-dominant
+    orange = np.full((8, 8, 3), (230, 120, 30), np.uint8)
+    hot = overlay(orange, np.ones((8, 8)))
+    assert (hot.astype(int) - orange).any() and tuple(turbo(np.array([1.0]))[0]) != tuple(turbo(np.array([0.0]))[0])
+    # the grid: one row per example, four labelled columns, tiles enlarged to >= 160 px
+    images = np.zeros((2, 3, 32, 32), np.uint8)
+    masks = np.zeros((2, 32, 32), np.uint8)
+    masks[0, 8:16, 8:16] = 1
+    grid = heatmap_grid(images, np.random.default_rng(0).random((2, 32, 32)), masks, np.array([0.9, 0.1]))
+    assert grid.width >= len(COLUMNS) * 160 and grid.height >= 2 * 160

@@ -120,11 +120,16 @@ def to_rgb8(img: Image.Image, path: Path) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """RGB uint8 (3, size, size), decoded by :func:`to_rgb8` and resized (bilinear)."""
+def read_rgb(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3) at the file's own resolution, decoded by :func:`to_rgb8`."""
     path = Path(path)
     with _open(path) as img:
-        rgb = to_rgb8(img, path)
+        return to_rgb8(img, path)
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """RGB uint8 (3, size, size), decoded by :func:`to_rgb8` and resized (bilinear)."""
+    rgb = read_rgb(path)
     resized = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
 
