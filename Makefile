@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean ui-check
 
 install: $(STAMP)
 
@@ -30,6 +30,13 @@ demo: $(STAMP)
 		--category-set pills:foreground_threshold=0.3 \
 		--storage-path $(DEMO_DIR)/ray-results --name demo --resume \
 		--tracking-uri sqlite:///$(abspath $(DEMO_DIR))/mlflow-data/mlflow.db
+
+# The demo's MLflow store in a real browser (Debian's chromium driven by Playwright), with
+# screenshots in bench-out/ui/. Run `make demo` first. Not part of `make test`.
+ui-check: $(STAMP)
+	test -x /usr/bin/chromium || (apt-get install -y -q chromium || sudo apt-get install -y -q chromium)
+	$(PY) -c 'import playwright' 2>/dev/null || $(PY) -m pip install --quiet playwright
+	$(PY) bench/ui_check.py
 
 bench: $(STAMP)
 	$(VENV)/bin/pouta bench model --preset paper --image-size 224 --json

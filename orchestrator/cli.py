@@ -340,6 +340,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import search_spaces
     from orchestrator.experiment import both_splits
+    from orchestrator.progress import short
     from orchestrator.sweep import check_category_sets, parse_objectives, run_sweep
 
     base = _load_config(args)
@@ -362,11 +363,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     _selection_warning(plan)
     for category, e in summary.items():
         if "config" in e:
-            changed = {k: e["config"][k] for k in space.keys}
+            changed = " ".join(f"{k}={short(e['config'][k])}" for k in space.keys)
             print(f"best {category}: {changed}")
         for point in e.get("pareto", []):
             print(f"pareto {category}: " + ", ".join(f"{k}={point[k]:.4f}" for k, _ in objectives))
-    print(f"best configs written to {best_out}")
+    print(f"best configs written to {best_out}; report (trials table, plots) in "
+          f"{Path(best_out).parent / (plan.name + '-report')} and on the MLflow parent run")
     _mlflow_hint(args)
     return 1 if any("error" in e for e in summary.values()) else 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from ray import tune
 from orchestrator import cluster, interrupts, tracking
 from orchestrator.errors import ClusterStalled
 from orchestrator.mlflow_callback import MlflowTrialCallback
-from orchestrator.progress import ProgressPrinter
+from orchestrator.progress import ProgressPrinter, short
 from orchestrator.trial import SAMPLED, Job, run_trial
 from orchestrator.watchdog import DEFAULT_PENDING_TIMEOUT_S, StallWatchdog, check_feasible
 from pouta_core.config import Config, ConfigError, parse_overrides
@@ -250,7 +250,7 @@ def describe_version(client, name: str, version: str, *, category: str, fingerpr
             "source_parent_run": parent_run_id, tracking.TAG_SELECTION: selection,
             **{f"{split}_{k}": f"{metrics[f'{split}_{k}']:.4f}" for split in ("val", "test") for k in shown
                if isinstance(metrics.get(f"{split}_{k}"), float) and math.isfinite(metrics[f"{split}_{k}"])},
-            **{f"searched.{k}": str(v) for k, v in searched.items()}}
+            **{f"searched.{k}": short(v) for k, v in searched.items()}}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
 
@@ -258,7 +258,7 @@ def describe_version(client, name: str, version: str, *, category: str, fingerpr
         return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "n/a"
 
     rows = "\n".join(f"| {k} | {cell(metrics.get(f'val_{k}'))} | {cell(metrics.get(f'test_{k}'))} |" for k in shown)
-    values = ", ".join(f"`{k}={v}`" for k, v in searched.items()) or "the base config (nothing searched)"
+    values = ", ".join(f"`{k}={short(v)}`" for k, v in searched.items()) or "the base config (nothing searched)"
     description = (f"POUTA model for **{category}**, chosen by {source} on the **{selection}** split "
                    f"(parent run `{parent_run_id}`).\n\n| metric | validation (chosen on) | test (reported) |\n"
                    f"|---|---|---|\n{rows}\n\nSearched values: {values}.\n\n"
@@ -304,10 +304,6 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
                      parent_run_id=cb.parent_run_id, selection=tracking.selection_tag(config.val_split))
     tracking.finish(client, run_id)
     return name, version
-
-
-def single_trial_plan(plan: Plan, config: Config) -> Plan:
-    return replace(plan, base=config)
 
 
 def best_checkpoint_of(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:

@@ -199,6 +199,3 @@ class ImageCache:
             atomic_write(disk, lambda fh: np.save(fh, t.numpy()))
         self._mem[mkey] = t
         return t
-
-    def images(self, paths: Iterable[Path]) -> list[torch.Tensor]:
-        return [self.get(p) for p in paths]

@@ -65,10 +65,6 @@ class AnomalyDetector(nn.Module):
             )
         init_weights(self, config.init)
 
-    @property
-    def has_mss(self) -> bool:
-        return self.variant in ("pouta-mss", "pouta")
-
     def forward(self, x: torch.Tensor) -> PoutaOutput:
         """x: (B, 3, H, W) in [0, 1], H and W multiples of 32 (16 for the POUTA variants)."""
         rec, enc, dec = self.reconstructive(x)
