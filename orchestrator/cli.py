@@ -445,9 +445,17 @@ def _kill_open_runs() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pouta", description="POUTA visual anomaly detection")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level; Tune's tables and Ray's worker output on the console")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_local_commands(sub)
+    _add_cluster_commands(sub)
+    _add_bench_commands(sub.add_parser("bench", help="benchmarks"))
+    return parser
 
+
+def _add_local_commands(sub) -> None:
+    """One machine, no Ray, no MLflow (except --model names): train ... demo-data."""
     p = sub.add_parser("train", help="train one category on this machine")
     _add_data_args(p)
     _add_config_args(p)
@@ -492,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="regenerate categories that exist")
     p.set_defaults(func=_cmd_demo_data)
 
+
+def _add_cluster_commands(sub) -> None:
+    """On Ray, tracked in MLflow: launch, sweep, retrain; and the registry: ui, promote."""
     p = sub.add_parser("launch", help="train every category on Ray (in-process or a cluster)")
     _add_cluster_args(p, None)
     _add_config_args(p)
@@ -541,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri")
     p.set_defaults(func=_cmd_promote)
 
-    bench = sub.add_parser("bench", help="benchmarks")
+
+def _add_bench_commands(bench: argparse.ArgumentParser) -> None:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     bm = bench_sub.add_parser("model", help="POUTA vs vanilla: parameters, GFLOPs, latency")
     _add_config_args(bm)
@@ -571,7 +583,6 @@ def build_parser() -> argparse.ArgumentParser:
     bx.add_argument("--pixels", type=int, default=10_000_000)
     bx.add_argument("--json", action="store_true")
     bx.set_defaults(func=_cmd_bench_metrics)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

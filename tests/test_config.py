@@ -14,8 +14,11 @@ def test_defaults_are_the_papers_hyperparameters():
 
 
 def test_paper_preset_equals_defaults_and_tiny_is_small():
-    assert Config.from_preset("paper") == Config()
+    # The paper preset adds nothing to the defaults (which test_defaults pins to the paper),
+    # and a preset is applied: tiny differs from the defaults in the keys it sets.
+    assert PRESETS["paper"] == {} and Config.from_preset("paper") == Config()
     tiny = Config.from_preset("tiny")
+    assert all(getattr(tiny, k) == (tuple(v) if isinstance(v, list) else v) for k, v in PRESETS["tiny"].items())
     assert tiny.image_size <= 64 and tiny.rec_width < Config().rec_width
 
 

@@ -79,14 +79,22 @@ def test_foreground_mask_keeps_anomalies_on_the_object():
 
 
 def test_texture_folder_is_used_as_anomaly_source(tmp_path):
-    (tmp_path / "images" / "banded").mkdir(parents=True)
-    Image.new("RGB", (40, 30), (0, 255, 0)).save(tmp_path / "images" / "banded" / "a.jpg")
-    (tmp_path / "images" / "notes.txt").write_text("not an image")
-    textures = TextureFolder(tmp_path, 64)
-    assert len(textures) == 1
-    synth = AnomalySynthesizer(CFG.replace(clean_ratio=0.0, beta_min=0.0, beta_max=0.0), textures)
-    out = synth(torch.zeros(3, 64, 64), gen(3))
-    assert out.label == 1
+    folders = {}
+    for name, colour in (("green", (0, 255, 0)), ("blue", (0, 0, 255))):
+        (tmp_path / name / "banded").mkdir(parents=True)
+        Image.new("RGB", (40, 30), colour).save(tmp_path / name / "banded" / "a.jpg")
+        (tmp_path / name / "notes.txt").write_text("not an image")
+        folders[name] = TextureFolder(tmp_path / name, 64)
+        assert len(folders[name]) == 1
+    cfg = CFG.replace(clean_ratio=0.0, beta_min=0.0, beta_max=0.0)
+    # The same seed with two textures of other colours: the masks agree and the anomalies
+    # differ, which they could not if the texture were ignored.
+    for seed in range(3):
+        green, blue = (AnomalySynthesizer(cfg, folders[n])(torch.zeros(3, 64, 64), gen(seed)) for n in folders)
+        inside = green.mask[0] > 0
+        assert green.label == 1 and torch.equal(green.mask, blue.mask)
+        assert (green.image[:, inside] - blue.image[:, inside]).abs().max() > 0.1
+        assert torch.equal(green.image[:, ~inside], blue.image[:, ~inside])
 
 
 def test_missing_texture_folder_is_a_clear_error(tmp_path):
