@@ -26,7 +26,9 @@ from typing import Any
 
 import yaml
 
-VARIANTS = ("vanilla", "pouta-base", "pouta-hsg", "pouta-mss", "pouta")
+from pouta_core.variants import VARIANTS as VARIANT_TABLE
+
+VARIANTS = tuple(VARIANT_TABLE)   # the names, for validation and the CLI
 
 
 class ConfigError(ValueError):

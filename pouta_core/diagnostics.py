@@ -51,7 +51,7 @@ def contrast_maps(model: AnomalyDetector, x: torch.Tensor) -> dict[str, torch.Te
     rec, enc, dec = model.reconstructive(x)
     other = torch.roll(torch.arange(len(x)), 1)
     disc = model.discriminative
-    if model.variant == "vanilla":
+    if not model.spec.features:
         run = lambda r: _prob(disc(torch.cat([x, r], dim=1)), size)  # noqa: E731
         return {"map": run(rec), "rec_other": run(rec[other]), "rec_is_input": run(x)}
     logits, heads = disc(enc, dec)

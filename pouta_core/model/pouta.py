@@ -1,11 +1,5 @@
-"""The whole detector: reconstructive network + discriminator, for every variant.
-
-    variant       discriminator input                FCM  fusion  HSG  MSS
-    vanilla       concat(image, reconstruction)       -     -      -    -   (DRAEM U-Net)
-    pouta-base    F_E1..4, F_D1..4                    x     x      -    -
-    pouta-hsg     F_E1..4, F_D1..4                    x     x      x    -
-    pouta-mss     F_E1..4, F_D1..4                    x     x      -    x
-    pouta         F_E1..4, F_D1..4                    x     x      x    x
+"""The whole detector: reconstructive network + discriminator, built from the parts its
+variant's row in ``pouta_core.variants.VARIANTS`` names (the table is there).
 
 Training is joint (one loss, eq. 8, one optimiser), and by default the discriminative
 gradients flow into the reconstructive features: MSS is meant to shape F_Ei / F_Di so that
@@ -27,6 +21,7 @@ from pouta_core.model.discriminative import CoarseToFineDiscriminator
 from pouta_core.model.reconstructive import ReconstructiveNetwork
 from pouta_core.model.scoring import anomaly_map, image_score
 from pouta_core.model.unet import UNetDiscriminator
+from pouta_core.variants import VARIANTS
 
 
 class PoutaOutput(NamedTuple):
@@ -50,25 +45,22 @@ class AnomalyDetector(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.variant = config.variant
+        self.spec = VARIANTS[config.variant]
         self.detach_features = config.detach_features
         w = config.rec_width
         self.reconstructive = ReconstructiveNetwork(w)
-        if config.variant == "vanilla":
-            self.discriminative: nn.Module = UNetDiscriminator(6, config.disc_width)
+        if self.spec.features:
+            self.discriminative: nn.Module = CoarseToFineDiscriminator(
+                [w, 2 * w, 4 * w, 8 * w], config.fcm_width, hsg=self.spec.hsg, mss=self.spec.mss,
+                fcm_depth=config.fcm_depth)
         else:
-            self.discriminative = CoarseToFineDiscriminator(
-                [w, 2 * w, 4 * w, 8 * w],
-                config.fcm_width,
-                hsg=config.variant in ("pouta-hsg", "pouta"),
-                mss=config.variant in ("pouta-mss", "pouta"),
-                fcm_depth=config.fcm_depth,
-            )
+            self.discriminative = UNetDiscriminator(6, config.disc_width)
         init_weights(self, config.init)
 
     def forward(self, x: torch.Tensor) -> PoutaOutput:
         """x: (B, 3, H, W) in [0, 1], H and W multiples of 32 (16 for the POUTA variants)."""
         rec, enc, dec = self.reconstructive(x)
-        if self.variant == "vanilla":
+        if not self.spec.features:
             r = rec.detach() if self.detach_features else rec
             logits = self.discriminative(torch.cat([x, r], dim=1))
             scale_logits: tuple[torch.Tensor, ...] = ()
