@@ -93,6 +93,29 @@ def _cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from pouta_core.benchmark import bench_train
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available")
+    if args.steps < 1 or args.num_workers < 0:
+        raise ConfigError("--steps must be >= 1 and --num-workers >= 0")
+    extra = [f"image_size={args.image_size}"] if args.image_size else []
+    r = bench_train(_load_config(args, extra), device=args.device, steps=args.steps, num_workers=args.num_workers,
+                    progress=not args.json)
+    if args.json:
+        _print_json(r)
+        return 0
+    print(f"{r['device']}, {r['image_size']} px, batch {r['batch_size']}, {r['num_workers']} loader workers: "
+          f"input {r['input_samples_per_s']:.1f} samples/s, model step {r['model_step_samples_per_s']:.1f}, "
+          f"whole step {r['train_step_samples_per_s']:.1f}; input/model x{r['input_to_model_ratio']:.1f}, "
+          f"waiting for input {r['waiting_for_input_share']:.0%} of the step")
+    print(", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in r["targets"].items()))
+    return 0
+
+
 def _cmd_bench_synthesis(args: argparse.Namespace) -> int:
     from pouta_core.benchmark import bench_synthesis
 
@@ -563,6 +586,15 @@ def _add_bench_commands(bench: argparse.ArgumentParser) -> None:
     bm.add_argument("--warmup", type=int, default=3, help="untimed runs per model first")
     bm.add_argument("--json", action="store_true", help="print one JSON object")
     bm.set_defaults(func=_cmd_bench_model)
+    bt = bench_sub.add_parser("train", help="training throughput: input pipeline, model step, whole step, "
+                              "share of the step spent waiting for input")
+    _add_config_args(bt)
+    bt.add_argument("--image-size", type=int, default=None, help="override image_size")
+    bt.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bt.add_argument("--steps", type=int, default=5, help="timed batches per measurement (default 5)")
+    bt.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=_cmd_bench_train)
     bs = bench_sub.add_parser("synthesis", help="synthesised images per second per core")
     bs.add_argument("--image-size", type=int, default=224)
     bs.add_argument("--samples", type=int, default=64)

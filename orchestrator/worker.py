@@ -151,6 +151,8 @@ def train_worker(cfg: dict[str, Any], session: TrainSession | TuneSession | None
         fit(config, data.train_images, run_dir, val_set=data.val_set if rank == 0 else None,
             test_set=data.test_set if rank == 0 else None, textures=textures, device=device, report=report,
             progress=False, wrap_model=session.prepare_model, shard=(rank, world),
+            # Synthesis in loader workers: every CPU of the worker but the one that steps the model.
+            num_workers=max(0, int(cfg.get("cpus_per_worker", 1)) - 1),
             extra_state={"dataset": cfg["dataset"], "category": cfg["category"], "val_split": data.selection.mode},
             sidecars={ckpt.VAL_FILES: data.selection_record()})
     finally:

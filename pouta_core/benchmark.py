@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -153,3 +154,81 @@ def bench_metrics(pixels: int = 10_000_000, *, seed: int = 0) -> dict[str, float
     diff = max(abs(a - b) for a, b in zip(ours, ref, strict=True))
     return {"pixels": pixels, "pouta_seconds": t1 - t0, "sklearn_seconds": t2 - t1,
             "speedup": (t2 - t1) / (t1 - t0), "max_abs_diff": float(diff), "auroc": ours[0], "ap": ours[1]}
+
+
+def bench_train(config: Config, *, device: str = "cpu", steps: int = 5, warmup: int = 1, num_workers: int = 0,
+                progress: bool = True) -> dict[str, Any]:
+    """Samples per second of the training input pipeline alone (``TrainDataset`` with anomaly
+    synthesis through a ``DataLoader`` of ``num_workers``), of the model step alone (forward,
+    loss, backward and Adam on one pre-made batch on ``device``), and of the whole training
+    step (the two together, as ``train_epoch`` runs them), with the share of the whole step's
+    time spent waiting for the next batch. Random images of ``config.image_size``."""
+    from torch.utils.data import DataLoader
+
+    from pouta_core.data.datasets import TrainDataset
+    from pouta_core.synthesis import AnomalySynthesizer
+    from pouta_core.training import new_state, train_step
+
+    dev = torch.device(device)
+    b, s = config.batch_size, config.image_size
+    g = torch.Generator().manual_seed(config.seed)
+    images = torch.randint(0, 256, (4 * b, 3, s, s), generator=g, dtype=torch.uint8)
+    dataset = TrainDataset(images, AnomalySynthesizer(config), config.seed)
+    total = warmup + steps
+
+    def loader() -> DataLoader:
+        sampler = [i % len(dataset) for i in range(total * b)]
+        return DataLoader(dataset, batch_size=b, sampler=sampler, num_workers=num_workers,
+                          persistent_workers=False, pin_memory=dev.type == "cuda")
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    bar = tqdm(total=3 * total, desc="bench train", disable=not progress, leave=False)
+    # 1. input alone
+    it = iter(loader())
+    for _ in range(warmup):
+        next(it)
+        bar.update()
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+        bar.update()
+    input_s = time.perf_counter() - start
+    # 2. model step alone, on one batch made beforehand
+    state = new_state(config, dev)
+    state.model.train()
+    batch = next(iter(loader()))
+    for _ in range(warmup):
+        train_step(state, state.model, batch, config, dev)
+        bar.update()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(state, state.model, batch, config, dev)
+        bar.update()
+    sync()
+    model_s = time.perf_counter() - start
+    # 3. the whole step: wait for a batch, then step
+    waited, it = 0.0, iter(loader())
+    for i in range(total):
+        t0 = time.perf_counter()
+        batch = next(it)
+        t1 = time.perf_counter()
+        train_step(state, state.model, batch, config, dev)
+        sync()
+        if i == warmup:
+            start, waited = t0, 0.0
+        waited += t1 - t0 if i >= warmup else 0.0
+        bar.update()
+    whole_s = time.perf_counter() - start
+    bar.close()
+    n = steps * b
+    result = {"device": str(dev), "image_size": s, "batch_size": b, "steps": steps, "num_workers": num_workers,
+              "input_samples_per_s": n / input_s, "model_step_samples_per_s": n / model_s,
+              "train_step_samples_per_s": n / whole_s, "waiting_for_input_share": waited / whole_s}
+    result["input_to_model_ratio"] = result["input_samples_per_s"] / result["model_step_samples_per_s"]
+    result["targets"] = {"input>=5x model step": result["input_to_model_ratio"] >= 5,
+                         "waiting<10%": result["waiting_for_input_share"] < 0.10}
+    return result

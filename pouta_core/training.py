@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from pouta_core import checkpoint as ckpt
 from pouta_core import runfolder
 from pouta_core.config import Config, ConfigError
-from pouta_core.data.datasets import EvalDataset, TrainDataset, sample_seed
+from pouta_core.data.datasets import EpochSampler, EvalDataset, TrainDataset
 from pouta_core.inference import predict
 from pouta_core.losses import pouta_loss
 from pouta_core.metrics import compute, f1_max
@@ -124,32 +124,40 @@ def restore(state: TrainState, path: Path, config: Config, device: torch.device)
     log.info("resuming %s after epoch %d", path, state.epoch)
 
 
-def train_epoch(state: TrainState, net: nn.Module, dataset: TrainDataset, config: Config, epoch: int, *,
-                batch_size: int, shard: tuple[int, int], num_workers: int, device: torch.device
-                ) -> dict[str, Any]:
+def train_step(state: TrainState, net: nn.Module, batch: dict[str, torch.Tensor], config: Config,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """One optimiser step on a batch of ``TrainDataset`` samples -> the loss terms (detached)."""
+    image, clean, mask = (batch[k].to(device, non_blocking=True) for k in ("image", "clean", "mask"))
+    with torch.autocast("cuda", dtype=torch.float16) if state.scaler.is_enabled() else nullcontext():
+        out = net(image)
+    terms = pouta_loss(out, clean, mask, config)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(terms["total"]).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def make_loader(dataset: TrainDataset, config: Config, *, batch_size: int, shard: tuple[int, int],
+                num_workers: int, device: torch.device) -> DataLoader:
+    """One loader for the whole run: ``num_workers`` persistent worker processes (started once,
+    not per epoch), pinned memory on CUDA, batches in :class:`EpochSampler` order."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), config.seed, shard),
+                      drop_last=True, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      pin_memory=device.type == "cuda")
+
+
+def train_epoch(state: TrainState, net: nn.Module, loader: DataLoader, config: Config, epoch: int, *,
+                device: torch.device) -> dict[str, Any]:
     """One epoch over this rank's slice of the epoch's seeded permutation -> loss_* means, epoch, lr."""
-    rank, world = shard
     net.train()
-    dataset.set_epoch(epoch)
-    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(
-        sample_seed(config.seed, epoch, -1) % 2**63))
-    per_rank = len(perm) // world
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=perm[rank * per_rank:(rank + 1) * per_rank].tolist(),
-                        drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda")
-    use_amp = state.scaler.is_enabled()
+    loader.sampler.set_epoch(epoch)
     sums: dict[str, float] = {}
     steps = 0
     for batch in loader:
-        image, clean, mask = (batch[k].to(device, non_blocking=True) for k in ("image", "clean", "mask"))
-        with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
-            out = net(image)
-        terms = pouta_loss(out, clean, mask, config)
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(terms["total"]).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
+        terms = train_step(state, net, batch, config, device)
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums[k] = sums.get(k, 0.0) + float(v)
         steps += 1
     state.scheduler.step()
     state.epoch = epoch
@@ -227,12 +235,12 @@ def fit(
     net = wrap_model(state.model) if wrap_model else state.model
     dataset = TrainDataset(train_images, AnomalySynthesizer(config, textures), config.seed)
     batch_size = _batch_size(config, len(dataset), shard[1])
+    loader = make_loader(dataset, config, batch_size=batch_size, shard=shard, num_workers=num_workers, device=device)
     keep = {"extra_state": extra_state, "sidecars": sidecars}
     bar = tqdm(range(state.epoch + 1, config.epochs + 1), desc="training", disable=not (progress and is_main),
                initial=state.epoch, total=config.epochs)
     for epoch in bar:
-        metrics = train_epoch(state, net, dataset, config, epoch, batch_size=batch_size, shard=shard,
-                              num_workers=num_workers, device=device)
+        metrics = train_epoch(state, net, loader, config, epoch, device=device)
         bar.set_postfix(loss=f"{metrics['loss_total']:.4f}")
         last = epoch == config.epochs
         if epoch % config.eval_every == 0 or last:

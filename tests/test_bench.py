@@ -62,3 +62,17 @@ def test_latency_ms_times_only_the_runs_after_warmup():
     ms = latency_ms(Slow(), torch.zeros(1), runs=3, warmup=2)
     assert calls == [True] * 5
     assert 15 <= ms < 250
+
+
+def test_bench_train_measures_input_model_and_whole_step():
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "bench", "train", "--preset", "tiny", "--image-size", "32",
+         "--set", "rec_width=4", "--set", "disc_width=4", "--set", "fcm_width=4", "--steps", "2", "--json"],
+        capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    rates = ("input_samples_per_s", "model_step_samples_per_s", "train_step_samples_per_s")
+    assert all(r[k] > 0 for k in rates)
+    assert 0.0 <= r["waiting_for_input_share"] < 1.0
+    assert abs(r["input_to_model_ratio"] - r["input_samples_per_s"] / r["model_step_samples_per_s"]) < 1e-9
+    # the whole step can be no faster than either of its parts alone (within timing noise)
+    assert r["train_step_samples_per_s"] <= 1.5 * min(r["input_samples_per_s"], r["model_step_samples_per_s"])

@@ -201,3 +201,19 @@ def test_demo_defects_lie_on_the_object_and_are_visible(category, kind):
         diff = np.abs(np.asarray(bad, float) - np.asarray(img, float)).max(axis=2)
         assert np.median(diff[mask]) > 20
         assert diff[~mask].max() < 128  # outside the mask only a stain's soft edge may differ
+
+
+def test_epoch_sampler_tags_indices_with_the_epoch_and_splits_ranks():
+    from pouta_core.data.datasets import EpochSampler
+
+    s = EpochSampler(10, seed=3)
+    s.set_epoch(1)
+    one = list(s)
+    s.set_epoch(2)
+    two = list(s)
+    assert {e for e, _ in one} == {1} and {e for e, _ in two} == {2}
+    assert sorted(i for _, i in one) == list(range(10)) and [i for _, i in one] != [i for _, i in two]
+    ranks = [EpochSampler(10, seed=3, shard=(r, 2)) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(1)
+    assert sorted(i for r in ranks for _, i in r) == list(range(10)) and all(len(r) == 5 for r in ranks)

@@ -46,6 +46,17 @@ def test_resume_equals_uninterrupted_training(tmp_path, data):
     assert full["loss_total"] == resumed["loss_total"]
 
 
+def test_loader_workers_change_nothing_but_speed(tmp_path, data):
+    # Two persistent worker processes synthesise every epoch's samples with that epoch's
+    # seeds (EpochSampler passes the epoch with each index): the same weights as in-process.
+    images, test = data
+    fit(CFG, images, tmp_path / "a", val_set=test, progress=False, num_workers=0)
+    fit(CFG, images, tmp_path / "b", val_set=test, progress=False, num_workers=2)
+    a, b = ckpt.load_state(tmp_path / "a"), ckpt.load_state(tmp_path / "b")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_run_folder_holds_checkpoint_config_and_metrics(tmp_path, data):
     images, test = data
     fit(CFG, images, tmp_path, val_set=test, progress=False)

@@ -5,7 +5,7 @@ reproducible whatever the number of loader workers or a resume in between."""
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from pouta_core.data.images import ImageCache, warn_about
@@ -38,6 +38,29 @@ def decode(samples: list[Sample], cache: ImageCache, *, desc: str = "decoding", 
     return torch.stack(images), torch.stack(masks), labels
 
 
+class EpochSampler(Sampler):
+    """This rank's slice of the epoch's seeded permutation of a dataset, as ``(epoch, index)``
+    pairs: every epoch is reproducible whatever the number of loader workers, persistent ones
+    included (they hold their own copy of the dataset, so its ``set_epoch`` would not reach
+    them), and however the ranks are split."""
+
+    def __init__(self, n: int, seed: int, shard: tuple[int, int] = (0, 1)) -> None:
+        self.n, self.seed, (self.rank, self.world) = n, seed, shard
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1) % 2**63)
+        perm = torch.randperm(self.n, generator=g)
+        per_rank = self.n // self.world
+        yield from ((self.epoch, i) for i in perm[self.rank * per_rank:(self.rank + 1) * per_rank].tolist())
+
+
 class TrainDataset(Dataset):
     """Good images -> dict(image=I_in, clean=I_ori, mask=M, label), all float in [0, 1]."""
 
@@ -53,8 +76,11 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """``index`` (at the epoch of :meth:`set_epoch`) or ``(epoch, index)`` (what
+        :class:`EpochSampler` yields: loader workers need no shared epoch state)."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         clean = self.images[index].float() / 255.0
         out = self.synthesizer(clean, g)
         return {"image": out.image, "clean": clean, "mask": out.mask,
