@@ -21,15 +21,17 @@ test: $(STAMP)
 DEMO_DIR ?= demo
 # The main job on the embedded default: demo data, then a sweep of the MSS weights
 # (2 categories x 4 trials, tiny preset shortened to 30 epochs, Optuna + ASHA) on an
-# in-process Ray, tracked in a local sqlite MLflow. Rerunning it resumes / reprints.
+# in-process Ray, tracked in the default MLflow store (./mlflow-data, sqlite), where
+# `pouta ui`, `pouta predict --model models:/...` and `pouta promote` look without flags.
+# Rerunning it resumes / reprints.
 demo: $(STAMP)
 	test -d $(DEMO_DIR)/data/tiles || $(VENV)/bin/pouta demo-data --out $(DEMO_DIR)/data --categories 2
 	$(VENV)/bin/pouta sweep --space mss_lambdas --data-root $(DEMO_DIR)/data --dataset mvtec \
 		--categories tiles,pills --num-samples 4 --scheduler asha --max-concurrent 2 \
 		--preset tiny --set epochs=30 --set 'lr_milestones=[24,27]' --set eval_every=5 \
 		--category-set pills:foreground_threshold=0.3 \
-		--storage-path $(DEMO_DIR)/ray-results --name demo --resume \
-		--tracking-uri sqlite:///$(abspath $(DEMO_DIR))/mlflow-data/mlflow.db
+		--storage-path $(DEMO_DIR)/ray-results --name demo --resume
+	@echo "Use the chosen weights by name: $(VENV)/bin/pouta predict --model models:/pouta-mvtec-tiles@challenger $(DEMO_DIR)/data/tiles/test --out $(DEMO_DIR)/predictions"
 
 # The demo's MLflow store in a real browser (Debian's chromium driven by Playwright), with
 # screenshots in bench-out/ui/. Run `make demo` first. Not part of `make test`.

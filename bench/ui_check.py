@@ -58,7 +58,8 @@ def artifact_size(uri: str, run_id: str, path: str) -> tuple[int, int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tracking-uri", default=f"sqlite:///{REPO / 'demo' / 'mlflow-data' / 'mlflow.db'}")
+    ap.add_argument("--tracking-uri", default=f"sqlite:///{REPO / 'mlflow-data' / 'mlflow.db'}",
+                    help="default: the store make demo writes, ./mlflow-data")
     ap.add_argument("--sweep", default="demo", help="the sweep's --name (default: demo)")
     ap.add_argument("--model", default="pouta-mvtec-tiles")
     ap.add_argument("--out", default=str(REPO / "bench-out" / "ui"))
