@@ -30,16 +30,14 @@ URI_SCHEMES = ("models:/", "runs:/")
 
 def existing_store(uri: str | None) -> str:
     """The tracking store to read from; a local store that is not there is refused."""
-    from orchestrator.tracking import DEFAULT_HOME
+    from orchestrator.tracking import resolve_tracking_uri
 
-    chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not chosen:
-        db = DEFAULT_HOME.resolve() / "mlflow.db"
-        if not db.is_file():
+    chosen = resolve_tracking_uri(uri)
+    db = Path(chosen.removeprefix("sqlite:///"))
+    if chosen.startswith("sqlite:///") and not db.is_file():
+        if not (uri or os.environ.get("MLFLOW_TRACKING_URI")):
             raise ConfigError(f"no MLflow store at {db} (the default): pass --tracking-uri or set "
                               "MLFLOW_TRACKING_URI")
-        return f"sqlite:///{db}"
-    if chosen.startswith("sqlite:///") and not Path(chosen.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"{chosen}: no such MLflow store")
     return chosen
 

@@ -31,13 +31,12 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else an embedded sqlite file and an
-    artifact folder under ``./mlflow-data`` (MLflow 3 refuses the old ``./mlruns`` file store)."""
+    artifact folder under ``./mlflow-data`` (MLflow 3 refuses the old ``./mlruns`` file store).
+    ``setup`` creates the folder of a sqlite store; resolving creates nothing."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    home = DEFAULT_HOME.resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
+    return f"sqlite:///{DEFAULT_HOME.resolve() / 'mlflow.db'}"
 
 
 def artifact_root(uri: str) -> str | None:

@@ -18,9 +18,9 @@ from pouta_core import checkpoint as ckpt
 from pouta_core import runfolder
 from pouta_core.bootstrap import Evidence
 from pouta_core.config import Config, ConfigError
-from pouta_core.data import EvalDataset, ImageCache, decode, load_image, read_split
+from pouta_core.data import EvalDataset, ImageCache, decode, read_split
 from pouta_core.data.errors import DataError
-from pouta_core.data.images import list_images, read_rgb, warn_about
+from pouta_core.data.images import list_images, model_input, read_rgb, warn_about
 from pouta_core.data.validation import SelectionSplit, split_for_selection, synthetic_validation
 from pouta_core.inference import ExportWrapper, predict
 from pouta_core.synthesis import TextureFolder
@@ -164,9 +164,8 @@ def _inputs(paths: list[str | Path]) -> list[tuple[Path, Path]]:
     return [(f, f.relative_to(base)) for f in files]
 
 
-def _full_size_overlay(path: Path, amap: np.ndarray) -> np.ndarray:
+def _full_size_overlay(rgb: np.ndarray, amap: np.ndarray) -> np.ndarray:
     """The heat map over the image at the file's own resolution (the map upsampled, bilinear)."""
-    rgb = read_rgb(path)
     h, w = rgb.shape[:2]
     big = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None],
                                           size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -189,28 +188,31 @@ def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Pa
             raise ConfigError(f"{checkpoint}: no threshold stored (trained without anomalous test "
                               "images); pass --threshold")
     inputs = _inputs(paths)
-    readable, images, failed = [], [], []
-    for f, rel in inputs:
-        try:
-            images.append(load_image(f, config.image_size))
-            readable.append((f, rel))
-        except DataError as exc:
-            failed.append((str(f), str(exc).removeprefix(f"{f}: ")))
-    warn_about([f for f, _ in readable], config.image_size, "predict")
     out = Path(out)
-    scored = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack(images[start:start + batch_size])
+    scored, failed, readable = [], [], []
+    for start in range(0, len(inputs), batch_size):
+        # Each file is decoded once, per batch: scored at the model's size, drawn at its own.
+        chunk = []
+        for f, rel in inputs[start:start + batch_size]:
+            try:
+                chunk.append((f, rel, read_rgb(f)))
+            except DataError as exc:
+                failed.append((str(f), str(exc).removeprefix(f"{f}: ")))
+        if not chunk:
+            continue
+        readable += [f for f, _, _ in chunk]
+        batch = torch.stack([model_input(rgb, config.image_size) for _, _, rgb in chunk])
         scores, maps = predict(model, batch, device=dev, batch_size=batch_size)
-        for (f, rel), score, amap in zip(readable[start:start + batch_size], scores, maps, strict=True):
+        for (f, rel, rgb), score, amap in zip(chunk, scores, maps, strict=True):
             target = out / rel.parent
-            blended = Image.fromarray(_full_size_overlay(f, amap))
+            blended = Image.fromarray(_full_size_overlay(rgb, amap))
             overlay_path = target / f"{rel.name}.overlay.png"
             ckpt.atomic_write(overlay_path, lambda fh, im=blended: im.save(fh, format="PNG"))
             if save_maps:
                 ckpt.atomic_write(target / f"{rel.name}.map.npy", lambda fh, a=amap: np.save(fh, a))
             scored.append({"image": str(f), "score": float(score), "anomalous": bool(score >= threshold),
                            "threshold": float(threshold), "overlay": str(overlay_path)})
+    warn_about(readable, config.image_size, "predict")
     return Prediction(scored, failed)
 
 

@@ -81,8 +81,7 @@ def _open(path: Path, *, load: bool = True) -> Image.Image:
 
 def image_size_of(path: Path) -> tuple[int, int]:
     """(width, height) without decoding the pixels."""
-    with _open(Path(path), load=False) as img:
-        return img.size
+    return header(path)[0]
 
 
 def header(path: Path) -> tuple[tuple[int, int], str]:
@@ -127,11 +126,15 @@ def read_rgb(path: Path) -> np.ndarray:
         return to_rgb8(img, path)
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """RGB uint8 (3, size, size), decoded by :func:`to_rgb8` and resized (bilinear)."""
-    rgb = read_rgb(path)
+def model_input(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> (3, size, size) uint8, resized (bilinear)."""
     resized = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """RGB uint8 (3, size, size), decoded by :func:`to_rgb8` and resized (bilinear)."""
+    return model_input(read_rgb(path), size)
 
 
 def warn_about(paths: Iterable[Path], size: int, what: str) -> None:
