@@ -60,13 +60,14 @@ def simulate_accelerator() -> None:
 def _sweep(work: Path, data: Path, categories: list[str], name: str, trials: int, slots: int) -> float:
     import search_spaces
     from orchestrator.experiment import Plan
+    from orchestrator.spec import DataSpec
     from orchestrator.sweep import parse_objectives, run_sweep
     from pouta_core.config import Config
 
     base = Config.from_preset("tiny", TINY)
-    plan = Plan(data_root=str(data), dataset="mvtec", categories=categories, base=base, name=name,
-                storage_path=str(work / "ray"), tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment=name,
-                max_concurrent=slots)
+    plan = Plan(data=DataSpec.of(str(data), "mvtec"), categories=categories, base=base, run_name=name,
+                storage_path=str(work / "ray"), tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
+                mlflow_experiment=name, max_concurrent=slots)
     start = time.monotonic()
     run_sweep(plan, search_spaces.load("mss_lambdas", base), num_samples=trials, scheduler="none",
               study_storage=None, resume=False, objectives=parse_objectives(None, "pixel_ap", "max"))

@@ -242,6 +242,8 @@ def _add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> N
     p.add_argument("--workers-per-category", type=int, default=1, help="Ray Train workers per run (DDP)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="restarts of a multi-worker run's worker group before the run fails (default 2)")
     p.add_argument("--max-concurrent", type=int, default=0, help="most runs at once (0: as resources allow)")
     p.add_argument("--storage-path", default="ray-results",
                    help="Ray results and checkpoints; shared storage (NFS, S3) on a multi-node cluster")
@@ -263,20 +265,23 @@ def _add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> N
 
 def _plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: str = "max"):
     from orchestrator.experiment import Plan, parse_category_sets, resolve_categories
+    from orchestrator.spec import DataSpec, Resources
 
     for flag in ("workers_per_category", "cpus_per_worker", "pending_timeout"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
+    if args.max_failures < 0:
+        raise ConfigError("--max-failures must be >= 0")
     categories = resolve_categories(args.data_root, args.dataset, args.categories)
     base = _load_config(args)
-    return Plan(data_root=args.data_root, dataset=args.dataset, categories=categories, base=base,
-                per_category=parse_category_sets(args.category_sets, categories, base), name=name,
-                storage_path=args.storage_path, tracking_uri=args.tracking_uri,
-                experiment=args.experiment, workers_per_category=args.workers_per_category,
-                gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                max_concurrent=args.max_concurrent, texture_dir=args.texture_dir, cache_dir=args.cache_dir,
-                ray_address=args.ray_address, pending_timeout=args.pending_timeout,
-                metric=metric, mode=mode, verbose=args.verbose)
+    return Plan(data=DataSpec.of(args.data_root, args.dataset, args.texture_dir, args.cache_dir),
+                categories=categories, base=base, run_name=name,
+                resources=Resources(workers=args.workers_per_category, cpus_per_worker=args.cpus_per_worker,
+                                    gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures),
+                per_category=parse_category_sets(args.category_sets, categories, base),
+                storage_path=args.storage_path, tracking_uri=args.tracking_uri, mlflow_experiment=args.experiment,
+                max_concurrent=args.max_concurrent, ray_address=args.ray_address,
+                pending_timeout=args.pending_timeout, metric=metric, mode=mode, verbose=args.verbose)
 
 
 def _category_sets_note(plan) -> str:
@@ -350,7 +355,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
     plan = _plan(args, args.name or f"launch-{args.dataset}")
     if args.dry_run:
-        print(f"would train {', '.join(plan.categories)} with {plan.workers_per_category} worker(s) each"
+        print(f"would train {', '.join(plan.categories)} with {plan.resources.workers} worker(s) each"
               + _category_sets_note(plan))
         return 0
     summary = run_launch(plan, resume=True)
@@ -362,6 +367,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import search_spaces
+    from orchestrator import report
     from orchestrator.experiment import both_splits
     from orchestrator.progress import short
     from orchestrator.sweep import check_category_sets, parse_objectives, run_sweep
@@ -371,7 +377,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     objectives = parse_objectives(args.objectives, args.metric, args.mode)
     plan = _plan(args, args.name or f"sweep-{space.path.stem}-{args.dataset}", objectives[0][0], objectives[0][1])
     check_category_sets(plan, space)
-    best_out = args.best_out or str(Path(args.storage_path) / f"{plan.name}-best.yaml")
+    best_out = args.best_out or str(Path(args.storage_path) / f"{plan.run_name}-best.yaml")
     if args.dry_run:
         print(f"would sweep {space.path.name} ({', '.join(space.keys)}) on {', '.join(plan.categories)}, "
               f"{args.num_samples} trial(s) each" + _category_sets_note(plan))
@@ -391,13 +397,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         for point in e.get("pareto", []):
             print(f"pareto {category}: " + ", ".join(f"{k}={point[k]:.4f}" for k, _ in objectives))
     print(f"best configs written to {best_out}; report (trials table, plots) in "
-          f"{Path(best_out).parent / (plan.name + '-report')} and on the MLflow parent run")
+          f"{report.folder(Path(best_out).parent, plan.run_name)} and on the MLflow parent run")
     _mlflow_hint(args)
     return 1 if any("error" in e for e in summary.values()) else 0
 
 
 def _print_grid(summary: dict, space, keys: list[str]) -> None:
-    from orchestrator.trial import SAMPLED
+    from orchestrator.spec import SAMPLED
 
     dims = [d.key for d in space.dimensions if d.distribution == "grid"]
     print("  ".join(f"{d:>12}" for d in ["category", *dims]) + "".join(f"{k:>17}" for k in keys))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,53 +20,59 @@ from orchestrator import cluster, interrupts, tracking
 from orchestrator.errors import ClusterStalled
 from orchestrator.mlflow_callback import MlflowTrialCallback
 from orchestrator.progress import ProgressPrinter, short
-from orchestrator.trial import SAMPLED, Job, run_trial
+from orchestrator.spec import SAMPLED, DataSpec, Resources, TrialSpec
+from orchestrator.trial import run_trial
 from orchestrator.watchdog import DEFAULT_PENDING_TIMEOUT_S, StallWatchdog, check_feasible
+from pouta_core import api
 from pouta_core.config import Config, ConfigError, parse_overrides
 from pouta_core.data import categories as list_categories
 
 log = logging.getLogger(__name__)
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """What the user asked for, common to launch / sweep / retrain."""
+    """What the user asked for, common to launch / sweep / retrain; built once from the
+    command line. Its :meth:`trial_spec` is what the trials receive."""
 
-    data_root: str
-    dataset: str
-    categories: list[str]
+    data: DataSpec
+    categories: tuple[str, ...]
     base: Config
-    name: str
+    # Names the Tune experiment (its folder under storage_path), the MLflow parent run and
+    # the Optuna studies (<run_name>-<category>); rerunning with it resumes.
+    run_name: str
+    resources: Resources = Resources()
     storage_path: str = "ray-results"
     tracking_uri: str | None = None
-    experiment: str = "pouta"
-    workers_per_category: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
+    mlflow_experiment: str = "pouta"
     max_concurrent: int = 0
-    texture_dir: str | None = None
-    cache_dir: str | None = None
     ray_address: str | None = None
     pending_timeout: float = DEFAULT_PENDING_TIMEOUT_S
-    metric: str = "pixel_ap"
+    metric: str = "pixel_ap"   # what the progress lines show; choices read Tune's own metric
     mode: str = "max"
     verbose: bool = False     # Tune's tables and Ray's worker logs on the console (pouta -v)
-    fingerprints: dict[str, str] = field(default_factory=dict)
     # --category-set: config values for one category only, over ``base`` and any --set.
-    per_category: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_category: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "categories", tuple(self.categories))
+        object.__setattr__(self, "storage_path", str(Path(self.storage_path).resolve()))
 
     def config_for(self, category: str, config: Config | None = None) -> Config:
         """``config`` (default ``base``) with the category's own values applied."""
         return (config or self.base).replace(**self.per_category.get(category, {}))
 
-    def job(self, config: Config | None = None, category_values: dict[str, dict[str, Any]] | None = None) -> Job:
-        """The trials' job: ``config`` (default ``base``) for every category, then
+    def trial_spec(self, config: Config | None = None,
+                   category_values: Mapping[str, Mapping[str, Any]] | None = None) -> TrialSpec:
+        """What the trials receive: ``config`` (default ``base``) for every category, then
         ``category_values`` and the plan's --category-set values (those win) per category."""
         values = {c: {**(category_values or {}).get(c, {}), **self.per_category.get(c, {})} for c in self.categories}
-        return Job(base_config=(config or self.base).to_dict(), data_root=str(Path(self.data_root).resolve()),
-                   dataset=self.dataset, storage_path=str(Path(self.storage_path).resolve()), experiment=self.name,
-                   workers=self.workers_per_category, gpus_per_worker=self.gpus_per_worker,
-                   cpus_per_worker=self.cpus_per_worker, texture_dir=_abs(self.texture_dir),
-                   cache_dir=_abs(self.cache_dir), category_values={c: v for c, v in values.items() if v})
+        return TrialSpec(data=self.data, resources=self.resources, base_config=config or self.base,
+                         tune_name=self.run_name, storage_path=self.storage_path,
+                         category_values={c: v for c, v in values.items() if v})
+
+    def fingerprints(self) -> dict[str, str]:
+        """Each category's training-data fingerprint (tags on runs and model versions)."""
+        return {c: api.fingerprint_category(self.data.root, self.data.dataset, c) for c in self.categories}
 
 
 def parse_category_sets(items: list[str], categories: list[str], base: Config) -> dict[str, dict[str, Any]]:
@@ -90,10 +97,6 @@ def parse_category_sets(items: list[str], categories: list[str], base: Config) -
     return out
 
 
-def _abs(p: str | None) -> str | None:
-    return str(Path(p).resolve()) if p else None
-
-
 def init_ray(plan: Plan | None = None) -> str:
     """Connect to the cluster the plan names (``--ray-address``, else ``RAY_ADDRESS``), or
     start an in-process one: see :mod:`orchestrator.cluster`."""
@@ -101,7 +104,7 @@ def init_ray(plan: Plan | None = None) -> str:
     if plan is not None and cluster.started_here():
         # A fixed-size cluster (no autoscaler): a worker no node can hold fails now, not after
         # --pending-timeout.
-        check_feasible(plan.job().worker_resources(), plan.workers_per_category)
+        check_feasible(plan.resources.worker(), plan.resources.workers)
     return address
 
 
@@ -118,61 +121,68 @@ def resolve_categories(data_root: str, dataset: str, spec: str) -> list[str]:
     return wanted
 
 
-def warn_if_selecting_on_test(plan: Plan) -> None:
+def warn_about_config(plan: Plan) -> None:
+    """Say what the trials will do differently from the config as given."""
     if any(plan.config_for(c).val_split == "none" for c in plan.categories):
         log.warning("val_split=none: trials, thresholds and promotion are chosen on the test split, so the "
                     "test metrics reported are optimistic (runs tagged pouta.selection=test)")
+    asked = {(c.checkpoint_every, c.eval_every) for c in map(plan.config_for, plan.categories)}
+    if any(every != eval_every for every, eval_every in asked):
+        log.warning("checkpoint_every is set to eval_every in trials: Ray resumes from, and MLflow keeps, the "
+                    "checkpoint of each evaluation (the trial runs log the value used)")
 
 
 def open_parent(plan: Plan, kind: str, extra_tags: dict[str, str] | None = None):
-    client, exp_id = tracking.setup(plan.tracking_uri, plan.experiment)
-    key = f"{kind}:{plan.name}"
-    tags = {tracking.TAG_KIND: kind, "dataset": plan.dataset, "git_commit": tracking.git_commit(),
+    client, exp_id = tracking.setup(plan.tracking_uri, plan.mlflow_experiment)
+    key = f"{kind}:{plan.run_name}"
+    tags = {tracking.TAG_KIND: kind, "dataset": plan.data.dataset, "git_commit": tracking.git_commit(),
             tracking.TAG_SELECTION: tracking.selection_tag(plan.base.val_split), **(extra_tags or {})}
-    run_id = tracking.get_or_create_run(client, exp_id, key, name=plan.name, tags=tags)
-    tracking.log_params(client, run_id, {"command": kind, "dataset": plan.dataset,
-                                         "categories": ",".join(plan.categories), "name": plan.name})
+    run_id = tracking.get_or_create_run(client, exp_id, key, name=plan.run_name, tags=tags)
+    tracking.log_params(client, run_id, {"command": kind, "dataset": plan.data.dataset,
+                                         "categories": ",".join(plan.categories), "name": plan.run_name})
     return client, exp_id, run_id, key
 
 
-def callback(plan: Plan, job: Job, parent_id: str, parent_key: str) -> MlflowTrialCallback:
-    return MlflowTrialCallback(tracking.resolve_tracking_uri(plan.tracking_uri), plan.experiment, job, parent_id,
-                               parent_key, {"git_commit": tracking.git_commit()}, plan.fingerprints)
+def callback(plan: Plan, spec: TrialSpec, parent_id: str, parent_key: str,
+             fingerprints: Mapping[str, str]) -> MlflowTrialCallback:
+    return MlflowTrialCallback(tracking.resolve_tracking_uri(plan.tracking_uri), plan.mlflow_experiment, spec,
+                               parent_id, parent_key, {"git_commit": tracking.git_commit()}, fingerprints)
 
 
-def experiment_path(plan: Plan, name: str) -> Path:
-    return Path(plan.storage_path).resolve() / name
+def experiment_path(plan: Plan) -> Path:
+    """The Tune experiment's folder."""
+    return Path(plan.storage_path) / plan.run_name
 
 
-def check_new_or_resumed(plan: Plan, name: str, resume: bool) -> None:
+def check_new_or_resumed(plan: Plan, resume: bool) -> None:
     """An experiment that exists is only continued with ``resume``; checked before anything
     starts, so a refused command leaves no Ray, no MLflow run behind."""
-    path = experiment_path(plan, name)
+    path = experiment_path(plan)
     if path.exists() and not resume:
-        raise ConfigError(f"{path}: experiment '{name}' already exists; pass --resume to continue it "
+        raise ConfigError(f"{path}: experiment '{plan.run_name}' already exists; pass --resume to continue it "
                           "or --name to start another")
 
 
-def make_tuner(plan: Plan, name: str, job: Job, param_space: dict[str, Any], tune_config: tune.TuneConfig,
+def make_tuner(plan: Plan, spec: TrialSpec, param_space: dict[str, Any], tune_config: tune.TuneConfig,
                cb: MlflowTrialCallback, resume: bool) -> tune.Tuner:
     """A new Tuner, or the restored one when ``resume`` (finished trials are not rerun).
 
-    The job (paths, resources, base config) reaches trials through ``tune.with_parameters``,
+    The spec (paths, resources, base config) reaches trials through ``tune.with_parameters``,
     so ``param_space``, which Tune prints and stores per trial, holds only what varies."""
-    path = experiment_path(plan, name)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), job.trial_resources())
-    check_new_or_resumed(plan, name, resume)
+    path = experiment_path(plan)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), spec.resources.trial())
+    check_new_or_resumed(plan, resume)
     if path.exists():
         if tune.Tuner.can_restore(str(path)):
             return tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
                                       resume_unfinished=True, resume_errored=True)
-    watchdog = StallWatchdog(plan.pending_timeout, job.worker_resources(), job.workers)
+    watchdog = StallWatchdog(plan.pending_timeout, spec.resources.worker(), spec.resources.workers)
     callbacks: list[Any] = [cb, watchdog]
     if not plan.verbose:
         callbacks.append(ProgressPrinter(selection_metric(plan.metric), plan.mode, plan.categories))
     return tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config,
-        run_config=tune.RunConfig(name=name, storage_path=str(Path(plan.storage_path).resolve()),
+        run_config=tune.RunConfig(name=plan.run_name, storage_path=plan.storage_path,
                                   callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=1),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   verbose=None if plan.verbose else 0),
@@ -282,13 +292,13 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     client = cb.client
     done = client.get_run(run_id).data.tags.get("pouta.registered_version")
     if done:   # a rerun of a finished experiment: registered already
-        return tracking.registered_name(plan.dataset, category), done
+        return tracking.registered_name(plan.data.dataset, category), done
     model, config, state = load_model(checkpoint, "cpu")
     wrapped = MapModel(model).eval()
     example = np.random.default_rng(0).random((1, 3, config.image_size, config.image_size), dtype=np.float32)
     with torch.inference_mode():
         output = wrapped(torch.from_numpy(example)).numpy()
-    name = tracking.registered_name(plan.dataset, category)
+    name = tracking.registered_name(plan.data.dataset, category)
     mlflow.set_tracking_uri(tracking.resolve_tracking_uri(plan.tracking_uri))
     with mlflow.start_run(run_id=run_id):
         # Requirements named, not inferred: MLflow's inference re-imports the model in a
@@ -299,8 +309,8 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     version = str(info.registered_model_version)
     client.set_tag(run_id, "pouta.registered_version", version)
     client.set_registered_model_alias(name, tracking.CHALLENGER, version)
-    describe_version(client, name, version, category=category, fingerprint=plan.fingerprints.get(category, ""),
-                     metrics=state.get("metrics", {}), searched=searched or {}, source=f"{kind} {plan.name}",
+    describe_version(client, name, version, category=category, fingerprint=cb.fingerprints.get(category, ""),
+                     metrics=state.get("metrics", {}), searched=searched or {}, source=f"{kind} {plan.run_name}",
                      parent_run_id=cb.parent_run_id, selection=tracking.selection_tag(config.val_split))
     tracking.finish(client, run_id)
     return name, version

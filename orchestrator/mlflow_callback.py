@@ -5,24 +5,25 @@ step, and at the end the trial's config, checkpoint, metrics and heat-map grid."
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
 from orchestrator import tracking
-from orchestrator.trial import Job, trial_config
+from orchestrator.spec import SAMPLED, TrialSpec
 
 log = logging.getLogger(__name__)
 ARTIFACTS = ("config.yaml", "checkpoint.pt", "metrics.json", "heatmaps.png", "val_files.json")
 
 
 class MlflowTrialCallback(Callback):
-    def __init__(self, tracking_uri: str, experiment: str, job: Job, parent_run_id: str, parent_key: str,
-                 tags: dict[str, str], fingerprints: dict[str, str]) -> None:
+    def __init__(self, tracking_uri: str, mlflow_experiment: str, spec: TrialSpec, parent_run_id: str,
+                 parent_key: str, tags: dict[str, str], fingerprints: Mapping[str, str]) -> None:
         self.tracking_uri = tracking_uri
-        self.experiment = experiment
-        self.job = job
+        self.mlflow_experiment = mlflow_experiment
+        self.spec = spec
         self.parent_run_id = parent_run_id
         self.parent_key = parent_key
         self.tags = tags
@@ -39,7 +40,7 @@ class MlflowTrialCallback(Callback):
     @property
     def client(self):
         if self._client is None:
-            self._client, self._exp_id = tracking.setup(self.tracking_uri, self.experiment)
+            self._client, self._exp_id = tracking.setup(self.tracking_uri, self.mlflow_experiment)
         return self._client
 
     def run_for(self, trial) -> str:
@@ -47,16 +48,16 @@ class MlflowTrialCallback(Callback):
             return self.runs[trial.trial_id]
         client = self.client
         category = trial.config["category"]
-        job = self.job
-        config = trial_config(job, trial.config)
+        dataset = self.spec.data.dataset
+        config = self.spec.config_for(category, trial.config.get(SAMPLED))
         key = f"{self.parent_key}/{category}/{trial.trial_id}"
         run_id = tracking.get_or_create_run(
             client, self._exp_id, key, name=f"{category}-{trial.trial_id}", parent_id=self.parent_run_id,
-            tags={**self.tags, tracking.TAG_KIND: "trial", "pouta.category": category, "dataset": job.dataset,
+            tags={**self.tags, tracking.TAG_KIND: "trial", "pouta.category": category, "dataset": dataset,
                   "category": category, "variant": config.variant,
                   tracking.TAG_SELECTION: tracking.selection_tag(config.val_split),
                   tracking.TAG_FINGERPRINT: self.fingerprints.get(category, "unknown")})
-        tracking.log_params(client, run_id, {**config.to_dict(), "category": category, "dataset": job.dataset})
+        tracking.log_params(client, run_id, {**config.to_dict(), "category": category, "dataset": dataset})
         self.runs[trial.trial_id] = run_id
         self.steps[run_id] = tracking.last_step(client, run_id)
         return run_id

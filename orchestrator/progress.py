@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from ray.tune import Callback
 
-from orchestrator.trial import SAMPLED, decode_sampled
+from orchestrator.spec import SAMPLED, decode_sampled
 
 
 def short(v: Any) -> str:

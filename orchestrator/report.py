@@ -33,7 +33,7 @@ def _short(v: Any) -> str:
 
 def table(summary: dict[str, dict[str, Any]], keys: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
     """-> (columns, one row per trial of every category)."""
-    from orchestrator.trial import SAMPLED
+    from orchestrator.spec import SAMPLED
 
     searched: list[str] = []
     rows = []
@@ -134,6 +134,11 @@ def log_to_parent(client, run_id: str, folder: Path, summary: dict[str, dict[str
 
     tracking.log_metrics(client, run_id, best_metrics(summary, keys), step=0)
     client.log_artifacts(run_id, str(folder), artifact_path="report")
+
+
+def folder(parent: str | Path, run_name: str) -> Path:
+    """Where a command's report is written: ``<parent>/<run_name>-report``."""
+    return Path(parent) / f"{run_name}-report"
 
 
 def publish(client, run_id: str, folder: Path, title: str, summary: dict[str, dict[str, Any]], keys: list[str],

@@ -11,6 +11,7 @@ better with probability >= ``--confidence``. A failing category does not stop th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -130,18 +131,19 @@ def run_retrain(plan: ex.Plan, *, params_from: str, gate: Gate, force: bool,
     metric, mode = gate.metric, "max"
 
     ex.init_ray(plan)
-    client, exp_id = tracking.setup(plan.tracking_uri, plan.experiment)
+    client, exp_id = tracking.setup(plan.tracking_uri, plan.mlflow_experiment)
+    dataset = plan.data.dataset
+    fingerprints: dict[str, str] = {}
     summary: dict[str, Any] = {}
     todo: list[str] = []
     per_category: dict[str, dict[str, Any]] = {}
     for category in plan.categories:
         try:
-            fp = api.fingerprint_category(plan.data_root, plan.dataset, category)
-            plan.fingerprints[category] = fp
-            if not force and last_trained_fingerprint(client, exp_id, plan.dataset, category) == fp:
+            fp = fingerprints[category] = api.fingerprint_category(plan.data.root, dataset, category)
+            if not force and last_trained_fingerprint(client, exp_id, dataset, category) == fp:
                 summary[category] = {"status": "unchanged"}
                 continue
-            values = {**params_for(params_from, client, exp_id, plan.dataset, category, metric, mode, plan.base),
+            values = {**params_for(params_from, client, exp_id, dataset, category, metric, mode, plan.base),
                       **(overrides or {}), **plan.per_category.get(category, {})}
             Config.from_dict({**plan.base.to_dict(), **values}, source=f"retrain [{category}]")
             per_category[category] = values
@@ -151,13 +153,14 @@ def run_retrain(plan: ex.Plan, *, params_from: str, gate: Gate, force: bool,
     if todo:
         # Named after what it trains on and the registry's state: rerunning after a crash resumes
         # it, while new data or a finished retraining (a new version exists) starts anew.
-        key = json.dumps([[c, plan.fingerprints[c], per_category[c], _latest_version(client, plan.dataset, c)]
+        key = json.dumps([[c, fingerprints[c], per_category[c], _latest_version(client, dataset, c)]
                           for c in todo], sort_keys=True, default=str)
-        name = f"{plan.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-        sub = ex.Plan(**{**plan.__dict__, "categories": todo, "name": name})
+        name = f"{plan.run_name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+        sub = dataclasses.replace(plan, categories=tuple(todo), run_name=name)
         trained: dict[str, Any] = {}
         try:
-            trained = run_launch(sub, resume=True, per_category=per_category, kind="retrain")
+            trained = run_launch(sub, resume=True, per_category=per_category, kind="retrain",
+                                 fingerprints={c: fingerprints[c] for c in todo})
         except Exception as exc:
             for c in todo:
                 trained[c] = {"error": str(exc).splitlines()[0]}
@@ -184,12 +187,12 @@ def _decide(plan: ex.Plan, client, category: str, result: dict[str, Any], gate: 
     from pouta_core.bootstrap import paired_bootstrap
 
     name, version = result["registered_model"], result["version"]
-    kwargs = {"data_root": plan.data_root, "dataset": plan.dataset, "category": category, "device": "auto",
-              "cache_dir": plan.cache_dir}
+    kwargs = {"data_root": plan.data.root, "dataset": plan.data.dataset, "category": category, "device": "auto",
+              "cache_dir": plan.data.cache_dir}
     split_like = plan.base.replace(**values)
     challenger, labels = validation_evidence(Path(result["checkpoint"]), split_like=split_like, **kwargs)
     with tempfile.TemporaryDirectory() as tmp:
-        champ = champion_checkpoint(client, plan.dataset, category, Path(tmp))
+        champ = champion_checkpoint(client, plan.data.dataset, category, Path(tmp))
         champion = validation_evidence(champ[1], split_like=split_like, **kwargs)[0] if champ else None
     run_id = client.get_model_version(name, version).run_id
     key = f"val_{gate.metric}"

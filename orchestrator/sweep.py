@@ -17,8 +17,7 @@ from ray import tune
 from orchestrator import experiment as ex
 from orchestrator import report, tracking
 from orchestrator.scheduling import CategorySearch, PerCategoryScheduler
-from orchestrator.trial import SAMPLED, decode_sampled
-from pouta_core import api
+from orchestrator.spec import SAMPLED, decode_sampled
 from pouta_core.checkpoint import atomic_write
 from pouta_core.config import ConfigError
 from search_spaces import SearchSpace
@@ -110,20 +109,20 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
     check_category_sets(plan, space)
-    ex.check_new_or_resumed(plan, plan.name, resume)
+    ex.check_new_or_resumed(plan, resume)
     base = plan.base.replace(**space.fixed)
     storage_url = study_storage or default_study_storage(plan.storage_path)
     search_alg = None if space.has_grid else _category_search(plan, space, objectives, storage_url, num_samples,
                                                               resume)
     ex.init_ray(plan)
-    plan.fingerprints = {c: api.fingerprint_category(plan.data_root, plan.dataset, c) for c in plan.categories}
+    fingerprints = plan.fingerprints()
     client, _, parent_id, parent_key = ex.open_parent(plan, "sweep", {"search_space": space.path.name})
-    ex.warn_if_selecting_on_test(plan)
+    ex.warn_about_config(plan)
     tracking.log_params(client, parent_id, {"search_space": space.path.name, "num_samples": num_samples,
                                             "scheduler": scheduler,
                                             "objectives": ",".join(f"{k}:{m}" for k, m in objectives)})
-    job = plan.job(base)
-    cb = ex.callback(plan, job, parent_id, parent_key)
+    spec = plan.trial_spec(base)
+    cb = ex.callback(plan, spec, parent_id, parent_key, fingerprints)
     metric, mode = objectives[0]
     if space.has_grid:
         param_space: dict[str, Any] = {"category": tune.grid_search(plan.categories), SAMPLED: grid_space(space)}
@@ -137,16 +136,16 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
         # A finished trial's process takes the next trial: no new process, no second import
         # of torch (measured: a 19 s gap between waves of 8 trials on this 2-core machine).
         reuse_actors=True)
-    results = ex.fit(ex.make_tuner(plan, plan.name, job, param_space, tune_config, cb, resume))
+    results = ex.fit(ex.make_tuner(plan, spec, param_space, tune_config, cb, resume))
+    studies = {c: f"{plan.run_name}-{c}" for c in plan.categories}
     if not space.has_grid:
-        _fail_dangling_optuna_trials(storage_url, [f"{plan.name}-{c}" for c in plan.categories])
+        _fail_dangling_optuna_trials(storage_url, list(studies.values()))
     keys = ex.both_splits([k for k, _ in objectives] + list(ex.SUMMARY_METRICS))
-    summary = {c: _category_summary(plan, base, cb, c, ex.trial_rows([r for r in results if _category(r) == c], keys),
+    summary = {c: _category_summary(plan, cb, c, ex.trial_rows([r for r in results if _category(r) == c], keys),
                                     objectives, keys) for c in plan.categories}
-    folder = (Path(best_out).parent if best_out else Path(plan.storage_path)) / f"{plan.name}-report"
-    report.publish(client, parent_id, folder, f"sweep {plan.name} ({space.path.name})", summary, keys,
-                   storage_url=None if space.has_grid else storage_url,
-                   study_names={c: f"{plan.name}-{c}" for c in plan.categories}, objectives=objectives)
+    folder = report.folder(Path(best_out).parent if best_out else plan.storage_path, plan.run_name)
+    report.publish(client, parent_id, folder, f"sweep {plan.run_name} ({space.path.name})", summary, keys,
+                   storage_url=None if space.has_grid else storage_url, study_names=studies, objectives=objectives)
     tracking.finish(client, parent_id, ok=not any("error" in e for e in summary.values()))
     if best_out:
         best_configs = {c: e["config"] for c, e in summary.items() if "config" in e}
@@ -171,7 +170,7 @@ def _asha(plan: ex.Plan, base) -> PerCategoryScheduler:
     return PerCategoryScheduler(make, plan.categories)
 
 
-def _category_summary(plan: ex.Plan, base, cb, category: str, rows: list[dict[str, Any]],
+def _category_summary(plan: ex.Plan, cb, category: str, rows: list[dict[str, Any]],
                       objectives: list[tuple[str, str]], keys: list[str]) -> dict[str, Any]:
     """The category's trials, its best by the first objective (registered as challenger), and
     the Pareto front for several objectives."""
@@ -182,9 +181,10 @@ def _category_summary(plan: ex.Plan, base, cb, category: str, rows: list[dict[st
     best = ex.best_checkpoint_of(rows, metric, mode)
     if best is None:
         return {**entry, "error": "no trial finished with a checkpoint"}
-    config = plan.config_for(category, base).replace(**decode_sampled(best["config"].get(SAMPLED, {})))
+    sampled = best["config"].get(SAMPLED, {})
+    config = cb.spec.config_for(category, sampled)   # exactly what the trial trained with
     model_name, version = ex.register_best(plan, cb, category, best["trial_id"], best["checkpoint"],
-                                           searched=decode_sampled(best["config"].get(SAMPLED, {})), kind="sweep")
+                                           searched=decode_sampled(sampled), kind="sweep")
     return {**entry, "best": {k: best.get(k) for k in ["trial_id", "epoch", *keys]}, "config": config.to_dict(),
             "registered_model": model_name, "version": version}
 
@@ -195,7 +195,8 @@ def _category_search(plan: ex.Plan, space: SearchSpace, objectives, storage_url:
     for category in plan.categories:
         # One seeded sampler per category, so categories do not all try the same points.
         seed = zlib.crc32(f"{plan.base.seed}:{category}".encode())
-        searchers[category] = _optuna_search(space, objectives, storage_url, f"{plan.name}-{category}", seed, resume)
+        searchers[category] = _optuna_search(space, objectives, storage_url, f"{plan.run_name}-{category}", seed,
+                                             resume)
     metrics, modes = [k for k, _ in objectives], [m for _, m in objectives]
     one = len(objectives) == 1
     return CategorySearch(searchers, dict.fromkeys(plan.categories, num_samples),

@@ -22,6 +22,7 @@ import ray.train.torch
 import ray.tune
 import torch
 
+from orchestrator.spec import WorkerTask
 from pouta_core import checkpoint as ckpt
 from pouta_core.api import load_category
 from pouta_core.benchmark import latency_ms
@@ -115,23 +116,23 @@ class TuneSession:
         return model
 
 
-def train_worker(cfg: dict[str, Any], session: TrainSession | TuneSession | None = None) -> None:
-    """``cfg``: config (dict), data_root, dataset, category, texture_dir, cache_dir, cpus_per_worker.
-    ``session``: where it reports (default: the Ray Train run it is a worker of)."""
+def train_worker(task: WorkerTask, session: TrainSession | TuneSession | None = None) -> None:
+    """Train ``task``'s category; ``session``: where it reports (default: the Ray Train run it
+    is a worker of)."""
     session = session or TrainSession()
-    config = Config.from_dict(cfg["config"])
+    config, data_spec = task.config, task.data
     rank, world, device = session.rank, session.world, session.device
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.get("cpus_per_worker", 1))))
-    data = load_category(cfg["data_root"], cfg["dataset"], cfg["category"], config, cache_dir=cfg.get("cache_dir"),
+        torch.set_num_threads(max(1, int(task.resources.cpus_per_worker)))
+    data = load_category(data_spec.root, data_spec.dataset, task.category, config, cache_dir=data_spec.cache_dir,
                          progress=False)
-    textures = TextureFolder(cfg["texture_dir"], config.image_size) if cfg.get("texture_dir") else None
+    textures = TextureFolder(data_spec.texture_dir, config.image_size) if data_spec.texture_dir else None
     # The grid shows test images when there are any: a picture, never a choice.
     shown = data.test_set if data.test_set is not None else data.val_set
     latency = measure_latency(config, device)
 
     remove_stale_run_dirs()
-    run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-{cfg['category']}-rank{rank}-"))
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-{task.category}-rank{rank}-"))
     restored = session.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
@@ -144,16 +145,12 @@ def train_worker(cfg: dict[str, Any], session: TrainSession | TuneSession | None
             write_heatmaps(checkpoint_dir, shown, device)
         session.report({k: v for k, v in metrics.items() if _reportable(v)}, checkpoint_dir)
 
-    # Every evaluation epoch is also a checkpoint epoch, so every report carries the
-    # checkpoint Ray resumes from and the one MLflow receives at the end.
-    config = config.replace(checkpoint_every=config.eval_every)
     try:
         fit(config, data.train_images, run_dir, val_set=data.val_set if rank == 0 else None,
             test_set=data.test_set if rank == 0 else None, textures=textures, device=device, report=report,
             progress=False, wrap_model=session.prepare_model, shard=(rank, world),
-            # Synthesis in loader workers: every CPU of the worker but the one that steps the model.
-            num_workers=max(0, int(cfg.get("cpus_per_worker", 1)) - 1),
-            extra_state={"dataset": cfg["dataset"], "category": cfg["category"], "val_split": data.selection.mode},
+            num_workers=task.resources.loader_workers,
+            extra_state={"dataset": data_spec.dataset, "category": task.category, "val_split": data.selection.mode},
             sidecars={ckpt.VAL_FILES: data.selection_record()})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

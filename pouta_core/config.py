@@ -294,7 +294,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # For tests and the CPU demo: 64 px, narrow networks, a short schedule (5 to 6 minutes
     # per category and model on 2 CPU cores with the demo data). 200 epochs, not 100: at 100
-    # POUTA localised tiles' thin scratches worse than vanilla (docs/training.md).
+    # POUTA localised tiles' thin scratches worse than vanilla (docs/experiments.md, 2026-11-28).
     "tiny": {
         "image_size": 64,
         "rec_width": 16,

@@ -16,7 +16,7 @@ for the POUTA variants with MSS, with each head alone and with the mean of the m
 
 A detector that reads the contrast loses pixel AUROC when its reconstruction side is swapped;
 one that finds anomalies from the input alone barely moves. ``bench/contrast_check.py`` prints
-the pixel AUROC of every map for trained checkpoints (docs/training.md has the figures).
+the pixel AUROC of every map for trained checkpoints (docs/experiments.md has the figures).
 """
 
 from __future__ import annotations

@@ -166,10 +166,5 @@ def _check_against_config(space: SearchSpace, base: Config) -> None:
                 raise _err(space.path, dim.key, f"value {value!r} is invalid: {exc}") from None
 
 
-def trial_config(base: Config, space: SearchSpace, sampled: dict[str, Any]) -> Config:
-    """The config of one trial: base, then the space's fixed keys, then the sampled values."""
-    return base.replace(**space.fixed, **sampled)
-
-
 def bundled() -> list[Path]:
     return sorted(SPACES_DIR.glob("*.yaml"))

@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import small_args
 from PIL import Image
 
 from pouta_core import runfolder
 from pouta_core.data.demo import generate
 
-TINY = ["--preset", "tiny", "--set", "image_size=32", "--set", "rec_width=4", "--set", "fcm_width=4",
-        "--set", "disc_width=4", "--set", "epochs=1", "--set", "lr_milestones=[]", "--set", "batch_size=4",
-        "--device", "cpu"]
+TINY = [*small_args(epochs=1), "--device", "cpu"]
 
 
 def pouta(*args) -> subprocess.CompletedProcess:

@@ -4,11 +4,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import small_args
 
 from pouta_core.data.demo import generate
 
-SMALL = ["--preset", "tiny", "--set", "image_size=32", "--set", "rec_width=4", "--set", "fcm_width=4",
-         "--set", "epochs=2", "--set", "lr_milestones=[]", "--set", "batch_size=4"]
+SMALL = small_args()
 
 
 def pouta(*args, check=True):

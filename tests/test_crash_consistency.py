@@ -15,16 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import small_args
 
 from pouta_core import checkpoint as ckpt
 from pouta_core import runfolder
 from pouta_core.data.demo import generate
 from pouta_core.files import json_safe, stale_temp_files
 
-TRAIN = ["train", "--dataset", "mvtec", "--category", "tiles", "--preset", "tiny", "--set", "image_size=32",
-         "--set", "rec_width=4", "--set", "fcm_width=4", "--set", "disc_width=4", "--set", "epochs=2",
-         "--set", "eval_every=1", "--set", "checkpoint_every=1", "--set", "lr_milestones=[]",
-         "--set", "batch_size=4", "--device", "cpu"]
+TRAIN = ["train", "--dataset", "mvtec", "--category", "tiles", *small_args(checkpoint_every=1), "--device", "cpu"]
 
 # Runs `pouta` with os.fsync / os.replace / os.unlink wrapped: each call on the run folder is
 # an event, logged; at event number TARGET the process SIGKILLs itself.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import small_args
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -21,9 +22,7 @@ from orchestrator import interrupts
 from pouta_core.data.demo import generate
 
 EPOCHS = 3
-SMALL = ["--preset", "tiny", "--set", "image_size=32", "--set", "rec_width=4", "--set", "fcm_width=4",
-         "--set", "disc_width=4", "--set", f"epochs={EPOCHS}", "--set", "eval_every=1", "--set", "lr_milestones=[]",
-         "--set", "batch_size=4"]
+SMALL = small_args(epochs=EPOCHS)
 CATEGORIES = ("tiles", "pills")
 SAMPLES = 2
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import small_args
 from mlflow.tracking import MlflowClient
 from servers import mlflow_server, ray_head
 
@@ -16,8 +17,7 @@ from pouta_core.data.demo import generate
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SMALL = ["--preset", "tiny", "--set", "image_size=32", "--set", "rec_width=4", "--set", "fcm_width=4",
-         "--set", "epochs=2", "--set", "eval_every=1", "--set", "lr_milestones=[]", "--set", "batch_size=4"]
+SMALL = small_args()
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
+from conftest import small_config
 
-from pouta_core.config import Config
 from pouta_core.losses import focal_loss, pouta_loss, segmentation_loss, ssim
 from pouta_core.model import build_model
 
-TINY = Config.from_preset("tiny", ["rec_width=4", "fcm_width=4", "disc_width=4", "image_size=32"])
+TINY = small_config()
 
 
 def test_ssim_of_identical_images_is_one():

@@ -10,6 +10,7 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import small_args
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from servers import ray_head
@@ -19,9 +20,7 @@ from pouta_core.data import read_split
 from pouta_core.data.demo import generate
 from pouta_core.data.validation import split_for_selection
 
-SMALL = ["--preset", "tiny", "--set", "image_size=32", "--set", "rec_width=4", "--set", "fcm_width=4",
-         "--set", "disc_width=4", "--set", "epochs=2", "--set", "eval_every=1", "--set", "lr_milestones=[]",
-         "--set", "batch_size=4"]
+SMALL = small_args()
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 import pytest
 
 import search_spaces
+from orchestrator.spec import DataSpec, Resources, TrialSpec, decode_sampled
 from orchestrator.sweep import optuna_space, pareto_front, parse_objectives
-from orchestrator.trial import decode_sampled
 from pouta_core.config import Config, ConfigError
 from search_spaces import SearchSpaceError
 
@@ -56,7 +56,10 @@ def test_fixed_keys_are_validated_and_applied(tmp_path):
     p = write(tmp_path, "space:\n  lr: {distribution: uniform, low: 0.001, high: 0.01}\n"
                         "fixed: {epochs: 20, lr_milestones: [10]}\n")
     space = search_spaces.load(p)
-    cfg = search_spaces.trial_config(Config(), space, {"lr": 0.005})
+    # The sweep's own path: fixed keys over the base, then the trial's sampled values.
+    spec = TrialSpec(data=DataSpec.of("data", "mvtec"), resources=Resources(),
+                     base_config=Config().replace(**space.fixed), tune_name="t", storage_path="/tmp")
+    cfg = spec.config_for("tiles", {"lr": 0.005})
     assert (cfg.epochs, cfg.lr_milestones, cfg.lr) == (20, (10,), 0.005)
     bad = write(tmp_path, "space:\n  lr: {distribution: uniform, low: 0.001, high: 0.01}\nfixed: {epochs: 0}\n")
     with pytest.raises(SearchSpaceError, match="in 'fixed': config key 'epochs'"):

@@ -3,14 +3,14 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import small_config
 
 from pouta_core import checkpoint as ckpt
 from pouta_core.config import Config, ConfigError
 from pouta_core.data.datasets import EvalDataset
 from pouta_core.training import fit
 
-CFG = Config.from_preset("tiny", ["image_size=32", "rec_width=4", "fcm_width=4", "disc_width=4", "batch_size=2",
-                                  "epochs=3", "lr_milestones=[2]", "eval_every=1", "checkpoint_every=1"])
+CFG = small_config(batch_size=2, epochs=3, lr_milestones="[2]", checkpoint_every=1)
 
 
 @pytest.fixture(scope="module")

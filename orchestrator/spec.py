@@ -1,0 +1,119 @@
+"""What a trial's work is, as one typed, frozen description.
+
+The command line is read once into a :class:`TrialSpec`: where the data is (:class:`DataSpec`),
+what each trial may use (:class:`Resources`), the base config and each category's own values,
+and where Tune keeps the trials. The same object travels, as is, to Tune (through
+``tune.with_parameters``), to the MLflow callback, and, per trial, as a :class:`WorkerTask` to
+the training function, in the trial's process or on each Ray Train worker. Nothing is copied
+field by field and no string-keyed dict crosses a process boundary.
+
+Names say which system they belong to: ``tune_name`` is the Tune experiment (the folder under
+``storage_path``, also the MLflow parent run's name); the MLflow experiment is
+``Plan.mlflow_experiment`` (orchestrator/experiment.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pouta_core.config import Config
+
+SAMPLED = "sampled"   # param_space key holding the searched config values
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a category's images come from. Paths are absolute: trials run in other processes,
+    possibly on other nodes, from another working directory."""
+
+    root: str
+    dataset: str
+    texture_dir: str | None = None
+    cache_dir: str | None = None
+
+    @classmethod
+    def of(cls, root: str, dataset: str, texture_dir: str | None = None, cache_dir: str | None = None) -> DataSpec:
+        return cls(_abs(root), dataset, _abs(texture_dir), _abs(cache_dir))
+
+
+def _abs(p: str | None) -> str | None:
+    return str(Path(p).resolve()) if p else None
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each trial may use: ``workers`` Ray Train workers (DDP) of ``cpus_per_worker`` CPUs
+    and ``gpus_per_worker`` GPUs each; ``max_failures`` worker-group restarts of a multi-worker
+    trial before it fails (Ray's default, -1, would retry forever)."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2
+
+    def worker(self) -> dict[str, float]:
+        resources = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            resources["GPU"] = self.gpus_per_worker
+        return resources
+
+    def trial(self) -> dict[str, float]:
+        """What Tune reserves for the trial: the worker itself when it trains in the trial's
+        process; else only 1 MiB of memory for the process that waits on Ray Train (Tune
+        refuses an empty request, and any fraction of a CPU would keep N one-CPU workers from
+        fitting on N CPUs)."""
+        return self.worker() if self.workers == 1 else {"CPU": 0, "memory": 1024**2}
+
+    @property
+    def loader_workers(self) -> int:
+        """DataLoader processes per worker: every CPU of the worker but the one that steps the model."""
+        return max(0, int(self.cpus_per_worker) - 1)
+
+
+@dataclass(frozen=True)
+class WorkerTask:
+    """What one training worker needs: one category, its final config, its data, its share."""
+
+    category: str
+    config: Config
+    data: DataSpec
+    resources: Resources
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a trial needs besides the values Tune samples; pickled once by Tune."""
+
+    data: DataSpec
+    resources: Resources
+    base_config: Config
+    tune_name: str
+    storage_path: str
+    # Config values of one category only (--category-set, retrain's best known values), over
+    # base_config; the sampled values of a trial go over both.
+    category_values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def config_for(self, category: str, sampled: Mapping[str, Any] | None = None) -> Config:
+        """A trial's config: the base, its category's own values, then the sampled ones.
+
+        Every evaluation epoch is also a checkpoint epoch (``checkpoint_every = eval_every``):
+        each report to Ray carries the checkpoint it resumes from and the one MLflow keeps. It
+        is set here, so MLflow logs the config the checkpoint holds."""
+        config = self.base_config.replace(**{**self.category_values.get(category, {}), **decode_sampled(sampled or {})})
+        return config.replace(checkpoint_every=config.eval_every)
+
+    def task(self, params: Mapping[str, Any]) -> WorkerTask:
+        """The worker's task for Tune's ``params`` (``category`` and ``sampled``)."""
+        category = params["category"]
+        return WorkerTask(category, self.config_for(category, params.get(SAMPLED)), self.data, self.resources)
+
+
+def decode_sampled(sampled: Mapping[str, Any]) -> dict[str, Any]:
+    """Optuna's categorical values are scalars: list choices travel as YAML strings."""
+    import yaml
+
+    return {k: (yaml.safe_load(v[5:]) if isinstance(v, str) and v.startswith("yaml:") else v)
+            for k, v in sampled.items()}
