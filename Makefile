@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint clean ui-check
+.PHONY: install test demo bench bench-anomalib-env bench-synthesis lint clean ui-check
 
 install: $(STAMP)
 
@@ -43,8 +43,26 @@ ui-check: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/pouta bench model --preset paper --image-size 224 --json
 
+# anomalib in an environment of its own, for `pouta bench synthesis --compare-anomalib` only:
+# never a dependency of POUTA. Same torch as .venv (constraints.txt), so both time the same ops.
+ANOMALIB_VENV ?= .venv-anomalib
+bench-anomalib-env: $(ANOMALIB_VENV)/.installed
+$(ANOMALIB_VENV)/.installed: constraints.txt
+	test -x $(ANOMALIB_VENV)/bin/python || $(PYTHON) -m venv $(ANOMALIB_VENV)
+	$(ANOMALIB_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(ANOMALIB_VENV)/bin/python -m pip install --quiet -c constraints.txt 'anomalib==2.7.0'
+	touch $@
+
+# POUTA's synthesis (batched and per-sample) against anomalib's, per core at 224 px: every
+# image anomalous, with a texture folder made here (DTD-like: 40 smooth 640x480 JPEGs) and
+# with procedural sources.
+bench-synthesis: $(STAMP) $(ANOMALIB_VENV)/.installed
+	$(PY) bench/make_textures.py bench-out/textures
+	$(VENV)/bin/pouta bench synthesis --image-size 224 --compare-anomalib --anomalib-python $(ANOMALIB_VENV)/bin/python --texture-dir bench-out/textures
+	$(VENV)/bin/pouta bench synthesis --image-size 224 --compare-anomalib --anomalib-python $(ANOMALIB_VENV)/bin/python
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info $(DEMO_DIR) bench-out
+	rm -rf $(VENV) $(ANOMALIB_VENV) .pytest_cache build *.egg-info $(DEMO_DIR) bench-out

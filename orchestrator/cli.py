@@ -117,15 +117,30 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_synthesis(args: argparse.Namespace) -> int:
+    from orchestrator.peers import anomalib_rate
     from pouta_core.benchmark import bench_synthesis
+    from pouta_core.synthesis import TextureFolder
 
-    cfg = Config.from_preset("paper", [f"image_size={args.image_size}"])
-    result = bench_synthesis(cfg, n=args.samples, progress=not args.json)
+    if args.samples < 1 or args.rounds < 1 or args.batch_size < 1:
+        raise ConfigError("--samples, --rounds and --batch-size must be >= 1")
+    cfg = Config.from_preset("paper", [f"image_size={args.image_size}", f"clean_ratio={args.clean_ratio}"])
+    textures = TextureFolder(args.texture_dir, args.image_size) if args.texture_dir else None
+    peer = anomalib_rate(args.anomalib_python, image_size=args.image_size, samples=args.samples,
+                         batch_size=args.batch_size, texture_dir=args.texture_dir,
+                         clean_ratio=args.clean_ratio) if args.compare_anomalib else None
+    r = bench_synthesis(cfg, n=args.samples, batch_size=args.batch_size, textures=textures, rounds=args.rounds,
+                        peer=peer, progress=not args.json)
     if args.json:
-        _print_json(result)
-    else:
-        print(f"synthesis at {result['image_size']}px: {result['samples_per_second_per_core']:.1f} "
-              f"samples/s per core ({result['samples']} samples in {result['seconds']:.2f} s)")
+        _print_json(r)
+        return 0
+    source = f"textures from {args.texture_dir}" if textures is not None else "procedural sources"
+    print(f"synthesis at {r['image_size']} px, {source}, clean_ratio {r['clean_ratio']}, one core, medians of "
+          f"{r['rounds']} round(s): batched {r['batched_images_per_s_per_core']:.1f} images/s, per-sample "
+          f"{r['per_sample_images_per_s_per_core']:.1f} (x{r['batched_to_per_sample']:.1f})")
+    if peer is not None:
+        print(f"anomalib PerlinAnomalyGenerator {r['anomalib_images_per_s_per_core']:.1f} images/s: batched is "
+              f"x{r['batched_to_anomalib']:.1f} ({'ok' if r['targets']['batched>=3x anomalib'] else 'MISSED'}: "
+              "target x3)")
     return 0
 
 
@@ -603,7 +618,18 @@ def _add_bench_commands(bench: argparse.ArgumentParser) -> None:
     bt.set_defaults(func=_cmd_bench_train)
     bs = bench_sub.add_parser("synthesis", help="synthesised images per second per core")
     bs.add_argument("--image-size", type=int, default=224)
-    bs.add_argument("--samples", type=int, default=64)
+    bs.add_argument("--samples", type=int, default=64, help="images per measurement (default 64)")
+    bs.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    bs.add_argument("--clean-ratio", type=float, default=0.0,
+                    help="share of images left clean, for both generators (default 0: every image gets an anomaly)")
+    bs.add_argument("--texture-dir", help="anomaly source images (DTD or any folder); default: procedural sources "
+                    "(anomalib: its Perlin noise)")
+    bs.add_argument("--rounds", type=int, default=3, help="measurements in turns; medians are printed (default 3)")
+    bs.add_argument("--compare-anomalib", action="store_true",
+                    help="also time anomalib's PerlinAnomalyGenerator, in its own environment "
+                    "(make bench-anomalib-env)")
+    bs.add_argument("--anomalib-python", default=".venv-anomalib/bin/python",
+                    help="the Python of that environment (default .venv-anomalib/bin/python)")
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(func=_cmd_bench_synthesis)
     bo = bench_sub.add_parser("orchestration", help="concurrent vs one-category-after-another sweeps, "

@@ -113,26 +113,71 @@ def format_table(result: dict[str, dict[str, float]], *, device: str, image_size
     return "\n".join(rows)
 
 
-def bench_synthesis(config: Config, *, n: int = 64, progress: bool = True) -> dict[str, float]:
-    """Synthesised training samples per second on one core (``torch.set_num_threads(1)``),
-    on random images of ``config.image_size``."""
-    from pouta_core.synthesis import AnomalySynthesizer
-
+def _one_thread(fn):
+    """Run ``fn`` with one intra-op thread: figures per core."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        synth = AnomalySynthesizer(config.replace(clean_ratio=0.0))
-        g = torch.Generator().manual_seed(config.seed)
-        images = torch.rand(8, 3, config.image_size, config.image_size, generator=g)
-        synth(images[0], g)  # warm-up
-        start = time.perf_counter()
-        for i in tqdm(range(n), desc="synthesis", disable=not progress, leave=False):
-            synth(images[i % 8], g)
-        seconds = time.perf_counter() - start
+        return fn()
     finally:
         torch.set_num_threads(threads)
-    return {"image_size": config.image_size, "samples": n, "seconds": seconds,
-            "samples_per_second_per_core": n / seconds}
+
+
+def synthesis_rate(config: Config, *, path: str, n: int, batch_size: int = 8, textures=None,
+                   progress: bool = False) -> float:
+    """Training images synthesised per second on one core by one path, ``batched``
+    (:class:`~pouta_core.synthesis.batched.BatchSynthesizer`, batches of ``batch_size``) or
+    ``per_sample`` (:class:`~pouta_core.synthesis.AnomalySynthesizer`), on random images of
+    ``config.image_size``, with the config's ``clean_ratio`` (the paper's 0.5: half the
+    images stay clean, as in training). One warm-up batch is not timed."""
+    from pouta_core.synthesis import AnomalySynthesizer
+    from pouta_core.synthesis.batched import BatchSynthesizer
+
+    g = torch.Generator().manual_seed(config.seed)
+    images = torch.rand(batch_size, 3, config.image_size, config.image_size, generator=g)
+    if path == "batched":
+        synth = BatchSynthesizer(config, textures.bank() if textures is not None else None)
+        step = lambda: synth(images, g)   # noqa: E731
+    else:
+        one = AnomalySynthesizer(config, textures)
+        step = lambda: [one(image, g) for image in images]   # noqa: E731
+    batches = max(1, n // batch_size)
+
+    def run() -> float:
+        step()
+        start = time.perf_counter()
+        for _ in tqdm(range(batches), desc=f"synthesis ({path})", disable=not progress, leave=False):
+            step()
+        return batches * batch_size / (time.perf_counter() - start)
+
+    return _one_thread(run)
+
+
+def bench_synthesis(config: Config, *, n: int = 64, batch_size: int = 8, textures=None, rounds: int = 1,
+                    peer=None, progress: bool = True) -> dict[str, Any]:
+    """Images per second per core of both synthesis paths and, with ``peer`` (a function
+    returning a rate, e.g. anomalib's generator in its own environment), of the peer,
+    measured in turns ``rounds`` times (medians: this machine is shared and noisy)."""
+    rates: dict[str, list[float]] = {"batched": [], "per_sample": []}
+    if peer is not None:
+        rates["peer"] = []
+    for _ in range(rounds):
+        for path in ("batched", "per_sample"):
+            rates[path].append(synthesis_rate(config, path=path, n=n, batch_size=batch_size, textures=textures,
+                                              progress=progress))
+        if peer is not None:
+            rates["peer"].append(peer())
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    result: dict[str, Any] = {"image_size": config.image_size, "batch_size": batch_size,
+                              "clean_ratio": config.clean_ratio, "textures": textures is not None, "rounds": rounds,
+                              "batched_images_per_s_per_core": median["batched"],
+                              "per_sample_images_per_s_per_core": median["per_sample"],
+                              "batched_to_per_sample": median["batched"] / median["per_sample"]}
+    if peer is not None:
+        result["anomalib_images_per_s_per_core"] = median["peer"]
+        result["batched_to_anomalib"] = median["batched"] / median["peer"]
+        result["targets"] = {"batched>=3x anomalib": result["batched_to_anomalib"] >= 3}
+    return result
 
 
 def bench_metrics(pixels: int = 10_000_000, *, seed: int = 0) -> dict[str, float]:
@@ -158,77 +203,65 @@ def bench_metrics(pixels: int = 10_000_000, *, seed: int = 0) -> dict[str, float
 
 def bench_train(config: Config, *, device: str = "cpu", steps: int = 5, warmup: int = 1, num_workers: int = 0,
                 progress: bool = True) -> dict[str, Any]:
-    """Samples per second of the training input pipeline alone (``TrainDataset`` with anomaly
-    synthesis through a ``DataLoader`` of ``num_workers``), of the model step alone (forward,
-    loss, backward and Adam on one pre-made batch on ``device``), and of the whole training
-    step (the two together, as ``train_epoch`` runs them), with the share of the whole step's
-    time spent waiting for the next batch. Random images of ``config.image_size``."""
-    from torch.utils.data import DataLoader
-
-    from pouta_core.data.datasets import TrainDataset
-    from pouta_core.synthesis import AnomalySynthesizer
-    from pouta_core.training import new_state, train_step
+    """Samples per second of the training input pipeline alone (the loader of
+    :func:`~pouta_core.training.make_loader`: batched synthesis on ``device``, or per-sample
+    synthesis in ``num_workers`` DataLoader workers, as ``config.synthesis`` says), of the
+    model step alone (forward, loss, backward and Adam on one pre-made batch on ``device``),
+    and of the whole training step (the two together, as ``train_epoch`` runs them), with the
+    share of the whole step's time spent waiting for the next batch. Random images of
+    ``config.image_size``."""
+    from pouta_core.training import make_loader, new_state, train_step
 
     dev = torch.device(device)
     b, s = config.batch_size, config.image_size
     g = torch.Generator().manual_seed(config.seed)
-    images = torch.randint(0, 256, (4 * b, 3, s, s), generator=g, dtype=torch.uint8)
-    dataset = TrainDataset(images, AnomalySynthesizer(config), config.seed)
-    total = warmup + steps
+    images = torch.randint(0, 256, ((warmup + steps) * b, 3, s, s), generator=g, dtype=torch.uint8)
 
-    def loader() -> DataLoader:
-        sampler = [i % len(dataset) for i in range(total * b)]
-        return DataLoader(dataset, batch_size=b, sampler=sampler, num_workers=num_workers,
-                          persistent_workers=False, pin_memory=dev.type == "cuda")
+    def batches():
+        loader = make_loader(images, config, textures=None, batch_size=b, shard=(0, 1), num_workers=num_workers,
+                             device=dev)
+        loader.sampler.set_epoch(1)
+        return iter(loader)
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    bar = tqdm(total=3 * total, desc="bench train", disable=not progress, leave=False)
-    # 1. input alone
-    it = iter(loader())
-    for _ in range(warmup):
-        next(it)
-        bar.update()
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(it)
-        bar.update()
-    input_s = time.perf_counter() - start
-    # 2. model step alone, on one batch made beforehand
     state = new_state(config, dev)
     state.model.train()
-    batch = next(iter(loader()))
-    for _ in range(warmup):
-        train_step(state, state.model, batch, config, dev)
-        bar.update()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(state, state.model, batch, config, dev)
-        bar.update()
-    sync()
-    model_s = time.perf_counter() - start
-    # 3. the whole step: wait for a batch, then step
-    waited, it = 0.0, iter(loader())
-    for i in range(total):
-        t0 = time.perf_counter()
-        batch = next(it)
-        t1 = time.perf_counter()
-        train_step(state, state.model, batch, config, dev)
-        sync()
-        if i == warmup:
-            start, waited = t0, 0.0
-        waited += t1 - t0 if i >= warmup else 0.0
-        bar.update()
-    whole_s = time.perf_counter() - start
+    batch = next(batches())
+    bar = tqdm(total=3 * (warmup + steps), desc="bench train", disable=not progress, leave=False)
+    timings = {
+        "input": _timed_loop(batches(), lambda item: sync(), warmup, steps, bar),
+        "model": _timed_loop(iter(lambda: batch, None),
+                             lambda item: (train_step(state, state.model, item, config, dev), sync()), warmup, steps,
+                             bar),
+        "whole": _timed_loop(batches(), lambda item: (train_step(state, state.model, item, config, dev), sync()),
+                             warmup, steps, bar),
+    }
     bar.close()
     n = steps * b
-    result = {"device": str(dev), "image_size": s, "batch_size": b, "steps": steps, "num_workers": num_workers,
-              "input_samples_per_s": n / input_s, "model_step_samples_per_s": n / model_s,
+    whole_s, waited = timings["whole"]
+    result = {"device": str(dev), "image_size": s, "batch_size": b, "steps": steps, "synthesis": config.synthesis,
+              "num_workers": num_workers if config.synthesis == "per_sample" else 0,
+              "input_samples_per_s": n / timings["input"][0], "model_step_samples_per_s": n / timings["model"][0],
               "train_step_samples_per_s": n / whole_s, "waiting_for_input_share": waited / whole_s}
     result["input_to_model_ratio"] = result["input_samples_per_s"] / result["model_step_samples_per_s"]
     result["targets"] = {"input>=5x model step": result["input_to_model_ratio"] >= 5,
                          "waiting<10%": result["waiting_for_input_share"] < 0.10}
     return result
+
+
+def _timed_loop(items, work, warmup: int, steps: int, bar) -> tuple[float, float]:
+    """Take ``warmup + steps`` items and ``work`` on each; -> (seconds of the last ``steps``,
+    of which seconds spent waiting for the next item)."""
+    waited, start = 0.0, 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            start, waited = time.perf_counter(), 0.0
+        t0 = time.perf_counter()
+        item = next(items)
+        waited += time.perf_counter() - t0
+        work(item)
+        bar.update()
+    return time.perf_counter() - start, waited

@@ -157,6 +157,14 @@ class Config:
     beta_max: float = field(
         default=0.8, metadata=_spec(ge=0.0, le=1.0, help="highest blend weight of the original image")
     )
+    synthesis: str = field(
+        default="batched",
+        metadata=_spec(
+            choices=("batched", "per_sample"),
+            help="where anomalies are made: for the whole batch at once on the training device "
+            "(batched), or one sample at a time in the DataLoader's workers (per_sample)",
+        ),
+    )
     foreground_threshold: float | None = field(
         default=None,
         metadata=_spec(

@@ -28,12 +28,13 @@ from tqdm.auto import tqdm
 from pouta_core import checkpoint as ckpt
 from pouta_core import runfolder
 from pouta_core.config import Config, ConfigError
-from pouta_core.data.datasets import EpochSampler, EvalDataset, TrainDataset
+from pouta_core.data.datasets import BatchedLoader, EpochSampler, EvalDataset, TrainDataset
 from pouta_core.inference import predict
 from pouta_core.losses import pouta_loss
 from pouta_core.metrics import compute, f1_max
 from pouta_core.model import build_model
 from pouta_core.synthesis import AnomalySynthesizer, TextureFolder
+from pouta_core.synthesis.batched import BatchSynthesizer
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,19 @@ def train_step(state: TrainState, net: nn.Module, batch: dict[str, torch.Tensor]
     return {k: v.detach() for k, v in terms.items()}
 
 
-def make_loader(dataset: TrainDataset, config: Config, *, batch_size: int, shard: tuple[int, int],
-                num_workers: int, device: torch.device) -> DataLoader:
-    """One loader for the whole run: ``num_workers`` persistent worker processes (started once,
-    not per epoch), pinned memory on CUDA, batches in :class:`EpochSampler` order."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), config.seed, shard),
-                      drop_last=True, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      pin_memory=device.type == "cuda")
+def make_loader(images: torch.Tensor, config: Config, *, textures: TextureFolder | None, batch_size: int,
+                shard: tuple[int, int], num_workers: int, device: torch.device) -> BatchedLoader | DataLoader:
+    """One loader for the whole run, batches in :class:`EpochSampler` order. ``synthesis:
+    batched``: anomalies made for the whole batch on ``device`` (``num_workers`` unused);
+    ``per_sample``: a DataLoader over :class:`TrainDataset` with ``num_workers`` persistent
+    worker processes (started once, not per epoch) and pinned memory on CUDA."""
+    sampler = EpochSampler(len(images), config.seed, shard)
+    if config.synthesis == "batched":
+        bank = textures.bank().to(device) if textures is not None else None
+        return BatchedLoader(images, BatchSynthesizer(config, bank), sampler, batch_size, device)
+    dataset = TrainDataset(images, AnomalySynthesizer(config, textures), config.seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
 
 
 def train_epoch(state: TrainState, net: nn.Module, loader: DataLoader, config: Config, epoch: int, *,
@@ -233,9 +240,9 @@ def fit(
             report({**state.metrics, "epoch": state.epoch},
                    out_dir if is_main and state.epoch >= config.epochs else None)
     net = wrap_model(state.model) if wrap_model else state.model
-    dataset = TrainDataset(train_images, AnomalySynthesizer(config, textures), config.seed)
-    batch_size = _batch_size(config, len(dataset), shard[1])
-    loader = make_loader(dataset, config, batch_size=batch_size, shard=shard, num_workers=num_workers, device=device)
+    batch_size = _batch_size(config, len(train_images), shard[1])
+    loader = make_loader(train_images, config, textures=textures, batch_size=batch_size, shard=shard,
+                         num_workers=num_workers, device=device)
     keep = {"extra_state": extra_state, "sidecars": sidecars}
     bar = tqdm(range(state.epoch + 1, config.epochs + 1), desc="training", disable=not (progress and is_main),
                initial=state.epoch, total=config.epochs)

@@ -76,3 +76,39 @@ def test_bench_train_measures_input_model_and_whole_step():
     assert abs(r["input_to_model_ratio"] - r["input_samples_per_s"] / r["model_step_samples_per_s"]) < 1e-9
     # the whole step can be no faster than either of its parts alone (within timing noise)
     assert r["train_step_samples_per_s"] <= 1.5 * min(r["input_samples_per_s"], r["model_step_samples_per_s"])
+
+
+def test_bench_train_measures_the_configured_synthesis_path():
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "bench", "train", "--preset", "tiny", "--image-size", "32",
+         "--set", "rec_width=4", "--set", "disc_width=4", "--set", "fcm_width=4", "--steps", "1", "--json",
+         "--set", "synthesis=per_sample", "--num-workers", "1"],
+        capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    assert (r["synthesis"], r["num_workers"]) == ("per_sample", 1) and r["input_samples_per_s"] > 0
+
+
+def test_bench_synthesis_times_both_paths_in_turns(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "tex").mkdir()
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "tex" / "a.png")
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "bench", "synthesis", "--image-size", "32", "--samples", "8",
+         "--batch-size", "4", "--rounds", "2", "--clean-ratio", "0.5", "--texture-dir", str(tmp_path / "tex"),
+         "--json"], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    assert (r["image_size"], r["batch_size"], r["clean_ratio"], r["rounds"], r["textures"]) == (32, 4, 0.5, 2, True)
+    assert r["batched_images_per_s_per_core"] > 0 and r["per_sample_images_per_s_per_core"] > 0
+    ratio = r["batched_images_per_s_per_core"] / r["per_sample_images_per_s_per_core"]
+    assert abs(r["batched_to_per_sample"] - ratio) < 1e-9
+    assert "anomalib_images_per_s_per_core" not in r   # only with --compare-anomalib
+
+
+def test_bench_synthesis_without_the_anomalib_environment_says_how_to_make_it(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "bench", "synthesis", "--compare-anomalib",
+         "--anomalib-python", str(tmp_path / "nope" / "python")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"pouta: error: {tmp_path / 'nope' / 'python'}: no anomalib environment; "
+                                  "create it with `make bench-anomalib-env`")

@@ -27,18 +27,20 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_equals_uninterrupted_training(tmp_path, data):
+@pytest.mark.parametrize("synthesis", ["batched", "per_sample"])
+def test_resume_equals_uninterrupted_training(tmp_path, data, synthesis):
     images, test = data
-    full = fit(CFG, images, tmp_path / "a", val_set=test, progress=False)
+    cfg = CFG.replace(synthesis=synthesis)
+    full = fit(cfg, images, tmp_path / "a", val_set=test, progress=False)
 
     def stop_after_first(metrics, checkpoint_dir):
         if metrics["epoch"] == 1:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        fit(CFG, images, tmp_path / "b", val_set=test, progress=False, report=stop_after_first)
+        fit(cfg, images, tmp_path / "b", val_set=test, progress=False, report=stop_after_first)
     assert ckpt.load_state(tmp_path / "b")["epoch"] == 1
-    resumed = fit(CFG, images, tmp_path / "b", val_set=test, progress=False)
+    resumed = fit(cfg, images, tmp_path / "b", val_set=test, progress=False)
     a, b = ckpt.load_state(tmp_path / "a"), ckpt.load_state(tmp_path / "b")
     assert a["epoch"] == b["epoch"] == 3
     for k in a["model"]:
@@ -47,11 +49,13 @@ def test_resume_equals_uninterrupted_training(tmp_path, data):
 
 
 def test_loader_workers_change_nothing_but_speed(tmp_path, data):
-    # Two persistent worker processes synthesise every epoch's samples with that epoch's
-    # seeds (EpochSampler passes the epoch with each index): the same weights as in-process.
+    # Per-sample synthesis: two persistent worker processes synthesise every epoch's samples
+    # with that epoch's seeds (EpochSampler passes the epoch with each index): the same
+    # weights as in-process.
     images, test = data
-    fit(CFG, images, tmp_path / "a", val_set=test, progress=False, num_workers=0)
-    fit(CFG, images, tmp_path / "b", val_set=test, progress=False, num_workers=2)
+    cfg = CFG.replace(synthesis="per_sample")
+    fit(cfg, images, tmp_path / "a", val_set=test, progress=False, num_workers=0)
+    fit(cfg, images, tmp_path / "b", val_set=test, progress=False, num_workers=2)
     a, b = ckpt.load_state(tmp_path / "a"), ckpt.load_state(tmp_path / "b")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

@@ -1,5 +1,7 @@
-"""torch Datasets over a :class:`Split`: decoded once into uint8 tensors, synthesis applied
-per training sample with a generator seeded by (seed, epoch, index), so every epoch is
+"""torch Datasets over a :class:`Split`: decoded once into uint8 tensors. Training batches come
+from :class:`BatchedLoader` (synthesis for the whole batch on the training device, seeded by
+(seed, epoch, rank, step)) or from a DataLoader over :class:`TrainDataset` (synthesis per
+sample in loader workers, seeded by (seed, epoch, index)); either way every epoch is
 reproducible whatever the number of loader workers or a resume in between."""
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from tqdm.auto import tqdm
 from pouta_core.data.images import ImageCache, warn_about
 from pouta_core.data.layouts import Sample
 from pouta_core.synthesis import AnomalySynthesizer
+from pouta_core.synthesis.batched import BatchSynthesizer, batch_seed
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -85,6 +88,33 @@ class TrainDataset(Dataset):
         out = self.synthesizer(clean, g)
         return {"image": out.image, "clean": clean, "mask": out.mask,
                 "label": torch.tensor(out.label, dtype=torch.int64)}
+
+
+class BatchedLoader:
+    """Training batches for :func:`~pouta_core.training.train_epoch`, made on ``device``: the
+    good images are moved there once (uint8), and each batch of :class:`EpochSampler`'s order
+    is synthesised by a :class:`BatchSynthesizer` whose generator is seeded by (seed, epoch,
+    rank, step). Yields what a DataLoader over :class:`TrainDataset` yields (image, clean,
+    mask, label), already on ``device``; the last incomplete batch is dropped."""
+
+    def __init__(self, images: torch.Tensor, synthesizer: BatchSynthesizer, sampler: EpochSampler,
+                 batch_size: int, device: torch.device) -> None:
+        self.images = images.to(device)
+        self.synthesizer, self.sampler, self.batch_size = synthesizer, sampler, batch_size
+        self.seed = sampler.seed
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        order = torch.tensor([i for _, i in self.sampler], dtype=torch.long)
+        for step in range(len(self)):
+            rows = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.images.device)
+            clean = self.images[rows].float() / 255.0
+            g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, self.sampler.rank, step))
+            out = self.synthesizer(clean, g)
+            yield {"image": out.image, "clean": clean, "mask": out.mask, "label": out.label}
 
 
 class EvalDataset(Dataset):

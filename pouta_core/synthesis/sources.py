@@ -44,6 +44,18 @@ class TextureFolder:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def bank(self, progress: bool = False) -> torch.Tensor:
+        """Every texture decoded once, as one (N, 3, size, size) uint8 tensor: the batched
+        synthesis's source bank (move it to the training device once)."""
+        from tqdm.auto import tqdm
+
+        from pouta_core.data.images import load_image
+
+        for i in tqdm(range(len(self.paths)), desc="textures", disable=not progress, leave=False):
+            if i not in self._cache:
+                self._cache[i] = load_image(self.paths[i], self.size)
+        return torch.stack([self._cache[i] for i in range(len(self.paths))])
+
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         from pouta_core.data.images import load_image  # local, as in __init__
 

@@ -1,0 +1,198 @@
+"""The batched synthesis path (pouta_core/synthesis/batched.py): the same recipe as the
+per-sample path, for a whole batch, reproducible from one seed, on any device."""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from pouta_core.config import Config
+from pouta_core.data.datasets import BatchedLoader, EpochSampler
+from pouta_core.synthesis import AnomalySynthesizer, TextureFolder, foreground_mask, perlin_noise
+from pouta_core.synthesis import batched as B
+
+CFG = Config.from_preset("tiny")
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def images(n=8, size=64, seed=0):
+    return torch.rand(n, 3, size, size, generator=gen(seed))
+
+
+@pytest.mark.parametrize(("ry", "rx"), [(1, 1), (4, 32), (32, 2), (3, 24)])
+def test_perlin_noise_batch_is_the_per_sample_noise(ry, rx):
+    # perlin_noise draws its lattice angles first from the generator: the same draws, given
+    # to the batched function, must give the same map (it is the same formula, factorised).
+    reference = perlin_noise(50, 70, ry, rx, gen(3))
+    angles = 2 * math.pi * torch.rand(ry + 1, rx + 1, generator=gen(3))
+    batched = B.perlin_noise_batch(50, 70, torch.tensor([ry]), torch.tensor([rx]), angles[None])[0]
+    assert torch.allclose(batched, reference, atol=1e-5)
+
+
+# Each batched augmentation against torchvision's on single images, at the parameters the
+# uniforms u map to (the ranges of sources.AUGMENTATIONS, DRAEM's list).
+REFERENCES = {
+    "_gamma": lambda x, u: TF.adjust_gamma(x, 0.5 + 1.5 * u[0]),
+    "_brightness": lambda x, u: TF.adjust_brightness(x, 0.8 + 0.4 * u[0]) + (-0.1 + 0.2 * u[1]),
+    "_sharpness": lambda x, u: TF.adjust_sharpness(x, 3.0 * u[0]),
+    "_saturation_hue": lambda x, u: TF.adjust_hue(TF.adjust_saturation(x, 0.5 + u[0]), -0.2 + 0.4 * u[1]),
+    "_solarize": lambda x, u: TF.solarize(x, 0.1 + 0.8 * u[0]),
+    "_posterize": lambda x, u: TF.posterize(TF.to_dtype(x, torch.uint8, scale=True), 2 + int(4 * u[0])).float() / 255,
+    "_invert": lambda x, u: TF.invert(x),
+    "_autocontrast": lambda x, u: TF.autocontrast(x),
+    "_equalize": lambda x, u: TF.equalize(TF.to_dtype(x, torch.uint8, scale=True)).float() / 255,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_batched_augmentations_match_torchvision_per_image(name):
+    fn = getattr(B, name)
+    x = images(3, 40)
+    u = torch.tensor([[0.05, 0.9], [0.5, 0.1], [0.97, 0.6]])
+    out = fn(x, u).clamp(0, 1)
+    for i in range(3):
+        expected = REFERENCES[name](x[i], u[i].tolist()).clamp(0, 1)
+        assert torch.allclose(out[i], expected, atol=1e-5), (name, i, (out[i] - expected).abs().max())
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_batched_rotation_is_torchvision_rotate_per_image(mode):
+    x = images(3, 48)
+    degrees = torch.tensor([30.0, -70.0, 135.0])
+    out = B._rotate(x, degrees, mode)
+    for i in range(3):
+        expected = TF.rotate(x[i], float(degrees[i]), interpolation=TF.InterpolationMode(mode))
+        close = torch.isclose(out[i], expected, atol=1e-5).float().mean()
+        # nearest: a sampling point exactly between two pixels may round the other way
+        assert close == 1.0 if mode == "bilinear" else close > 0.99
+
+
+def test_batch_keeps_the_value_range_the_pixels_outside_the_mask_and_labels():
+    synth = B.BatchSynthesizer(CFG.replace(clean_ratio=0.5))
+    clean = images(16)
+    out = synth(clean, gen(1))
+    assert out.image.shape == clean.shape and out.mask.shape == (16, 1, 64, 64)
+    assert 0.0 <= out.image.min() and out.image.max() <= 1.0
+    assert set(out.mask.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(out.label, (out.mask.flatten(1).sum(1) > 0).long())
+    keep = out.mask.expand_as(clean) == 0
+    assert torch.equal(out.image[keep], clean[keep])
+    assert 0 < int(out.label.sum()) < 16   # some clean, some anomalous
+
+
+def test_batch_is_reproducible_from_its_seed_alone():
+    synth = B.BatchSynthesizer(CFG.replace(clean_ratio=0.0))
+    clean = images()
+    a, b, c = synth(clean, gen(5)), synth(clean, gen(5)), synth(clean, gen(6))
+    assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask)
+    assert not torch.equal(a.mask, c.mask)
+
+
+def test_clean_ratio_one_and_beta_one_leave_every_image_unchanged():
+    clean = images()
+    untouched = B.BatchSynthesizer(CFG.replace(clean_ratio=1.0))(clean, gen())
+    assert torch.equal(untouched.image, clean) and untouched.label.sum() == 0
+    invisible = B.BatchSynthesizer(CFG.replace(clean_ratio=0.0, beta_min=1.0, beta_max=1.0))(clean, gen())
+    assert torch.allclose(invisible.image, clean) and invisible.mask.sum() > 0
+
+
+def test_texture_bank_is_the_anomaly_source(tmp_path):
+    banks = {}
+    for name, colour in (("green", (0, 255, 0)), ("blue", (0, 0, 255))):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (40, 30), colour).save(tmp_path / name / "a.png")
+        banks[name] = TextureFolder(tmp_path / name, 64).bank()
+        assert banks[name].shape == (1, 3, 64, 64) and banks[name].dtype == torch.uint8
+    cfg = CFG.replace(clean_ratio=0.0, beta_min=0.0, beta_max=0.0)
+    clean = torch.zeros(4, 3, 64, 64)
+    green, blue = (B.BatchSynthesizer(cfg, banks[n])(clean, gen(2)) for n in banks)
+    # Same draws, other textures: the masks agree and the anomalies differ inside them.
+    assert torch.equal(green.mask, blue.mask) and green.label.sum() > 0
+    inside = green.mask.expand_as(clean) > 0
+    assert (green.image[inside] - blue.image[inside]).abs().max() > 0.1
+    assert torch.equal(green.image[~inside], blue.image[~inside])
+
+
+def test_foreground_mask_batch_is_the_per_image_mask_and_keeps_anomalies_on_the_object():
+    clean = torch.zeros(4, 3, 64, 64)
+    clean[:, :, 16:48, 16:48] = 0.9
+    clean[1] = 1 - clean[1]   # a dark object on a bright background
+    fg = B.foreground_mask_batch(clean, 0.3)
+    for i in range(4):
+        assert torch.equal(fg[i], foreground_mask(clean[i], 0.3))
+    out = B.BatchSynthesizer(CFG.replace(clean_ratio=0.0, foreground_threshold=0.3))(clean, gen())
+    assert (out.mask * (1 - fg)).sum() == 0
+
+
+def test_batched_and_per_sample_paths_make_alike_anomalies():
+    # Different draws, the same recipe: over many samples, the share of anomalous images and
+    # the mean anomaly area agree.
+    cfg = CFG.replace(clean_ratio=0.5)
+    clean = images(64, 64, seed=3)
+    batched = B.BatchSynthesizer(cfg)(clean, gen(11))
+    per = [AnomalySynthesizer(cfg)(clean[i], gen(100 + i)) for i in range(64)]
+    share_b, share_p = batched.label.float().mean(), sum(p.label for p in per) / 64
+    area_b = batched.mask.mean()
+    area_p = torch.stack([p.mask for p in per]).mean()
+    assert abs(share_b - share_p) < 0.2
+    assert 0.5 < float(area_b / area_p) < 2.0
+
+
+def test_batched_loader_batches_are_those_of_the_sampler_and_differ_by_rank():
+    clean = (images(8, 32) * 255).to(torch.uint8)
+    cfg = CFG.replace(clean_ratio=1.0)   # clean batches: the images themselves, in sampler order
+    loaders = [B_loader(clean, cfg, rank) for rank in (0, 1)]
+    for loader in loaders:
+        loader.sampler.set_epoch(3)
+    seen = []
+    for loader in loaders:
+        order = [i for _, i in loader.sampler]
+        batches = list(loader)
+        assert len(batches) == 2
+        for step, batch in enumerate(batches):
+            rows = order[step * 2:(step + 1) * 2]
+            assert torch.equal(batch["clean"], clean[rows].float() / 255)
+            assert torch.equal(batch["image"], batch["clean"])
+        seen += order
+    assert sorted(seen) == list(range(8))   # the two ranks split the epoch
+
+
+def B_loader(clean, cfg, rank):
+    return BatchedLoader(clean, B.BatchSynthesizer(cfg), EpochSampler(len(clean), 0, (rank, 2)), 2,
+                         torch.device("cpu"))
+
+
+def test_a_batch_on_the_test_device_matches_the_cpu_batch(device):
+    if device.type == "cpu":
+        pytest.skip("compares a CUDA batch with the CPU one: run with POUTA_TEST_DEVICE=cuda (bench/gpu_check.sh)")
+    synth = B.BatchSynthesizer(CFG.replace(clean_ratio=0.0))
+    clean = images(8)
+    cpu, gpu = synth(clean, gen(4)), synth(clean.to(device), gen(4))
+    # The same draws; only the last bits of the arithmetic may differ, and so a pixel exactly
+    # at a mask's threshold.
+    agree = (cpu.mask == gpu.mask.cpu()).float().mean()
+    assert agree > 0.999
+    both = (cpu.mask * gpu.mask.cpu()).expand_as(clean) > 0
+    assert (cpu.image[both] - gpu.image.cpu()[both]).abs().max() < 1e-3
+
+
+def test_make_loader_gives_the_configured_path_with_the_texture_bank(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from pouta_core.training import make_loader
+
+    Image.new("RGB", (40, 30), (0, 255, 0)).save(tmp_path / "a.png")
+    textures = TextureFolder(tmp_path, 32)
+    clean = (images(4, 32) * 255).to(torch.uint8)
+    kw = {"textures": textures, "batch_size": 2, "shard": (0, 1), "num_workers": 0, "device": torch.device("cpu")}
+    batched = make_loader(clean, CFG, **kw)
+    assert isinstance(batched, BatchedLoader) and torch.equal(batched.synthesizer.bank, textures.bank())
+    batch = next(iter(batched))
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["mask"].shape == (2, 1, 32, 32)
+    per_sample = make_loader(clean, CFG.replace(synthesis="per_sample"), **kw)
+    assert isinstance(per_sample, DataLoader) and per_sample.dataset.synthesizer.textures is textures
