@@ -20,15 +20,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from orchestrator.progress import short
 from pouta_core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 
-def _short(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
+def _cell(v: Any) -> str:
+    """A table cell: :func:`~orchestrator.progress.short`, empty when there is no value."""
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else short(v)
 
 
 def table(summary: dict[str, dict[str, Any]], keys: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -59,7 +59,7 @@ def _csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
 
 def _markdown(title: str, columns: list[str], rows: list[dict[str, Any]]) -> str:
     lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_short(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

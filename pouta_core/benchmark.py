@@ -210,7 +210,7 @@ def bench_train(config: Config, *, device: str = "cpu", steps: int = 5, warmup: 
     and of the whole training step (the two together, as ``train_epoch`` runs them), with the
     share of the whole step's time spent waiting for the next batch. Random images of
     ``config.image_size``."""
-    from pouta_core.training import make_loader, new_state, train_step
+    from pouta_core.training import autocast_dtype, make_loader, new_state, train_step, training_net
 
     dev = torch.device(device)
     b, s = config.batch_size, config.image_size
@@ -229,20 +229,24 @@ def bench_train(config: Config, *, device: str = "cpu", steps: int = 5, warmup: 
 
     state = new_state(config, dev)
     state.model.train()
+    net = training_net(state, config)
     batch = next(batches())
     bar = tqdm(total=3 * (warmup + steps), desc="bench train", disable=not progress, leave=False)
     timings = {
         "input": _timed_loop(batches(), lambda item: sync(), warmup, steps, bar),
         "model": _timed_loop(iter(lambda: batch, None),
-                             lambda item: (train_step(state, state.model, item, config, dev), sync()), warmup, steps,
+                             lambda item: (train_step(state, net, item, config, dev), sync()), warmup, steps,
                              bar),
-        "whole": _timed_loop(batches(), lambda item: (train_step(state, state.model, item, config, dev), sync()),
+        "whole": _timed_loop(batches(), lambda item: (train_step(state, net, item, config, dev), sync()),
                              warmup, steps, bar),
     }
     bar.close()
     n = steps * b
     whole_s, waited = timings["whole"]
+    amp = autocast_dtype(config, dev)
     result = {"device": str(dev), "image_size": s, "batch_size": b, "steps": steps, "synthesis": config.synthesis,
+              **{k: getattr(config, k) for k in ("channels_last", "compile")},
+              "autocast": None if amp is None else str(amp).removeprefix("torch."),
               "num_workers": num_workers if config.synthesis == "per_sample" else 0,
               "input_samples_per_s": n / timings["input"][0], "model_step_samples_per_s": n / timings["model"][0],
               "train_step_samples_per_s": n / whole_s, "waiting_for_input_share": waited / whole_s}

@@ -22,7 +22,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -141,6 +141,21 @@ class Config:
         default=10, metadata=_spec(ge=1, le=100_000, help="write a checkpoint every N epochs")
     )
     amp: bool = field(default=True, metadata=_spec(help="mixed precision on CUDA (ignored on CPU)"))
+    amp_dtype: str = field(
+        default="float16",
+        metadata=_spec(choices=("float16", "bfloat16"),
+                       help="autocast type when amp is on; bfloat16 (Ampere and later) needs no loss scaling"),
+    )
+    channels_last: bool = field(
+        default=False,
+        metadata=_spec(help="train with the model and batches in channels_last memory format (faster "
+                       "convolutions on some GPUs; measure with pouta bench train)"),
+    )
+    compile: bool = field(
+        default=False,
+        metadata=_spec(help="torch.compile the model for training (the first steps pay the compilation; "
+                       "measure with pouta bench train)"),
+    )
     # --- anomaly synthesis (§3.1) ------------------------------------------------------
     clean_ratio: float = field(
         default=0.5, metadata=_spec(ge=0.0, le=1.0, help="share of training samples left clean")
@@ -276,6 +291,9 @@ class Config:
             raise ConfigError(f"{path}: unknown preset '{preset}': choose one of {sorted(PRESETS)}")
         base = dict(PRESETS[preset]) if preset else {}
         return cls._with_overrides({**base, **data}, overrides, str(path))
+
+    # How a run computes, not what it learns: a resume may change them (``training.restore``).
+    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ("amp", "amp_dtype", "channels_last", "compile")
 
     def replace(self, **changes: Any) -> Config:
         return self.from_dict({**self.to_dict(), **changes})

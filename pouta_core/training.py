@@ -105,15 +105,32 @@ def new_state(config: Config, device: torch.device) -> TrainState:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones),
                                                      gamma=config.lr_factor)
-    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # Loss scaling only for float16: bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(config, device) == torch.float16)
     return TrainState(model, optimizer, scheduler, scaler)
+
+
+def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast type of training steps: ``amp_dtype`` with ``amp`` on CUDA, else None."""
+    return getattr(torch, config.amp_dtype) if config.amp and device.type == "cuda" else None
+
+
+def training_net(state: TrainState, config: Config, wrap_model: Callable[[nn.Module], nn.Module] | None = None
+                 ) -> nn.Module:
+    """What the steps call: the model, wrapped (e.g. DDP) and, with ``compile``, compiled. It
+    shares its parameters with ``state.model``, which is what checkpoints hold."""
+    net = wrap_model(state.model) if wrap_model else state.model
+    return torch.compile(net) if config.compile else net
 
 
 def restore(state: TrainState, path: Path, config: Config, device: torch.device) -> None:
     """Load ``path`` into ``state``; refuse a checkpoint trained with another config."""
     saved = ckpt.load_state(path, device)
     # Through Config, so keys added since the checkpoint was written compare as defaults.
-    changed = _diff_keys(Config.from_dict(saved["config"]).to_dict(), config.to_dict())
+    changed = [k for k in _diff_keys(Config.from_dict(saved["config"]).to_dict(), config.to_dict())
+               if k not in Config.RUNTIME_KEYS]
     if changed:
         raise ConfigError(f"{path}: was trained with a different config ({', '.join(changed)}); "
                           "use another --out or remove it")
@@ -129,7 +146,10 @@ def train_step(state: TrainState, net: nn.Module, batch: dict[str, torch.Tensor]
                device: torch.device) -> dict[str, torch.Tensor]:
     """One optimiser step on a batch of ``TrainDataset`` samples -> the loss terms (detached)."""
     image, clean, mask = (batch[k].to(device, non_blocking=True) for k in ("image", "clean", "mask"))
-    with torch.autocast("cuda", dtype=torch.float16) if state.scaler.is_enabled() else nullcontext():
+    if config.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    dtype = autocast_dtype(config, device)
+    with torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext():
         out = net(image)
     terms = pouta_loss(out, clean, mask, config)
     state.optimizer.zero_grad(set_to_none=True)
@@ -239,7 +259,7 @@ def fit(
             # Restored at its last epoch, it reports with the checkpoint: its final result.
             report({**state.metrics, "epoch": state.epoch},
                    out_dir if is_main and state.epoch >= config.epochs else None)
-    net = wrap_model(state.model) if wrap_model else state.model
+    net = training_net(state, config, wrap_model)
     batch_size = _batch_size(config, len(train_images), shard[1])
     loader = make_loader(train_images, config, textures=textures, batch_size=batch_size, shard=shard,
                          num_workers=num_workers, device=device)

@@ -74,8 +74,6 @@ def test_bench_train_measures_input_model_and_whole_step():
     assert all(r[k] > 0 for k in rates)
     assert 0.0 <= r["waiting_for_input_share"] < 1.0
     assert abs(r["input_to_model_ratio"] - r["input_samples_per_s"] / r["model_step_samples_per_s"]) < 1e-9
-    # the whole step can be no faster than either of its parts alone (within timing noise)
-    assert r["train_step_samples_per_s"] <= 1.5 * min(r["input_samples_per_s"], r["model_step_samples_per_s"])
 
 
 def test_bench_train_measures_the_configured_synthesis_path():

@@ -123,3 +123,38 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, {"model": {}, "epoch": 2})
     assert ckpt.load_state(tmp_path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_resume_may_change_how_a_run_computes_but_not_what_it_learns(tmp_path, data):
+    images, test = data
+    cfg = CFG.replace(epochs=2, lr_milestones=[])
+    fit(cfg, images, tmp_path / "run", val_set=test, progress=False)
+    # channels_last, compile, amp and amp_dtype are how the steps run: a resume may change them
+    later = cfg.replace(epochs=3, channels_last=True, amp=False, amp_dtype="bfloat16")
+    with pytest.raises(ConfigError, match=r"different config \(epochs\)"):
+        fit(later, images, tmp_path / "run", val_set=test, progress=False)
+    fit(later.replace(epochs=2), images, tmp_path / "run", val_set=test, progress=False)
+
+
+def test_channels_last_trains_in_that_format(tmp_path, data):
+    from pouta_core.training import new_state, train_step, training_net
+
+    images, _ = data
+    cfg = CFG.replace(channels_last=True)
+    state = new_state(cfg, torch.device("cpu"))
+    conv = next(p for p in state.model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    batch = {"image": images[:2].float() / 255, "clean": images[:2].float() / 255,
+             "mask": torch.zeros(2, 1, 32, 32)}
+    terms = train_step(state, training_net(state, cfg), batch, cfg, torch.device("cpu"))
+    assert torch.isfinite(terms["total"])
+
+
+def test_compile_wraps_the_model_and_shares_its_parameters():
+    from pouta_core.training import new_state, training_net
+
+    state = new_state(CFG.replace(compile=True), torch.device("cpu"))
+    net = training_net(state, CFG.replace(compile=True))   # compiled lazily: nothing runs here
+    assert net is not state.model and isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
+    assert {id(p) for p in net.parameters()} == {id(p) for p in state.model.parameters()}
+    assert training_net(state, CFG) is state.model
