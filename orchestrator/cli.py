@@ -185,7 +185,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     from pouta_core.data.demo import generate
 
     names = generate(args.out, categories=args.categories, image_size=args.image_size, seed=args.seed,
-                     force=args.force)
+                     force=args.force, difficulty=args.difficulty)
     print(f"wrote {len(names)} categories to {args.out}: {', '.join(names)} (MVTec AD layout)")
     return 0
 
@@ -542,6 +542,10 @@ def _add_local_commands(sub) -> None:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="regenerate categories that exist")
+    p.add_argument("--difficulty", choices=["easy", "hard"], default="easy",
+                   help="easy: tiles, pills, weave, screws with foreign-content defects (the demo); hard: wood, "
+                   "concrete, fabric, board with warps, blur, colour shifts, faint stains, thin cracks, misplaced "
+                   "and missing parts (docs/experiments.md)")
     p.set_defaults(func=_cmd_demo_data)
 
 

@@ -217,3 +217,49 @@ def test_epoch_sampler_tags_indices_with_the_epoch_and_splits_ranks():
     for r in ranks:
         r.set_epoch(1)
     assert sorted(i for r in ranks for _, i in r) == list(range(10)) and all(len(r) == 5 for r in ranks)
+
+
+def test_hard_benchmark_has_every_family_with_masks_and_is_seeded(tmp_path):
+    from pouta_core.data import hard
+
+    kw = {"categories": 4, "image_size": 64, "n_train": 2, "n_test_good": 1, "n_test_defect": 2,
+          "difficulty": "hard"}
+    assert generate(tmp_path / "a", **kw) == list(hard.CATEGORIES)
+    generate(tmp_path / "b", **kw)
+    generate(tmp_path / "c", **kw, seed=1)
+    for category in hard.CATEGORIES:
+        split = read_split(tmp_path / "a", "mvtec", category)
+        assert {s.defect for s in split.test} == {"good", *hard.DEFECTS[category]}
+        _, masks, labels = decode(split.test, ImageCache(64), progress=False)
+        assert (masks.flatten(1).sum(1) > 0).tolist() == (labels == 1).tolist()
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert any((tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes() for f in files)
+    with pytest.raises(DataError, match=r"--categories must be in \[1, 4\]"):
+        generate(tmp_path / "d", categories=5, difficulty="hard")
+
+
+@pytest.mark.parametrize("kind", ["warp", "blur", "colour", "stain", "crack"])
+def test_hard_defects_change_their_mask_subtly_and_little_else(kind):
+    # Hard, not invisible: inside the mask the surface changes, by less than foreign content
+    # would; outside it only the soft edge of a blob may change a little.
+    from pouta_core.data import hard
+
+    rng = np.random.default_rng(5)
+    for category in ("wood", "concrete", "fabric", "board"):
+        img = hard.render(category, rng, 128)
+        bad, mask = hard.TEXTURE_DEFECT_FNS[kind](img, rng, 128)
+        diff = np.abs(bad - img).max(axis=2)
+        assert 0 < mask.mean() < 0.15, (category, mask.mean())
+        assert 1 < np.median(diff[mask]) < 60, (category, np.median(diff[mask]))
+        assert np.percentile(diff[~mask], 99) < 25, (category, np.percentile(diff[~mask], 99))
+
+
+@pytest.mark.parametrize("kind", ["misplaced", "missing"])
+def test_board_part_defects_mark_where_the_part_was_and_is(kind):
+    from pouta_core.data import hard
+
+    rng = np.random.default_rng(2)
+    for _ in range(6):
+        bad, mask = hard.defective("board", kind, rng, 128)
+        assert 0 < mask.mean() < 0.15 and bad.shape == (128, 128, 3)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from pouta_core.data import hard
 from pouta_core.data.errors import DataError
 
 CATEGORIES = ("tiles", "pills", "weave", "screws")
@@ -153,17 +154,36 @@ def _defect(kind: str, img: Image.Image, fg: np.ndarray, rng: np.random.Generato
     return out, np.asarray(layer) > 0
 
 
+def _makers(name: str, difficulty: str):
+    """-> (good image maker, defective image maker, defect kinds) of a category."""
+    if difficulty == "hard":
+        return (lambda rng, s: hard.to_image(hard.render(name, rng, s)),
+                lambda kind, rng, s: (lambda img, mask: (hard.to_image(img), mask))(
+                    *hard.defective(name, kind, rng, s)), hard.DEFECTS[name])
+
+    def bad(kind: str, rng: np.random.Generator, s: int):
+        img, fg = RENDER[name](rng, s)
+        return _defect(kind, img, fg, rng)
+
+    return (lambda rng, s: RENDER[name](rng, s)[0]), bad, DEFECTS
+
+
 def generate(out: str | Path, *, categories: int = 2, image_size: int = 128, n_train: int = 60,
-             n_test_good: int = 12, n_test_defect: int = 8, seed: int = 0, force: bool = False) -> list[str]:
+             n_test_good: int = 12, n_test_defect: int = 8, seed: int = 0, force: bool = False,
+             difficulty: str = "easy") -> list[str]:
     """Write ``categories`` categories under ``out``; each is built in a temporary folder and
-    renamed into place, so an interrupted run leaves nothing half-written. -> category names."""
-    if not 1 <= categories <= len(CATEGORIES):
-        raise DataError(f"--categories must be in [1, {len(CATEGORIES)}], got {categories}")
+    renamed into place, so an interrupted run leaves nothing half-written. ``difficulty``:
+    ``easy`` (this module's data) or ``hard`` (:mod:`pouta_core.data.hard`). -> category names."""
+    if difficulty not in ("easy", "hard"):
+        raise DataError(f"--difficulty must be easy or hard, got {difficulty!r}")
+    available = CATEGORIES if difficulty == "easy" else hard.CATEGORIES
+    if not 1 <= categories <= len(available):
+        raise DataError(f"--categories must be in [1, {len(available)}], got {categories}")
     if image_size < 32:
         raise DataError(f"--image-size must be >= 32, got {image_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = list(CATEGORIES[:categories])
+    names = list(available[:categories])
     for ci, name in enumerate(names):
         final = out / name
         if final.exists():
@@ -173,17 +193,16 @@ def generate(out: str | Path, *, categories: int = 2, image_size: int = 128, n_t
         rng = np.random.default_rng([seed, ci])
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
         try:
-            render = RENDER[name]
+            good, bad_one, kinds = _makers(name, difficulty)
             for split, n in (("train/good", n_train), ("test/good", n_test_good)):
                 (tmp / split).mkdir(parents=True)
                 for i in range(n):
-                    render(rng, image_size)[0].save(tmp / split / f"{i:03d}.png")
-            for kind in DEFECTS:
+                    good(rng, image_size).save(tmp / split / f"{i:03d}.png")
+            for kind in kinds:
                 (tmp / "test" / kind).mkdir(parents=True)
                 (tmp / "ground_truth" / kind).mkdir(parents=True)
                 for i in range(n_test_defect):
-                    img, fg = render(rng, image_size)
-                    bad, mask = _defect(kind, img, fg, rng)
+                    bad, mask = bad_one(kind, rng, image_size)
                     bad.save(tmp / "test" / kind / f"{i:03d}.png")
                     Image.fromarray((mask * 255).astype(np.uint8)).save(
                         tmp / "ground_truth" / kind / f"{i:03d}_mask.png")
