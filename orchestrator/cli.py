@@ -275,6 +275,7 @@ def _add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> N
                    "else an in-process Ray started for this command)")
     p.add_argument("--texture-dir")
     p.add_argument("--cache-dir")
+    _add_image_limit_arg(p)
     _add_selection_args(p)
 
 
@@ -289,7 +290,8 @@ def _plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: s
         raise ConfigError("--max-failures must be >= 0")
     categories = resolve_categories(args.data_root, args.dataset, args.categories)
     base = _load_config(args)
-    return Plan(data=DataSpec.of(args.data_root, args.dataset, args.texture_dir, args.cache_dir),
+    return Plan(data=DataSpec.of(args.data_root, args.dataset, args.texture_dir, args.cache_dir,
+                                 args.max_image_pixels),
                 categories=categories, base=base, run_name=name,
                 resources=Resources(workers=args.workers_per_category, cpus_per_worker=args.cpus_per_worker,
                                     gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures),

@@ -33,10 +33,12 @@ class DataSpec:
     dataset: str
     texture_dir: str | None = None
     cache_dir: str | None = None
+    max_image_pixels: int | None = None   # --max-image-pixels; None: Pillow's default
 
     @classmethod
-    def of(cls, root: str, dataset: str, texture_dir: str | None = None, cache_dir: str | None = None) -> DataSpec:
-        return cls(_abs(root), dataset, _abs(texture_dir), _abs(cache_dir))
+    def of(cls, root: str, dataset: str, texture_dir: str | None = None, cache_dir: str | None = None,
+           max_image_pixels: int | None = None) -> DataSpec:
+        return cls(_abs(root), dataset, _abs(texture_dir), _abs(cache_dir), max_image_pixels)
 
 
 def _abs(p: str | None) -> str | None:

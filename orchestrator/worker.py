@@ -27,6 +27,7 @@ from pouta_core import checkpoint as ckpt
 from pouta_core.api import load_category
 from pouta_core.benchmark import latency_ms
 from pouta_core.config import Config
+from pouta_core.data.images import set_max_image_pixels
 from pouta_core.inference import predict
 from pouta_core.model import build_model
 from pouta_core.synthesis import TextureFolder
@@ -124,6 +125,8 @@ def train_worker(task: WorkerTask, session: TrainSession | TuneSession | None = 
     rank, world, device = session.rank, session.world, session.device
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(task.resources.cpus_per_worker)))
+    if data_spec.max_image_pixels is not None:   # the driver's --max-image-pixels, in this process too
+        set_max_image_pixels(data_spec.max_image_pixels)
     data = load_category(data_spec.root, data_spec.dataset, task.category, config, cache_dir=data_spec.cache_dir,
                          progress=False)
     textures = TextureFolder(data_spec.texture_dir, config.image_size) if data_spec.texture_dir else None

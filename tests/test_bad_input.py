@@ -279,3 +279,40 @@ def test_rgba_is_composited_over_black_with_one_warning(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     img = load_image(tmp_path / "a.png", 40).numpy()
     assert (img[:, :, :19] == 200).all() and (img[:, :, 21:] == 0).all()
+
+
+class _Session:
+    """The worker's session interface, in this process (rank 0 of 1, CPU)."""
+
+    rank, world, device = 0, 1, torch.device("cpu")
+
+    def get_checkpoint(self):
+        return None
+
+    def report(self, metrics, checkpoint_dir):
+        pass
+
+    def prepare_model(self, model):
+        return model
+
+
+def test_trials_decode_under_the_drivers_image_limit(tmp_path):
+    # --max-image-pixels on launch/sweep/retrain travels in the trial's DataSpec: a worker
+    # process on another node refuses what the driver's limit refuses.
+    from conftest import small_config
+
+    from orchestrator.spec import DataSpec, Resources, WorkerTask
+    from orchestrator.worker import train_worker
+    from pouta_core.data.errors import DataError
+    from pouta_core.data.images import DEFAULT_MAX_PIXELS, set_max_image_pixels
+
+    generate(tmp_path / "data", categories=1, image_size=48, n_train=4, n_test_good=4, n_test_defect=2)
+    task = WorkerTask("tiles", small_config(epochs=1), DataSpec.of(str(tmp_path / "data"), "mvtec",
+                                                                  max_image_pixels=1000), Resources())
+    try:
+        with pytest.raises(DataError, match="over the limit of 1,000"):
+            train_worker(task, _Session())
+    finally:
+        set_max_image_pixels(DEFAULT_MAX_PIXELS)
+    out = pouta("sweep", "--help")
+    assert "--max-image-pixels" in out.stdout
