@@ -209,9 +209,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     with resolved(args.checkpoint, args.tracking_uri) as checkpoint:
         metrics = api.evaluate_checkpoint(checkpoint, data_root=args.data_root, dataset=args.dataset,
                                           category=args.category, device=args.device, cache_dir=args.cache_dir,
-                                          split=args.split, progress=not args.json)
+                                          split=args.split, progress=not args.json, by_defect=args.by_defect)
     if args.json:
         _print_json(metrics)
+    elif args.by_defect:
+        keys = ["image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"]
+        print(f"{'defect':14}" + "".join(f"{k:>13}" for k in keys))
+        for name, m in {"all": metrics["all"], **metrics["by_defect"]}.items():
+            print(f"{name:14}" + "".join(f"{m[k]:>13.4f}" for k in keys))
     else:
         for k, v in metrics.items():
             print(f"{k:14} {v:.4f}")
@@ -518,6 +523,8 @@ def _add_local_commands(sub) -> None:
     p.add_argument("--split", default="test", choices=["test", "val"],
                    help="test (default) or val: the validation images the checkpoint was chosen on, "
                    "split as its config says")
+    p.add_argument("--by-defect", action="store_true",
+                   help="also the metrics of each defect type, scored with the split's good images")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 

@@ -106,9 +106,11 @@ def train(config: Config, *, data_root: str | Path, dataset: str, category: str,
 
 def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path, dataset: str, category: str,
                         device: str = "auto", cache_dir: str | Path | None = None, split: str = "test",
-                        progress: bool = True) -> dict[str, float]:
+                        progress: bool = True, by_defect: bool = False) -> dict[str, Any]:
     """Metrics of a checkpoint on ``split`` ("val" or "test") of a category, split as the
-    checkpoint's config says (the images it was chosen on are its validation split)."""
+    checkpoint's config says (the images it was chosen on are its validation split). With
+    ``by_defect``: ``{"all": metrics, "by_defect": {defect type: metrics on that type and the
+    split's good images}}``, which says which kinds of defect a model misses."""
     if split not in ("val", "test"):
         raise ConfigError(f"--split must be val or test, got '{split}'")
     dev = resolve_device(device)
@@ -119,7 +121,24 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path, datase
         raise DataError(f"{data_root}: category '{category}' has no labelled test images "
                         f"(val_split={data.selection.mode}); evaluate --split val")
     metrics, threshold = evaluate(model, chosen, dev)
-    return {**metrics, "f1_threshold": threshold}
+    metrics = {**metrics, "f1_threshold": threshold}
+    if not by_defect:
+        return metrics
+    samples = data.selection.val if split == "val" or data.selection.mode == "none" else data.selection.test
+    if data.selection.mode == "synthetic" and split == "val":
+        raise DataError(f"{data_root} [{category}]: the validation images are synthetic (no defect types); "
+                        "use --split test")
+    return {"all": metrics, "by_defect": _by_defect(model, chosen, [s.defect for s in samples], dev)}
+
+
+def _by_defect(model, images: EvalDataset, defects: list[str], device) -> dict[str, dict[str, float]]:
+    good = [i for i, d in enumerate(defects) if d == "good"]
+    out = {}
+    for kind in sorted(set(defects) - {"good"}):
+        rows = torch.tensor(good + [i for i, d in enumerate(defects) if d == kind])
+        subset = EvalDataset(images.images[rows], images.masks[rows], images.labels[rows])
+        out[kind] = evaluate(model, subset, device)[0]
+    return out
 
 
 def validation_evidence(checkpoint: str | Path, *, data_root: str | Path, dataset: str, category: str,

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import small_args
 
 from pouta_core.data.demo import generate
@@ -56,6 +57,28 @@ def test_evaluate_prints_the_metric_dict_as_json(trained):
     metrics = json.loads(out.stdout)
     assert {"image_auroc", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1max"} <= set(metrics)
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "pixel_ap"))
+
+
+def test_evaluate_by_defect_scores_each_type_with_the_good_images(trained):
+    from pouta_core import api
+
+    root, run = trained
+    out = json.loads(pouta("evaluate", "--checkpoint", run, "--data-root", root / "data", "--dataset", "mvtec",
+                           "--category", "tiles", "--json", "--device", "cpu", "--by-defect").stdout)
+    assert set(out["by_defect"]) == {"scratch", "stain", "missing"}
+    plain = json.loads(pouta("evaluate", "--checkpoint", run, "--data-root", root / "data", "--dataset", "mvtec",
+                             "--category", "tiles", "--json", "--device", "cpu").stdout)
+    assert out["all"] == plain
+    # each type's figures are those of the checkpoint on that type's images and the good ones
+    data = api.load_category(root / "data", "mvtec", "tiles", api.ckpt.load_model(run, "cpu")[1], progress=False)
+    kinds = [s.defect for s in data.selection.test]
+    rows = torch.tensor([i for i, k in enumerate(kinds) if k in ("good", "stain")])
+    subset = api.EvalDataset(data.test_set.images[rows], data.test_set.masks[rows], data.test_set.labels[rows])
+    expected, _ = api.evaluate(api.ckpt.load_model(run, "cpu")[0], subset, torch.device("cpu"))
+    assert out["by_defect"]["stain"]["pixel_ap"] == pytest.approx(expected["pixel_ap"], abs=1e-6)
+    table = pouta("evaluate", "--checkpoint", run, "--data-root", root / "data", "--dataset", "mvtec",
+                  "--category", "tiles", "--device", "cpu", "--by-defect").stdout.splitlines()
+    assert [line.split()[0] for line in table] == ["defect", "all", "missing", "scratch", "stain"]
 
 
 def test_predict_writes_overlays_maps_and_decisions(trained, tmp_path):
