@@ -97,6 +97,31 @@ class Config:
             help="stop discriminative gradients at the reconstructive features/reconstruction"
         ),
     )
+    # --- options that make the contrast necessary (issue 18; off: the paper's reading) ---
+    fcm_input: str = field(
+        default="concat",
+        metadata=_spec(
+            choices=("concat", "contrast"),
+            help="what each FCM sees: concat(F_E, F_D) (paper), or contrast: a shared 1x1 projection "
+            "phi of both sides and their difference, [phi(F_E), phi(F_D), |phi(F_E) - phi(F_D)|]",
+        ),
+    )
+    detach_encoder: bool = field(
+        default=False,
+        metadata=_spec(help="stop discriminative gradients at the encoder features only (the decoder "
+                       "features still receive them), so the encoder does not become a segmenter"),
+    )
+    lambda_consistency: float = field(
+        default=0.0,
+        metadata=_spec(ge=0.0, le=100.0, help="weight of a feature-consistency loss, 1 - cos(F_Ei, F_Di) "
+                       "on pixels without synthetic anomaly, so that the two sides of normal content agree"),
+    )
+    self_source_ratio: float = field(
+        default=0.0,
+        metadata=_spec(ge=0.0, le=1.0, help="share of anomaly sources made of the image's own shifted or "
+                       "rotated copy alone (no unrelated image): locally normal content that only the "
+                       "contrast reveals"),
+    )
     init: str = field(
         default="draem",
         metadata=_spec(

@@ -84,5 +84,20 @@ def pouta_loss(out, clean: torch.Tensor, mask: torch.Tensor, config: Config) -> 
             mss = mss + lam * terms[f"ss_{i}"]
         terms["mss"] = mss
         total = total + mss
+    if config.lambda_consistency and out.features:
+        terms["consistency"] = consistency_loss(*out.features, mask)
+        total = total + config.lambda_consistency * terms["consistency"]
     terms["total"] = total
     return terms
+
+
+def consistency_loss(enc, dec, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over scales of 1 - cos(F_Ei, F_Di) on the pixels without synthetic anomaly (the
+    mask max-pooled to each scale): the two sides of normal content should agree, so that
+    their difference marks only anomalies (config ``lambda_consistency``; not in the paper)."""
+    losses = []
+    for e, d in zip(enc, dec, strict=True):
+        normal = 1 - F.adaptive_max_pool2d(mask, e.shape[-2:])
+        cos = F.cosine_similarity(e.float(), d.float(), dim=1, eps=1e-6)[:, None]
+        losses.append(((1 - cos) * normal).sum() / normal.sum().clamp_min(1))
+    return torch.stack(losses).mean()

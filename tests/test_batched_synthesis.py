@@ -196,3 +196,21 @@ def test_make_loader_gives_the_configured_path_with_the_texture_bank(tmp_path):
     assert batch["image"].shape == (2, 3, 32, 32) and batch["mask"].shape == (2, 1, 32, 32)
     per_sample = make_loader(clean, CFG.replace(synthesis="per_sample"), **kw)
     assert isinstance(per_sample, DataLoader) and per_sample.dataset.synthesizer.textures is textures
+
+
+def test_self_source_ratio_one_makes_every_source_from_the_image_itself(tmp_path):
+    banks = []
+    for colour in ((0, 255, 0), (0, 0, 255)):
+        folder = tmp_path / str(colour[1])
+        folder.mkdir()
+        Image.new("RGB", (40, 30), colour).save(folder / "a.png")
+        banks.append(TextureFolder(folder, 64))
+    cfg = CFG.replace(clean_ratio=0.0, self_source_ratio=1.0)
+    clean = images(4)
+    green, blue = (B.BatchSynthesizer(cfg, t.bank())(clean, gen(3)) for t in banks)
+    assert green.label.sum() > 0 and torch.equal(green.image, blue.image)    # no texture in it
+    one = [AnomalySynthesizer(cfg, t)(clean[0], gen(3)) for t in banks]
+    assert torch.equal(one[0].image, one[1].image)
+    # off (the default), the texture shows: the stream of other draws is unchanged
+    off = [B.BatchSynthesizer(CFG.replace(clean_ratio=0.0), t.bank())(clean, gen(3)) for t in banks]
+    assert not torch.equal(off[0].image, off[1].image)

@@ -70,3 +70,23 @@ def test_total_is_rec_plus_pre_plus_weighted_mss(variant):
     else:
         assert "mss" not in t and "ss_1" not in t
         assert t["total"].item() == pytest.approx((t["rec"] + t["pre"]).item(), rel=1e-6)
+
+
+def test_consistency_loss_reads_only_normal_pixels():
+    from pouta_core.losses import consistency_loss
+
+    enc = [torch.randn(2, 4, 16, 16), torch.randn(2, 8, 8, 8)]
+    assert consistency_loss(enc, [e.clone() for e in enc], torch.zeros(2, 1, 32, 32)) < 1e-6
+    other = [e.clone() for e in enc]
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, :16, :16] = 1                      # the top-left quarter is "anomalous"
+    for o in other:
+        h, w = o.shape[-2:]
+        o[..., : h // 2, : w // 2] = torch.randn_like(o[..., : h // 2, : w // 2])
+    assert consistency_loss(enc, other, mask) < 1e-6          # differences under the mask only
+    assert consistency_loss(enc, other, torch.zeros_like(mask)) > 0.1
+    cfg = TINY.replace(lambda_consistency=0.5)
+    out = build_model(cfg)(torch.rand(2, 3, 32, 32))
+    terms = pouta_loss(out, torch.rand(2, 3, 32, 32), torch.zeros(2, 1, 32, 32), cfg)
+    assert "consistency" in terms and "consistency" not in pouta_loss(out, torch.rand(2, 3, 32, 32),
+                                                                      torch.zeros(2, 1, 32, 32), TINY)

@@ -165,3 +165,26 @@ def test_contrast_maps_swap_only_the_reconstruction_side():
     with torch.inference_mode():
         expected = torch.softmax(vanilla.discriminative(torch.cat([x, x], dim=1)), dim=1)[:, 1]
     assert torch.allclose(maps["rec_is_input"], expected)
+
+
+def test_contrast_fcm_sees_both_sides_through_one_projection_and_their_difference():
+    from pouta_core.model.fcm import FCM
+
+    fcm = FCM(6, 8, contrast=True)
+    assert fcm.block[0].in_channels == 18            # [phi(E), phi(D), |phi(E) - phi(D)|]
+    e, d = torch.randn(2, 6, 8, 8), torch.randn(2, 6, 8, 8)
+    seen = {}
+    fcm.block[0].register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    fcm(e, d)
+    p_e, p_d = fcm.project(e), fcm.project(d)
+    assert torch.allclose(seen["x"], torch.cat([p_e, p_d, (p_e - p_d).abs()], 1))
+    model = build_model(TINY, fcm_input="contrast")
+    assert model(torch.rand(1, 3, 32, 32)).anomaly_map.shape == (1, 1, 32, 32)
+
+
+def test_detach_encoder_stops_discriminative_gradients_at_the_encoder_features_only():
+    model = build_model(TINY, detach_encoder=True).train()
+    enc, dec = model(torch.rand(2, 3, 32, 32)).features
+    assert not any(f.requires_grad for f in enc) and all(f.requires_grad for f in dec)
+    enc, dec = build_model(TINY).train()(torch.rand(2, 3, 32, 32)).features
+    assert all(f.requires_grad for f in enc)

@@ -32,6 +32,7 @@ class PoutaOutput(NamedTuple):
     scale_logits    tuple of (B, 2, H/2^(i-1), W/2^(i-1)) for i = 1..4, M_p(i); () without MSS
     anomaly_map     (B, 1, H, W)  softmax channel 1 of M_p, in [0, 1]
     score           (B,)          image score: max of the 21x21 average pool of anomaly_map
+    features        (F_E1..4, F_D1..4) as the discriminator received them; () for vanilla
     """
 
     reconstruction: torch.Tensor
@@ -39,6 +40,7 @@ class PoutaOutput(NamedTuple):
     scale_logits: tuple[torch.Tensor, ...]
     anomaly_map: torch.Tensor
     score: torch.Tensor
+    features: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | tuple = ()
 
 
 class AnomalyDetector(nn.Module):
@@ -47,12 +49,13 @@ class AnomalyDetector(nn.Module):
         self.variant = config.variant
         self.spec = VARIANTS[config.variant]
         self.detach_features = config.detach_features
+        self.detach_encoder = config.detach_encoder
         w = config.rec_width
         self.reconstructive = ReconstructiveNetwork(w)
         if self.spec.features:
             self.discriminative: nn.Module = CoarseToFineDiscriminator(
                 [w, 2 * w, 4 * w, 8 * w], config.fcm_width, hsg=self.spec.hsg, mss=self.spec.mss,
-                fcm_depth=config.fcm_depth)
+                fcm_depth=config.fcm_depth, fcm_contrast=config.fcm_input == "contrast")
         else:
             self.discriminative = UNetDiscriminator(6, config.disc_width)
         init_weights(self, config.init)
@@ -65,12 +68,14 @@ class AnomalyDetector(nn.Module):
             logits = self.discriminative(torch.cat([x, r], dim=1))
             scale_logits: tuple[torch.Tensor, ...] = ()
         else:
-            if self.detach_features:
+            if self.detach_features or self.detach_encoder:
                 enc = [f.detach() for f in enc]
+            if self.detach_features:
                 dec = [f.detach() for f in dec]
             logits, scale_logits = self.discriminative(enc, dec)
         amap = anomaly_map(logits)
-        return PoutaOutput(rec, logits, scale_logits, amap, image_score(amap))
+        features = (tuple(enc), tuple(dec)) if self.spec.features else ()
+        return PoutaOutput(rec, logits, scale_logits, amap, image_score(amap), features)
 
 
 def build_model(config: Config | None = None, /, **overrides: object) -> AnomalyDetector:

@@ -219,7 +219,10 @@ class BatchSynthesizer:
         order = torch.rand(k, N_AUGMENTATIONS, generator=g).argsort(1)[:, :AUGMENTATIONS_PER_SOURCE]
         aug_u = torch.rand(k, AUGMENTATIONS_PER_SOURCE, 2, generator=g)
         self_u = torch.rand(k, 4, generator=g)
-        weight = _per(0.5 + 0.5 * torch.rand(k, generator=g)).to(dev)
+        weight = 0.5 + 0.5 * torch.rand(k, generator=g)
+        if cfg.self_source_ratio > 0:   # drawn only when asked for: runs without it keep their stream
+            weight = torch.where(torch.rand(k, generator=g) < cfg.self_source_ratio, 0.0, weight)
+        weight = _per(weight).to(dev)
         beta = _per(cfg.beta_min + (cfg.beta_max - cfg.beta_min) * torch.rand(k, generator=g)).to(dev)
 
         everyone = k == n

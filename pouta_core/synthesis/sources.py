@@ -111,14 +111,17 @@ def self_transform(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def anomaly_source(
-    image: torch.Tensor, generator: torch.Generator, textures: TextureFolder | None = None
+    image: torch.Tensor, generator: torch.Generator, textures: TextureFolder | None = None, *,
+    self_only: bool = False
 ) -> torch.Tensor:
     """I_aug: an augmented unrelated image fused with a transformed copy of ``image``.
 
     The fusion weight of the unrelated image is drawn in [0.5, 1): the source must look
-    foreign, while the self part borrows the product's own colours and structures."""
+    foreign, while the self part borrows the product's own colours and structures. With
+    ``self_only`` (config ``self_source_ratio``) the weight is 0: the source is the image's
+    own transformed copy, locally normal content only the contrast can reveal."""
     h, w = image.shape[-2:]
     foreign = textures.sample(generator) if textures is not None else procedural_texture(h, w, generator)
     foreign = augment(foreign, generator)
-    weight = _u(generator, 0.5, 1.0)
+    weight = 0.0 * _u(generator, 0.5, 1.0) if self_only else _u(generator, 0.5, 1.0)
     return (weight * foreign + (1 - weight) * self_transform(image, generator)).clamp(0, 1)

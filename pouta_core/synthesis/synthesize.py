@@ -47,7 +47,9 @@ class AnomalySynthesizer:
                            max_scale_exp=cfg.perlin_max_scale_exp)
         if cfg.foreground_threshold is not None:
             mask = mask * foreground_mask(image, cfg.foreground_threshold)
-        source = anomaly_source(image, generator, self.textures)
+        # Drawn only when asked for, so runs without it keep their random stream.
+        self_only = cfg.self_source_ratio > 0 and float(torch.rand((), generator=generator)) < cfg.self_source_ratio
+        source = anomaly_source(image, generator, self.textures, self_only=self_only)
         beta = float(torch.empty(()).uniform_(cfg.beta_min, cfg.beta_max, generator=generator))
         blended = image * (1 - mask) + (beta * image + (1 - beta) * source) * mask
         label = int(mask.sum() > 0)
