@@ -123,14 +123,17 @@ def _brightness(x, u):
 
 def _sharpness(x, u):
     # torchvision's smoothing kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 as a separable 3x3
-    # box sum plus 4 times the centre (a depthwise conv2d is several times slower on a CPU).
+    # box sum plus 4 times the centre (a depthwise conv2d is several times slower on a CPU),
+    # in place where it can be; then factor * x + (1 - factor) * blurred, as one lerp.
     pad = F.pad(x, (1, 1, 1, 1))
-    rows = pad[..., :-2, :] + pad[..., 1:-1, :] + pad[..., 2:, :]
-    blurred = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * x) / 13
+    rows = pad[..., :-2, :] + pad[..., 1:-1, :]
+    rows += pad[..., 2:, :]
+    blurred = rows[..., :-2] + rows[..., 1:-1]
+    blurred += rows[..., 2:]
+    blurred.add_(x, alpha=4).div_(13)
     blurred[..., 0, :], blurred[..., -1, :] = x[..., 0, :], x[..., -1, :]
     blurred[..., :, 0], blurred[..., :, -1] = x[..., :, 0], x[..., :, -1]
-    factor = _per(3.0 * u[:, 0])
-    return factor * x + (1 - factor) * blurred
+    return blurred.lerp_(x, _per(3.0 * u[:, 0]))
 
 
 def _grey(x):
@@ -148,8 +151,9 @@ def _saturation_hue(x, u):
     r, g, b = x.unbind(1)
     # Hue in sixths (red's maximum first, as torchvision); grey pixels (delta 0) get any hue:
     # their saturation is 0.
-    inv = 1 / delta.clamp_min(1e-12)
-    hue6 = torch.where(r == value, (g - b) * inv, torch.where(g == value, (b - r) * inv + 2, (r - g) * inv + 4))
+    red, green = r == value, g == value
+    hue6 = torch.where(red, g - b, torch.where(green, b - r, r - g)).div_(delta.clamp_min(1e-12))
+    hue6 += torch.where(red, 0.0, torch.where(green, 2.0, 4.0))
     hue6 += 6 * (-0.2 + 0.4 * u[:, 1])[:, None, None]
     chroma = delta   # value * saturation
     k = (hue6[:, None] + torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None]) % 6
@@ -232,7 +236,7 @@ class BatchSynthesizer:
         # I_aug = w foreign + (1 - w) self copy; I_in = I + M (1 - beta) (I_aug - I): the
         # paper's blend, rearranged into in-place steps (full-size temporaries cost more
         # than the arithmetic on a CPU).
-        source = torch.lerp(self._self_copy(original, self_u.to(dev)), foreign, weight).clamp_(0, 1)
+        source = self._self_copy(original, self_u.to(dev)).lerp_(foreign, weight).clamp_(0, 1)
         if cfg.foreground_threshold is not None:
             noise = noise * foreground_mask_batch(original, cfg.foreground_threshold)
         blended = source.sub_(original).mul_(noise * (1 - beta)).add_(original).clamp_(0, 1)
@@ -261,20 +265,27 @@ class BatchSynthesizer:
         """The unrelated image of each source: from the bank, else coloured fractal noise."""
         if self.bank is not None:
             index = torch.randint(len(self.bank), (n,), generator=g)
-            return self.bank[index.to(self.bank.device)].to(dev).float() / 255
+            return self.bank[index.to(self.bank.device)].to(dev).float().div_(255)
         return procedural_textures(n, h, w, g, dev)
 
     @staticmethod
     def _augment(x: torch.Tensor, order: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Each sample's three augmentations, in its order: per step, one call per augmentation
         drawn, on the samples that drew it (``order`` is on the CPU: no device sync)."""
+        # Two buffers, used in turns: a fresh full-size tensor per step costs more than the
+        # copies into it on a CPU (first-touch page faults).
+        buffers = [torch.empty_like(x), torch.empty_like(x)] if order.shape[1] > 1 else [torch.empty_like(x)]
         for step in range(order.shape[1]):
-            out = torch.empty_like(x)
+            out = buffers[step % len(buffers)]
             for a in order[:, step].unique().tolist():
                 rows = (order[:, step] == a).nonzero().flatten()
+                params = u[rows, step].to(x.device)
+                if len(rows) == 1:   # the usual case in small batches: a view, no gather
+                    i = int(rows[0])
+                    out[i:i + 1] = AUGMENTATIONS[a](x[i:i + 1], params).clamp_(0, 1)
+                    continue
                 index = rows.to(x.device)
-                done = AUGMENTATIONS[a](x.index_select(0, index), u[rows, step].to(x.device))
-                out.index_copy_(0, index, done.clamp_(0, 1))
+                out.index_copy_(0, index, AUGMENTATIONS[a](x.index_select(0, index), params).clamp_(0, 1))
             x = out
         return x
 
