@@ -84,5 +84,9 @@ def test_a_trial_on_a_lost_node_continues_on_the_other(tmp_path):
     results = [json.loads(line) for f in (tmp_path / "ray").rglob("result.json") for line in f.read_text().splitlines()]
     epochs = [r["epoch"] for r in results]
     assert epochs.count(1) == 1, epochs                       # not started again from scratch
-    assert len(epochs) > len(set(epochs)), epochs              # the restored trial re-reported its checkpoint
+    # ... and it did fail: Tune recorded the lost node against the trial. (Whether the restored
+    # trial's re-report of its checkpoint shows in result.json depends on how far the lost
+    # node's last report had got, so it is not asserted.)
+    errors = [f.read_text() for f in (tmp_path / "ray").rglob("error.txt")]
+    assert any("Failure #" in e for e in errors), errors
     assert client.get_model_version_by_alias("pouta-mvtec-tiles", "challenger")
