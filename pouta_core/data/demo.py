@@ -157,9 +157,11 @@ def _defect(kind: str, img: Image.Image, fg: np.ndarray, rng: np.random.Generato
 def _makers(name: str, difficulty: str):
     """-> (good image maker, defective image maker, defect kinds) of a category."""
     if difficulty == "hard":
-        return (lambda rng, s: hard.to_image(hard.render(name, rng, s)),
-                lambda kind, rng, s: (lambda img, mask: (hard.to_image(img), mask))(
-                    *hard.defective(name, kind, rng, s)), hard.DEFECTS[name])
+        def hard_bad(kind: str, rng: np.random.Generator, s: int):
+            img, mask = hard.defective(name, kind, rng, s)
+            return hard.to_image(img), mask
+
+        return (lambda rng, s: hard.to_image(hard.render(name, rng, s))), hard_bad, hard.DEFECTS[name]
 
     def bad(kind: str, rng: np.random.Generator, s: int):
         img, fg = RENDER[name](rng, s)

@@ -123,5 +123,7 @@ def anomaly_source(
     h, w = image.shape[-2:]
     foreign = textures.sample(generator) if textures is not None else procedural_texture(h, w, generator)
     foreign = augment(foreign, generator)
-    weight = 0.0 * _u(generator, 0.5, 1.0) if self_only else _u(generator, 0.5, 1.0)
+    weight = _u(generator, 0.5, 1.0)   # drawn either way, as before self_only existed
+    if self_only:
+        weight = 0.0
     return (weight * foreign + (1 - weight) * self_transform(image, generator)).clamp(0, 1)
