@@ -209,7 +209,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     with resolved(args.checkpoint, args.tracking_uri) as checkpoint:
         metrics = api.evaluate_checkpoint(checkpoint, data_root=args.data_root, dataset=args.dataset,
                                           category=args.category, device=args.device, cache_dir=args.cache_dir,
-                                          split=args.split, progress=not args.json, by_defect=args.by_defect)
+                                          split=args.split, progress=not args.json, by_defect=args.by_defect,
+                                          scoring=args.scoring)
     if args.json:
         _print_json(metrics)
     elif args.by_defect:
@@ -251,7 +252,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     with resolved(args.checkpoint, args.tracking_uri) as checkpoint:
         result = api.export(checkpoint, args.format, args.out)
     print(f"exported {args.format} to {args.out}; anomaly map matches PyTorch within "
-          f"{result['max_abs_diff']:.1e}")
+          f"{result['max_abs_diff']:.1e}, image score within {result['score_max_abs_diff']:.1e}")
     return 0
 
 
@@ -525,6 +526,9 @@ def _add_local_commands(sub) -> None:
                    "split as its config says")
     p.add_argument("--by-defect", action="store_true",
                    help="also the metrics of each defect type, scored with the split's good images")
+    p.add_argument("--set", dest="scoring", metavar="KEY=VALUE", action="append", default=[],
+                   help="re-score the trained model another way, without retraining: a scoring key "
+                   "(map_heads_weight, image_score, image_score_topk, score_norm); repeatable")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 

@@ -285,7 +285,7 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     import torch
     from mlflow.models import infer_signature
 
-    from pouta_core.checkpoint import load_model
+    from pouta_core.checkpoint import load_model, require_calibrated
     from pouta_core.inference import MapModel
 
     run_id = cb.run_id_for(category, trial_id)
@@ -294,6 +294,7 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     if done:   # a rerun of a finished experiment: registered already
         return tracking.registered_name(plan.data.dataset, category), done
     model, config, state = load_model(checkpoint, "cpu")
+    require_calibrated(model, checkpoint)
     wrapped = MapModel(model).eval()
     example = np.random.default_rng(0).random((1, 3, config.image_size, config.image_size), dtype=np.float32)
     with torch.inference_mode():
@@ -303,7 +304,9 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     with mlflow.start_run(run_id=run_id):
         # Requirements named, not inferred: MLflow's inference re-imports the model in a
         # subprocess (about 10 s per model here, serially after the sweep).
-        info = mlflow.pytorch.log_model(wrapped, name="model", signature=infer_signature(example, output),
+        # params: pyfunc's predict(x, params={"output": "score"}) returns the image scores.
+        signature = infer_signature(example, output, params={"output": "map"})
+        info = mlflow.pytorch.log_model(wrapped, name="model", signature=signature,
                                         input_example=example, registered_model_name=name,
                                         pip_requirements=model_requirements())
     version = str(info.registered_model_version)

@@ -23,8 +23,9 @@ from pouta_core.data.errors import DataError
 from pouta_core.data.images import list_images, model_input, read_rgb, warn_about
 from pouta_core.data.validation import SelectionSplit, split_for_selection, synthetic_validation
 from pouta_core.inference import ExportWrapper, predict
+from pouta_core.metrics import compute, f1_max
 from pouta_core.synthesis import TextureFolder
-from pouta_core.training import ReportFn, evaluate, fit, resolve_device
+from pouta_core.training import ReportFn, fit, resolve_device, score_set
 from pouta_core.visualize import overlay
 
 log = logging.getLogger(__name__)
@@ -106,39 +107,46 @@ def train(config: Config, *, data_root: str | Path, dataset: str, category: str,
 
 def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path, dataset: str, category: str,
                         device: str = "auto", cache_dir: str | Path | None = None, split: str = "test",
-                        progress: bool = True, by_defect: bool = False) -> dict[str, Any]:
+                        progress: bool = True, by_defect: bool = False, scoring: list[str] | tuple = ()
+                        ) -> dict[str, Any]:
     """Metrics of a checkpoint on ``split`` ("val" or "test") of a category, split as the
     checkpoint's config says (the images it was chosen on are its validation split). With
     ``by_defect``: ``{"all": metrics, "by_defect": {defect type: metrics on that type and the
-    split's good images}}``, which says which kinds of defect a model misses."""
+    split's good images}}``, which says which kinds of defect a model misses. ``scoring``:
+    ``key=value`` overrides of the scoring keys (``Config.SCORING_KEYS``), to re-score the
+    trained model another way without retraining; the score normalisation is computed again
+    from the validation split's good images (which, on ``--split val``, are each scored
+    leave-one-out)."""
     if split not in ("val", "test"):
         raise ConfigError(f"--split must be val or test, got '{split}'")
     dev = resolve_device(device)
-    model, config, _ = ckpt.load_model(checkpoint, dev)
+    model, config, _ = ckpt.load_model(checkpoint, dev, scoring=scoring)
     data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=progress)
     chosen = data.val_set if split == "val" else data.test_set
     if chosen is None or not len(chosen):
         raise DataError(f"{data_root}: category '{category}' has no labelled test images "
                         f"(val_split={data.selection.mode}); evaluate --split val")
-    metrics, threshold = evaluate(model, chosen, dev)
-    metrics = {**metrics, "f1_threshold": threshold}
-    if not by_defect:
-        return metrics
     samples = data.selection.val if split == "val" or data.selection.mode == "none" else data.selection.test
-    if data.selection.mode == "synthetic" and split == "val":
+    if by_defect and data.selection.mode == "synthetic" and split == "val":
         raise DataError(f"{data_root} [{category}]: the validation images are synthetic (no defect types); "
                         "use --split test")
-    return {"all": metrics, "by_defect": _by_defect(model, chosen, [s.defect for s in samples], dev)}
-
-
-def _by_defect(model, images: EvalDataset, defects: list[str], device) -> dict[str, dict[str, float]]:
+    if chosen is not data.val_set and model.scorer.norm != "none":
+        score_set(model, data.val_set, dev, calibrate=True)    # the normalisation, from validation
+    scores, maps = score_set(model, chosen, dev, calibrate=chosen is data.val_set)
+    metrics = {**_metrics_of(scores, maps, chosen), "f1_threshold": f1_max(scores, chosen.labels.numpy())[1]}
+    if not by_defect:
+        return metrics
+    defects = [s.defect for s in samples]
     good = [i for i, d in enumerate(defects) if d == "good"]
-    out = {}
-    for kind in sorted(set(defects) - {"good"}):
-        rows = torch.tensor(good + [i for i, d in enumerate(defects) if d == kind])
-        subset = EvalDataset(images.images[rows], images.masks[rows], images.labels[rows])
-        out[kind] = evaluate(model, subset, device)[0]
-    return out
+    return {"all": metrics, "by_defect": {
+        kind: _metrics_of(scores, maps, chosen, good + [i for i, d in enumerate(defects) if d == kind])
+        for kind in sorted(set(defects) - {"good"})}}
+
+
+def _metrics_of(scores: np.ndarray, maps: np.ndarray, images: EvalDataset, rows: list[int] | None = None
+                ) -> dict[str, float]:
+    rows = slice(None) if rows is None else np.asarray(rows)
+    return compute(scores[rows], images.labels.numpy()[rows], maps[rows], images.masks[:, 0].numpy()[rows])
 
 
 def validation_evidence(checkpoint: str | Path, *, data_root: str | Path, dataset: str, category: str,
@@ -153,7 +161,7 @@ def validation_evidence(checkpoint: str | Path, *, data_root: str | Path, datase
         config = config.replace(val_split=split_like.val_split, val_ratio=split_like.val_ratio,
                                 foreground_threshold=split_like.foreground_threshold)
     data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=False)
-    scores, maps = predict(model, data.val_set.images, device=dev)
+    scores, maps = score_set(model, data.val_set, dev, calibrate=True)
     return Evidence(scores, maps, data.val_set.masks[:, 0].numpy()), data.val_set.labels.numpy()
 
 
@@ -201,6 +209,7 @@ def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Pa
     the one stored at training time."""
     dev = resolve_device(device)
     model, config, state = ckpt.load_model(checkpoint, dev)
+    ckpt.require_calibrated(model, checkpoint)
     if threshold is None:
         threshold = state.get("threshold")
         if threshold is None:
@@ -240,6 +249,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, *, check: bool = T
     (B, 1, S, S) and score (B,)); then run both on a random input and return the largest
     absolute difference of the anomaly maps."""
     model, config, _ = ckpt.load_model(checkpoint, "cpu")
+    ckpt.require_calibrated(model, checkpoint)
     wrapper = ExportWrapper(model).eval()
     s = config.image_size
     x = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0))
@@ -249,7 +259,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, *, check: bool = T
             traced = torch.jit.trace(wrapper, x[:1], check_trace=False)
         ckpt.atomic_write(out, lambda fh: torch.jit.save(traced, fh))
         exported = torch.jit.load(str(out))
-        run = lambda t: exported(t)[0].detach().numpy()  # noqa: E731
+        run = lambda t: tuple(o.detach().numpy() for o in exported(t))  # noqa: E731
     elif fmt == "onnx":
         import onnxruntime as ort
 
@@ -263,10 +273,13 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, *, check: bool = T
         finally:
             tmp.unlink(missing_ok=True)
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        run = lambda t: session.run(["anomaly_map"], {"image": t.numpy()})[0]  # noqa: E731
+        run = lambda t: tuple(session.run(["anomaly_map", "score"], {"image": t.numpy()}))  # noqa: E731
     else:
         raise ConfigError(f"unknown export format '{fmt}': choose onnx or torchscript")
+    if not check:
+        return {"max_abs_diff": float("nan"), "score_max_abs_diff": float("nan")}
     with torch.inference_mode():
-        reference = wrapper(x)[0].numpy()
-    diff = float(np.abs(run(x) - reference).max()) if check else float("nan")
-    return {"max_abs_diff": diff}
+        reference = [t.numpy() for t in wrapper(x)]
+    got = run(x)
+    return {"max_abs_diff": float(np.abs(got[0] - reference[0]).max()),
+            "score_max_abs_diff": float(np.abs(got[1] - reference[1]).max())}

@@ -3,12 +3,13 @@ loaded with ``torch.load(weights_only=True)``; ``config.yaml`` and ``metrics.jso
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pouta_core.config import Config, ConfigError
+from pouta_core.config import Config, ConfigError, parse_overrides
 from pouta_core.files import atomic_write, write_json  # noqa: F401 - re-exported
 from pouta_core.model import AnomalyDetector, build_model
 
@@ -41,9 +42,15 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
     return state
 
 
+# Buffers added after checkpoints were first written; a checkpoint without them gets the
+# module's defaults (the scorer's: no score normalisation computed yet).
+OPTIONAL_PREFIXES = ("scorer.",)
+
+
 def load_weights(model: AnomalyDetector, weights: dict[str, torch.Tensor], path: Path | str) -> None:
     """``load_state_dict``, with a one-line error naming the first tensor that does not fit."""
     expected = model.state_dict()
+    weights = {**{k: v for k, v in expected.items() if k.startswith(OPTIONAL_PREFIXES)}, **weights}
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     wrong = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
@@ -58,11 +65,30 @@ def load_weights(model: AnomalyDetector, weights: dict[str, torch.Tensor], path:
     model.load_state_dict(weights)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu"
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", *, scoring: Iterable[str] = ()
                ) -> tuple[AnomalyDetector, Config, dict[str, Any]]:
-    """-> (model in eval mode, its config, the checkpoint state)."""
+    """-> (model in eval mode, its config, the checkpoint state). ``scoring``: ``key=value``
+    overrides of ``Config.SCORING_KEYS`` only (how the trained model's map and score are read);
+    when they change anything, the stored score normalisation no longer applies and is
+    dropped (``pouta_core.training.score_set(..., calibrate=True)`` computes it again)."""
     state = load_state(path, map_location)
     config = Config.from_dict(state["config"], source=str(path))
-    model = build_model(config)
+    scoring = list(scoring)
+    changed = parse_overrides(scoring)
+    other = [k for k in changed if k not in Config.SCORING_KEYS]
+    if other:
+        raise ConfigError(f"--set {other[0]}: a trained model's config cannot change; only its scoring keys "
+                          f"can ({', '.join(Config.SCORING_KEYS)})")
+    rescored = config._with_overrides(config.to_dict(), scoring, str(path)) if scoring else config
+    model = build_model(rescored)
     load_weights(model, state["model"], path)
-    return model.to(map_location).eval(), config, state
+    if rescored != config:
+        model.scorer.norm_images.zero_()
+    return model.to(map_location).eval(), rescored, state
+
+
+def require_calibrated(model: AnomalyDetector, path: str | Path) -> None:
+    """Refuse to score with ``score_norm`` when the checkpoint holds no statistics for it."""
+    if not model.scorer.calibrated:
+        raise ConfigError(f"{path}: score_norm={model.scorer.norm} but the checkpoint holds no statistics "
+                          "of validation good images; pouta evaluate computes them, train to store them")

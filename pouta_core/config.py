@@ -129,6 +129,30 @@ class Config:
             help="weight init: DRAEM's N(0, 0.02) convs / N(1, 0.02) BN, or PyTorch defaults",
         ),
     )
+    # --- anomaly map and image score (issue 19; defaults: the paper's; model/scoring.py) --
+    map_heads_weight: float = field(
+        default=0.0,
+        metadata=_spec(ge=0.0, le=1.0, help="anomaly map = (1 - w) fused map + w mean of the MSS heads' "
+                       "maps; 0 the paper's fused map, 0.2 the plain mean of all five; variants without "
+                       "MSS ignore it"),
+    )
+    image_score: str = field(
+        default="pooled_max",
+        metadata=_spec(choices=("pooled_max", "topk_mean"),
+                       help="image score: max of the 21x21 average pool of the map (paper), or the mean "
+                       "of its image_score_topk largest share of pixels"),
+    )
+    image_score_topk: float = field(
+        default=0.01,
+        metadata=_spec(gt=0.0, le=1.0, help="share of the map's pixels topk_mean averages"),
+    )
+    score_norm: str = field(
+        default="none",
+        metadata=_spec(choices=("none", "pixel"),
+                       help="pixel: standardise the map the score reads, per pixel, by the validation good "
+                       "images' statistics (stored in the checkpoint), so that spots bright on every good "
+                       "image do not decide the score"),
+    )
     # --- loss (eq. 1, 5-8) -------------------------------------------------------------
     lambda_1: float = field(default=0.4, metadata=_spec(ge=0.0, le=100.0, help="MSS weight, scale 1"))
     lambda_2: float = field(default=0.3, metadata=_spec(ge=0.0, le=100.0, help="MSS weight, scale 2"))
@@ -319,6 +343,10 @@ class Config:
 
     # How a run computes, not what it learns: a resume may change them (``training.restore``).
     RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ("amp", "amp_dtype", "channels_last", "compile")
+    # How a trained model's map and score are read, not what it learns: ``pouta evaluate
+    # --set`` may change them on a trained checkpoint.
+    SCORING_KEYS: ClassVar[tuple[str, ...]] = ("map_heads_weight", "image_score", "image_score_topk",
+                                               "score_norm")
 
     def replace(self, **changes: Any) -> Config:
         return self.from_dict({**self.to_dict(), **changes})

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -49,10 +50,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def evaluate(model: nn.Module, test_set: EvalDataset, device: torch.device, batch_size: int = 16
-             ) -> tuple[dict[str, float], float]:
+def score_set(model: nn.Module, dataset: EvalDataset, device: torch.device, *, calibrate: bool = False,
+              batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """-> (image scores (N,), anomaly maps (N, H, W)). With ``calibrate`` (validation sets
+    only) the model's score normalisation is first set from the set's good images, and those
+    are scored leave-one-out (``Scorer.calibrate``); without ``score_norm`` it changes nothing."""
+    scores, maps = predict(model, dataset.images, device=device, batch_size=batch_size)
+    if calibrate and model.scorer.norm != "none":
+        scores = model.scorer.calibrate(maps, dataset.labels.numpy())
+    return scores, maps
+
+
+def evaluate(model: nn.Module, test_set: EvalDataset, device: torch.device, batch_size: int = 16, *,
+             calibrate: bool = False) -> tuple[dict[str, float], float]:
     """-> (metrics of pouta_core.metrics.compute, image threshold maximising F1)."""
-    scores, maps = predict(model, test_set.images, device=device, batch_size=batch_size)
+    scores, maps = score_set(model, test_set, device, calibrate=calibrate, batch_size=batch_size)
     labels = test_set.labels.numpy()
     metrics = compute(scores, labels, maps, test_set.masks[:, 0].numpy())
     return metrics, f1_max(scores, labels)[1]
@@ -61,11 +73,12 @@ def evaluate(model: nn.Module, test_set: EvalDataset, device: torch.device, batc
 def evaluate_splits(model: nn.Module, val_set: EvalDataset | None, test_set: EvalDataset | None,
                     device: torch.device) -> tuple[dict[str, float], float | None]:
     """``val_<metric>`` and ``test_<metric>`` -> (metrics, threshold). The threshold (F1-max)
-    comes from validation only; test metrics are reported, never used."""
+    and the score normalisation come from validation only; test metrics are reported, never
+    used."""
     metrics: dict[str, float] = {}
     threshold = None
     if val_set is not None and len(val_set):
-        val, threshold = evaluate(model, val_set, device)
+        val, threshold = evaluate(model, val_set, device, calibrate=True)
         metrics.update({f"val_{k}": v for k, v in val.items()})
         if test_set is val_set:   # val_split=none: one set, scored once
             metrics.update({f"test_{k}": v for k, v in val.items()})
@@ -73,6 +86,16 @@ def evaluate_splits(model: nn.Module, val_set: EvalDataset | None, test_set: Eva
         test, _ = evaluate(model, test_set, device)
         metrics.update({f"test_{k}": v for k, v in test.items()})
     return metrics, threshold
+
+
+def check_scoring_data(config: Config, val_set: EvalDataset | None) -> None:
+    """``score_norm`` needs good images in the validation set; refuse before training."""
+    if config.score_norm == "none":
+        return
+    good = 0 if val_set is None else int((val_set.labels == 0).sum())
+    if good < 2:
+        raise ConfigError(f"config key 'score_norm': {config.score_norm} needs at least 2 good validation "
+                          f"images, the validation split has {good}")
 
 
 def _diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -250,6 +273,8 @@ def fit(
     is_main = shard[0] == 0
     if len(train_images) < 2:
         raise ConfigError(f"need at least 2 training images, got {len(train_images)}")
+    if is_main:
+        check_scoring_data(config, val_set)
     state = new_state(config, device)
     if resume and (out_dir / ckpt.CHECKPOINT).exists():
         restore(state, out_dir / ckpt.CHECKPOINT, config, device)

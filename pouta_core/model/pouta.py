@@ -19,7 +19,7 @@ from pouta_core.config import Config
 from pouta_core.model.blocks import init_weights
 from pouta_core.model.discriminative import CoarseToFineDiscriminator
 from pouta_core.model.reconstructive import ReconstructiveNetwork
-from pouta_core.model.scoring import anomaly_map, image_score
+from pouta_core.model.scoring import Scorer
 from pouta_core.model.unet import UNetDiscriminator
 from pouta_core.variants import VARIANTS
 
@@ -30,8 +30,10 @@ class PoutaOutput(NamedTuple):
     reconstruction  (B, 3, H, W)  I_r, trained towards the clean image in [0, 1]
     logits          (B, 2, H, W)  M_p, fused 2-class logits
     scale_logits    tuple of (B, 2, H/2^(i-1), W/2^(i-1)) for i = 1..4, M_p(i); () without MSS
-    anomaly_map     (B, 1, H, W)  softmax channel 1 of M_p, in [0, 1]
+    anomaly_map     (B, 1, H, W)  softmax channel 1 of M_p (by default; ``map_heads_weight``
+                                  mixes in the MSS heads), in [0, 1]
     score           (B,)          image score: max of the 21x21 average pool of anomaly_map
+                                  (by default; ``image_score``, ``score_norm``: model/scoring.py)
     features        (F_E1..4, F_D1..4) as the discriminator received them; () for vanilla
     """
 
@@ -58,6 +60,10 @@ class AnomalyDetector(nn.Module):
                 fcm_depth=config.fcm_depth, fcm_contrast=config.fcm_input == "contrast")
         else:
             self.discriminative = UNetDiscriminator(6, config.disc_width)
+        self.scorer = Scorer(image_size=config.image_size,
+                             heads_weight=config.map_heads_weight if self.spec.mss else 0.0,
+                             image_score=config.image_score, topk=config.image_score_topk,
+                             norm=config.score_norm)
         init_weights(self, config.init)
 
     def forward(self, x: torch.Tensor) -> PoutaOutput:
@@ -73,9 +79,9 @@ class AnomalyDetector(nn.Module):
             if self.detach_features:
                 dec = [f.detach() for f in dec]
             logits, scale_logits = self.discriminative(enc, dec)
-        amap = anomaly_map(logits)
+        amap = self.scorer.anomaly_map(logits, scale_logits)
         features = (tuple(enc), tuple(dec)) if self.spec.features else ()
-        return PoutaOutput(rec, logits, scale_logits, amap, image_score(amap), features)
+        return PoutaOutput(rec, logits, scale_logits, amap, self.scorer(amap), features)
 
 
 def build_model(config: Config | None = None, /, **overrides: object) -> AnomalyDetector:
