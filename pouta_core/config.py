@@ -101,9 +101,10 @@ class Config:
     fcm_input: str = field(
         default="concat",
         metadata=_spec(
-            choices=("concat", "contrast"),
+            choices=("concat", "contrast", "encoder", "decoder"),
             help="what each FCM sees: concat(F_E, F_D) (paper), or contrast: a shared 1x1 projection "
-            "phi of both sides and their difference, [phi(F_E), phi(F_D), |phi(F_E) - phi(F_D)|]",
+            "phi of both sides and their difference, [phi(F_E), phi(F_D), |phi(F_E) - phi(F_D)|]; "
+            "encoder / decoder (ablations): one side only, given twice (the same parameter count)",
         ),
     )
     detach_encoder: bool = field(

@@ -170,7 +170,7 @@ def test_contrast_maps_swap_only_the_reconstruction_side():
 def test_contrast_fcm_sees_both_sides_through_one_projection_and_their_difference():
     from pouta_core.model.fcm import FCM
 
-    fcm = FCM(6, 8, contrast=True)
+    fcm = FCM(6, 8, mode="contrast")
     assert fcm.block[0].in_channels == 18            # [phi(E), phi(D), |phi(E) - phi(D)|]
     e, d = torch.randn(2, 6, 8, 8), torch.randn(2, 6, 8, 8)
     seen = {}
@@ -180,6 +180,19 @@ def test_contrast_fcm_sees_both_sides_through_one_projection_and_their_differenc
     assert torch.allclose(seen["x"], torch.cat([p_e, p_d, (p_e - p_d).abs()], 1))
     model = build_model(TINY, fcm_input="contrast")
     assert model(torch.rand(1, 3, 32, 32)).anomaly_map.shape == (1, 1, 32, 32)
+
+
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+def test_one_sided_fcm_reads_one_side_only_with_the_papers_parameter_count(side):
+    paper, one = build_model(TINY), build_model(TINY, fcm_input=side)
+    assert sum(p.numel() for p in one.parameters()) == sum(p.numel() for p in paper.parameters())
+    fcm = one.discriminative.fcm[0]
+    e, d = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    kept = e if side == "encoder" else d
+    out = fcm(e, d)
+    other = torch.randn_like(kept)        # what the unread side holds does not matter
+    assert torch.equal(out, fcm(kept, other) if side == "encoder" else fcm(other, kept))
+    assert torch.equal(out, fcm.block(torch.cat([kept, kept], 1)))
 
 
 def test_detach_encoder_stops_discriminative_gradients_at_the_encoder_features_only():

@@ -21,9 +21,9 @@ class CoarseToFineDiscriminator(nn.Module):
     """``feat_ch[i]`` are the channels of F_E(i+1) / F_D(i+1); every F_Ci has ``width``."""
 
     def __init__(self, feat_ch: list[int], width: int, *, hsg: bool, mss: bool, fcm_depth: int = 1,
-                 fcm_contrast: bool = False) -> None:
+                 fcm_input: str = "concat") -> None:
         super().__init__()
-        self.fcm = nn.ModuleList([FCM(c, width, fcm_depth, fcm_contrast) for c in feat_ch])
+        self.fcm = nn.ModuleList([FCM(c, width, fcm_depth, fcm_input) for c in feat_ch])
         # HSG for i = 1, 2, 3 (index 0..2), each fed by scale i + 1.
         self.hsg = nn.ModuleList([HSG(width, width) for _ in feat_ch[:-1]]) if hsg else None
         self.mss = nn.ModuleList([MSSHead(width) for _ in feat_ch]) if mss else None

@@ -57,7 +57,7 @@ class AnomalyDetector(nn.Module):
         if self.spec.features:
             self.discriminative: nn.Module = CoarseToFineDiscriminator(
                 [w, 2 * w, 4 * w, 8 * w], config.fcm_width, hsg=self.spec.hsg, mss=self.spec.mss,
-                fcm_depth=config.fcm_depth, fcm_contrast=config.fcm_input == "contrast")
+                fcm_depth=config.fcm_depth, fcm_input=config.fcm_input)
         else:
             self.discriminative = UNetDiscriminator(6, config.disc_width)
         self.scorer = Scorer(image_size=config.image_size,
