@@ -19,7 +19,10 @@ CATEGORIES=${CATEGORIES:-wood concrete fabric board}
 JOBS=${JOBS:-2}
 POUTA=.venv/bin/pouta
 mkdir -p "$WORK"
-[ -d "$WORK/data/wood" ] || $POUTA demo-data --difficulty hard --categories 4 --out "$WORK/data"
+# 48 good test images and 16 per defect type: about 14 good and 24 defective validation images
+# per category (val_ratio 0.3), so that image-level figures are not decided by 4 good images.
+[ -d "$WORK/data/wood" ] || $POUTA demo-data --difficulty hard --categories 4 --test-good 48 --test-defect 16 \
+  --out "$WORK/data"
 
 one() {   # category variant seed
   local run="$WORK/runs/$1-$2-seed$3"

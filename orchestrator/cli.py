@@ -185,7 +185,8 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     from pouta_core.data.demo import generate
 
     names = generate(args.out, categories=args.categories, image_size=args.image_size, seed=args.seed,
-                     force=args.force, difficulty=args.difficulty)
+                     force=args.force, difficulty=args.difficulty, n_test_good=args.test_good,
+                     n_test_defect=args.test_defect)
     print(f"wrote {len(names)} categories to {args.out}: {', '.join(names)} (MVTec AD layout)")
     return 0
 
@@ -559,6 +560,8 @@ def _add_local_commands(sub) -> None:
                    help="easy: tiles, pills, weave, screws with foreign-content defects (the demo); hard: wood, "
                    "concrete, fabric, board with warps, blur, colour shifts, faint stains, thin cracks, misplaced "
                    "and missing parts (docs/experiments.md)")
+    p.add_argument("--test-good", type=int, default=12, help="good test images per category")
+    p.add_argument("--test-defect", type=int, default=8, help="test images per category and defect type")
     p.set_defaults(func=_cmd_demo_data)
 
 

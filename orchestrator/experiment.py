@@ -272,21 +272,23 @@ def describe_version(client, name: str, version: str, *, category: str, fingerpr
     description = (f"POUTA model for **{category}**, chosen by {source} on the **{selection}** split "
                    f"(parent run `{parent_run_id}`).\n\n| metric | validation (chosen on) | test (reported) |\n"
                    f"|---|---|---|\n{rows}\n\nSearched values: {values}.\n\n"
-                   f"Training data fingerprint: `{fingerprint[:16]}`.")
+                   f"Training data fingerprint: `{fingerprint[:16]}`.\n\nThis model returns anomaly maps; "
+                   f"`score_model` in the same run returns the image scores.")
     client.update_model_version(name, version, description=description)
 
 
 def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: str, checkpoint: str,
                   searched: dict[str, Any] | None = None, kind: str = "launch") -> tuple[str, str]:
-    """Log the checkpoint's model into its trial's MLflow run with ``mlflow.pytorch.log_model``,
-    register it as ``pouta-<dataset>-<category>`` and point ``challenger`` at the new version."""
+    """Log the checkpoint's model into its trial's MLflow run with ``mlflow.pytorch.log_model``
+    (``model``: anomaly maps; ``score_model``: image scores), register ``model`` as
+    ``pouta-<dataset>-<category>`` and point ``challenger`` at the new version."""
     import mlflow
     import numpy as np
     import torch
     from mlflow.models import infer_signature
 
     from pouta_core.checkpoint import load_model, require_calibrated
-    from pouta_core.inference import MapModel
+    from pouta_core.inference import MapModel, ScoreModel
 
     run_id = cb.run_id_for(category, trial_id)
     client = cb.client
@@ -295,20 +297,21 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
         return tracking.registered_name(plan.data.dataset, category), done
     model, config, state = load_model(checkpoint, "cpu")
     require_calibrated(model, checkpoint)
-    wrapped = MapModel(model).eval()
-    example = np.random.default_rng(0).random((1, 3, config.image_size, config.image_size), dtype=np.float32)
-    with torch.inference_mode():
-        output = wrapped(torch.from_numpy(example)).numpy()
+    # Two images: MLflow's torch.export fixes a batch dimension of size 1 in the example.
+    example = np.random.default_rng(0).random((2, 3, config.image_size, config.image_size), dtype=np.float32)
     name = tracking.registered_name(plan.data.dataset, category)
     mlflow.set_tracking_uri(tracking.resolve_tracking_uri(plan.tracking_uri))
     with mlflow.start_run(run_id=run_id):
+        # "model" (registered) serves anomaly maps, "score_model" beside it image scores: MLflow's
+        # default format (torch.export) has one tensor output and no parameters.
         # Requirements named, not inferred: MLflow's inference re-imports the model in a
         # subprocess (about 10 s per model here, serially after the sweep).
-        # params: pyfunc's predict(x, params={"output": "score"}) returns the image scores.
-        signature = infer_signature(example, output, params={"output": "map"})
-        info = mlflow.pytorch.log_model(wrapped, name="model", signature=signature,
-                                        input_example=example, registered_model_name=name,
-                                        pip_requirements=model_requirements())
+        for artifact, module in (("score_model", ScoreModel(model)), ("model", MapModel(model))):
+            with torch.inference_mode():
+                output = module.eval()(torch.from_numpy(example)).numpy()
+            info = mlflow.pytorch.log_model(module, name=artifact, signature=infer_signature(example, output),
+                                            input_example=example, pip_requirements=model_requirements(),
+                                            registered_model_name=name if artifact == "model" else None)
     version = str(info.registered_model_version)
     client.set_tag(run_id, "pouta.registered_version", version)
     client.set_registered_model_alias(name, tracking.CHALLENGER, version)

@@ -39,19 +39,20 @@ class ExportWrapper(nn.Module):
 
 
 class MapModel(nn.Module):
-    """A single-output module for serving (MLflow pyfunc, which passes its ``params`` as
-    keyword arguments): image (B, 3, H, W) in [0, 1] -> anomaly map (B, 1, H, W), or with
-    ``output="score"`` the image score (B,), computed as the checkpoint's scoring keys say
-    (with its stored normalisation)."""
+    """A single-output module for serving (MLflow pyfunc): image (B, 3, H, W) in [0, 1] ->
+    anomaly map (B, 1, H, W)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model.eval()
 
-    def forward(self, x: torch.Tensor, output: str = "map") -> torch.Tensor:
-        out = self.model(x)
-        if output == "score":
-            return out.score
-        if output != "map":
-            raise ValueError(f"output must be 'map' or 'score', got {output!r}")
-        return out.anomaly_map
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).anomaly_map
+
+
+class ScoreModel(MapModel):
+    """The same for the image score: image (B, 3, H, W) in [0, 1] -> score (B,), computed as
+    the checkpoint's scoring keys say, with its stored normalisation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).score

@@ -237,6 +237,12 @@ def test_hard_benchmark_has_every_family_with_masks_and_is_seeded(tmp_path):
     assert any((tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes() for f in files)
     with pytest.raises(DataError, match=r"--categories must be in \[1, 4\]"):
         generate(tmp_path / "d", categories=5, difficulty="hard")
+    with pytest.raises(DataError, match=r"--test-good must be >= 1, got 0"):
+        generate(tmp_path / "d", n_test_good=0, difficulty="hard")
+    # A larger test set keeps the training images (and the first test images) of the same seed.
+    generate(tmp_path / "e", **{**kw, "n_test_good": 3, "n_test_defect": 4})
+    same = [f for f in files if f.parts[1] == "train" or f.parts[2] == "good"]
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "e" / f).read_bytes() for f in same)
 
 
 @pytest.mark.parametrize("kind", ["warp", "blur", "colour", "stain", "crack"])

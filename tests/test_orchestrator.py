@@ -94,16 +94,21 @@ def test_weights_are_used_by_name_from_the_registry_a_run_or_a_ray_trial(env, tm
                          "--tracking-uri", env["uri"], "--json"]) == 0
         assert [r["score"] for r in json.loads(capsys.readouterr().out)["scored"]] == \
             pytest.approx([r["score"] for r in scored], abs=1e-6), ref
-    # Served through MLflow's pyfunc, the model gives the map, and with params the image score,
-    # as the detector inside it computes them.
-    mlflow.set_tracking_uri(env["uri"])
-    served = mlflow.pyfunc.load_model("models:/pouta-mvtec-tiles/1")
-    size = served.metadata.get_input_schema().inputs[0].shape[-1]
-    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    # Served through MLflow's pyfunc (batches of any size), the registered model gives the
+    # checkpoint's anomaly maps, and score_model beside it its image scores.
+    from orchestrator.models import resolved
+    from pouta_core.checkpoint import load_model
+
+    with resolved(f"runs:/{version.run_id}", env["uri"]) as checkpoint:
+        model, config, _ = load_model(checkpoint)
+    x = torch.rand(3, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        expected = mlflow.pytorch.load_model("models:/pouta-mvtec-tiles/1").model(x)
-    assert served.predict(x.numpy()) == pytest.approx(expected.anomaly_map.numpy(), abs=1e-5)
-    assert served.predict(x.numpy(), params={"output": "score"}) == pytest.approx(expected.score.numpy(), abs=1e-5)
+        expected = model(x)
+    mlflow.set_tracking_uri(env["uri"])
+    maps = mlflow.pyfunc.load_model("models:/pouta-mvtec-tiles/1").predict(x.numpy())
+    scores = mlflow.pyfunc.load_model(f"runs:/{version.run_id}/score_model").predict(x.numpy())
+    assert maps == pytest.approx(expected.anomaly_map.numpy(), abs=1e-5)
+    assert scores == pytest.approx(expected.score.numpy(), abs=1e-5)
     # "Not found" names the store searched; a missing store is not created.
     assert cli.main(["predict", "--model", "models:/pouta-mvtec-tiles@nope", str(images), "--out",
                      str(tmp_path / "c"), "--tracking-uri", env["uri"]]) == 2

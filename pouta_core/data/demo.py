@@ -183,6 +183,9 @@ def generate(out: str | Path, *, categories: int = 2, image_size: int = 128, n_t
         raise DataError(f"--categories must be in [1, {len(available)}], got {categories}")
     if image_size < 32:
         raise DataError(f"--image-size must be >= 32, got {image_size}")
+    for flag, n in (("--test-good", n_test_good), ("--test-defect", n_test_defect)):
+        if n < 1:
+            raise DataError(f"{flag} must be >= 1, got {n}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(available[:categories])
