@@ -225,6 +225,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rescore(args: argparse.Namespace) -> int:
+    from orchestrator.models import resolved
+    from pouta_core import api
+
+    with resolved(args.checkpoint, args.tracking_uri) as checkpoint:
+        metrics = api.rescore(checkpoint, args.out, scoring=args.scoring, data_root=args.data_root,
+                              dataset=args.dataset, category=args.category, device=args.device,
+                              cache_dir=args.cache_dir, progress=not args.json)
+    if args.json:
+        _print_json(metrics)
+    else:
+        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("val_", "test_")) and v == v}
+        print(f"re-scored {args.category} -> {args.out}/checkpoint.pt  {shown}")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from orchestrator.models import resolved
     from pouta_core import api
@@ -255,6 +271,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {args.format} to {args.out}; anomaly map matches PyTorch within "
           f"{result['max_abs_diff']:.1e}, image score within {result['score_max_abs_diff']:.1e}")
     return 0
+
+
+def _add_scoring_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="scoring", metavar="KEY=VALUE", action="append", default=[],
+                   help="read the trained model another way, without retraining: a scoring key "
+                   "(map_heads_weight, image_score, image_score_topk, score_norm); repeatable")
 
 
 def _add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> None:
@@ -527,11 +549,18 @@ def _add_local_commands(sub) -> None:
                    "split as its config says")
     p.add_argument("--by-defect", action="store_true",
                    help="also the metrics of each defect type, scored with the split's good images")
-    p.add_argument("--set", dest="scoring", metavar="KEY=VALUE", action="append", default=[],
-                   help="re-score the trained model another way, without retraining: a scoring key "
-                   "(map_heads_weight, image_score, image_score_topk, score_norm); repeatable")
+    _add_scoring_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("rescore", help="keep another scoring of a trained model: a new run folder, "
+                       "same weights, normalisation and threshold computed again on validation")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="the new run folder")
+    _add_scoring_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_rescore)
 
     p = sub.add_parser("predict", help="score images, write heat-map overlays")
     _add_model_args(p)

@@ -25,7 +25,7 @@ from pouta_core.data.validation import SelectionSplit, split_for_selection, synt
 from pouta_core.inference import ExportWrapper, predict
 from pouta_core.metrics import compute, f1_max
 from pouta_core.synthesis import TextureFolder
-from pouta_core.training import ReportFn, fit, resolve_device, score_set
+from pouta_core.training import ReportFn, evaluate_splits, fit, resolve_device, score_set
 from pouta_core.visualize import overlay
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,36 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path, datase
     return {"all": metrics, "by_defect": {
         kind: _metrics_of(scores, maps, chosen, good + [i for i, d in enumerate(defects) if d == kind])
         for kind in sorted(set(defects) - {"good"})}}
+
+
+def rescore(checkpoint: str | Path, out: str | Path, *, scoring: list[str] | tuple, data_root: str | Path,
+            dataset: str, category: str, device: str = "auto", cache_dir: str | Path | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Write a new run folder ``out`` holding the trained model of ``checkpoint`` read as the
+    scoring keys ``scoring`` say (``key=value``): the same weights, the score normalisation
+    and the image threshold computed again on the validation split, and its validation and
+    test metrics evaluated again. So a scoring option that ``evaluate --set`` found better is
+    kept without retraining; ``predict``, ``export`` and registration then use it."""
+    out = Path(out)
+    if (out / ckpt.CHECKPOINT).exists():
+        raise ConfigError(f"{out}: already holds a checkpoint; rescore writes a new run folder")
+    dev = resolve_device(device)
+    model, config, state = ckpt.load_model(checkpoint, dev, scoring=scoring)
+    for key, given in (("dataset", dataset), ("category", category)):
+        if state.get(key, given) != given:
+            raise ConfigError(f"{checkpoint}: was trained on {key} '{state[key]}', not '{given}'")
+    data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=progress)
+    metrics, threshold = evaluate_splits(model, data.val_set, data.test_set, dev)
+    weights = {k: v.cpu() for k, v in model.state_dict().items()}
+    saved = {**state, "model": weights, "config": config.to_dict(), "threshold": threshold,
+             "metrics": {**state.get("metrics", {}), **metrics}}
+    runfolder.check_free(out)
+    with runfolder.claim(out):
+        ckpt.save_checkpoint(out, saved)
+        config.to_yaml(out / ckpt.CONFIG)
+        for name, view in runfolder.sidecars_of(saved).items():
+            ckpt.write_json(out / name, view)
+    return {**metrics, "threshold": threshold}
 
 
 def _metrics_of(scores: np.ndarray, maps: np.ndarray, images: EvalDataset, rows: list[int] | None = None

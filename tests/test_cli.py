@@ -83,7 +83,7 @@ def test_evaluate_by_defect_scores_each_type_with_the_good_images(trained):
     assert [line.split()[0] for line in table] == ["defect", "all", "missing", "scratch", "stain"]
 
 
-def test_evaluate_rescores_with_scoring_keys_and_refuses_other_keys(trained):
+def test_evaluate_rescores_with_scoring_keys_and_refuses_other_keys(trained, tmp_path):
     root, run = trained
     common = ["evaluate", "--checkpoint", run, "--data-root", root / "data", "--dataset", "mvtec", "--category",
               "tiles", "--json", "--device", "cpu", "--split", "val"]
@@ -100,6 +100,11 @@ def test_evaluate_rescores_with_scoring_keys_and_refuses_other_keys(trained):
     assert scores == pytest.approx(maps.mean(axis=(1, 2)), abs=1e-6)   # top 100 % of pixels: the mean
     assert topk["image_auroc"] == pytest.approx(auroc(scores, data.val_set.labels.numpy()), abs=1e-9)
     assert load_model(run)[1].image_score == "pooled_max"     # the checkpoint is not changed
+    # rescore keeps it: a new run folder whose validation figures are those evaluate printed
+    kept = pouta("rescore", *common[1:-2], "--out", tmp_path / "topk", "--set", "image_score=topk_mean",
+                 "--set", "image_score_topk=1.0")
+    assert json.loads(kept.stdout)["val_image_auroc"] == pytest.approx(topk["image_auroc"], abs=1e-9)
+    assert load_model(tmp_path / "topk")[1].image_score == "topk_mean"
     out = pouta(*common, "--set", "epochs=3", check=False)
     assert out.returncode == 2
     assert out.stderr.strip().endswith("--set epochs: a trained model's config cannot change; only its scoring "

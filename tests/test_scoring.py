@@ -145,3 +145,29 @@ def test_only_scoring_keys_can_change_on_a_trained_model(data, tmp_path):
     assert config.score_norm == "pixel" and not model.scorer.calibrated
     with pytest.raises(ConfigError, match="score_norm=pixel but the checkpoint holds no statistics"):
         require_calibrated(model, run)
+
+
+def test_rescore_keeps_another_scoring_in_a_new_run_folder_without_retraining(data, tmp_path):
+    run = train(data, tmp_path / "run")
+    out = tmp_path / "rescored"
+    scoring = ["score_norm=pixel", "image_score=topk_mean"]
+    metrics = api.rescore(run, out, scoring=scoring, data_root=data / "data", dataset="mvtec", category="tiles",
+                          device="cpu", progress=False)
+    model, config, state = load_model(out)
+    assert (config.score_norm, config.image_score) == ("pixel", "topk_mean") and model.scorer.calibrated
+    assert config.replace(score_norm="none", image_score="pooled_max") == load_model(run)[1]
+    # Its stored figures and threshold are what evaluate computes on it, and what evaluate
+    # --set computed on the original.
+    val = evaluate(data, out, "val")
+    assert val["image_auroc"] == pytest.approx(metrics["val_image_auroc"], abs=1e-9)
+    assert evaluate(data, run, "test", scoring) == pytest.approx(evaluate(data, out, "test"), abs=1e-6)
+    assert json.loads((out / "metrics.json").read_text())["threshold"] == pytest.approx(state["threshold"])
+    assert {p.name for p in out.iterdir()} >= {"checkpoint.pt", "config.yaml", "metrics.json", "val_files.json"}
+    assert load_model(run)[1].score_norm == "none"          # the original is untouched
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        api.rescore(run, out, scoring=scoring, data_root=data / "data", dataset="mvtec", category="tiles",
+                    device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="was trained on category 'tiles', not 'pills'"):
+        api.rescore(run, tmp_path / "x", scoring=scoring, data_root=data / "data", dataset="mvtec",
+                    category="pills", device="cpu", progress=False)
+    assert not (tmp_path / "x").exists()
