@@ -25,7 +25,7 @@ from pouta_core.data.validation import SelectionSplit, split_for_selection, synt
 from pouta_core.inference import ExportWrapper, predict
 from pouta_core.metrics import compute, f1_max
 from pouta_core.synthesis import TextureFolder
-from pouta_core.training import ReportFn, evaluate_splits, fit, resolve_device, score_set
+from pouta_core.training import ReportFn, evaluate_splits, fit, resolve_device, score_set, write_run
 from pouta_core.visualize import overlay
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ def rescore(checkpoint: str | Path, out: str | Path, *, scoring: list[str] | tup
     out = Path(out)
     if (out / ckpt.CHECKPOINT).exists():
         raise ConfigError(f"{out}: already holds a checkpoint; rescore writes a new run folder")
+    runfolder.check_free(out)          # refuse at once, before decoding anything
     dev = resolve_device(device)
     model, config, state = ckpt.load_model(checkpoint, dev, scoring=scoring)
     for key, given in (("dataset", dataset), ("category", category)):
@@ -164,12 +165,8 @@ def rescore(checkpoint: str | Path, out: str | Path, *, scoring: list[str] | tup
     weights = {k: v.cpu() for k, v in model.state_dict().items()}
     saved = {**state, "model": weights, "config": config.to_dict(), "threshold": threshold,
              "metrics": {**state.get("metrics", {}), **metrics}}
-    runfolder.check_free(out)
     with runfolder.claim(out):
-        ckpt.save_checkpoint(out, saved)
-        config.to_yaml(out / ckpt.CONFIG)
-        for name, view in runfolder.sidecars_of(saved).items():
-            ckpt.write_json(out / name, view)
+        write_run(out, saved, config)
     return {**metrics, "threshold": threshold}
 
 

@@ -220,12 +220,18 @@ def train_epoch(state: TrainState, net: nn.Module, loader: DataLoader, config: C
 
 def save(state: TrainState, out_dir: Path, config: Config, metrics: dict[str, Any], *,
          extra_state: dict[str, Any] | None = None, sidecars: dict[str, dict[str, Any]] | None = None) -> Path:
-    """``checkpoint.pt``, then its views ``config.yaml``, ``metrics.json`` and the JSON
-    ``sidecars`` (kept in the checkpoint too). The views are removed just before the new
-    checkpoint replaces the old one, so a kill never leaves views of another state
-    (``runfolder.repair`` writes missing ones back)."""
-    out_dir = Path(out_dir)
+    """``state`` as the run folder ``out_dir`` (:func:`write_run`); ``sidecars`` are JSON
+    files kept in the checkpoint too."""
     saved = {**state.to_checkpoint(config, metrics), **(extra_state or {}), "sidecars": dict(sidecars or {})}
+    return write_run(out_dir, saved, config)
+
+
+def write_run(out_dir: str | Path, saved: dict[str, Any], config: Config) -> Path:
+    """``checkpoint.pt`` holding ``saved``, then its views ``config.yaml``, ``metrics.json``
+    and the checkpoint's JSON sidecars. The views are removed just before the new checkpoint
+    replaces the old one, so a kill never leaves views of another state (``runfolder.repair``
+    writes missing ones back)."""
+    out_dir = Path(out_dir)
     views = runfolder.sidecars_of(saved)
 
     def drop_views() -> None:

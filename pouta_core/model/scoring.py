@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 SCORE_POOL = 21
-IMAGE_SCORES = ("pooled_max", "topk_mean")
-SCORE_NORMS = ("none", "pixel")
 SCALE_FLOOR = 1e-3
 
 
