@@ -1,5 +1,10 @@
 """Real servers for tests: ``ray start --head`` and ``mlflow server`` on 127.0.0.1, on free
-ports, each in its own process group, stopped by that group's id (never by name)."""
+ports, each in its own process group, stopped by that group's id (never by name).
+
+Each group also gets a reaper (:func:`reap_with_us`): a small process of its own that stops the
+group if the test process dies first. A test run killed by SIGKILL, or by a SIGTERM that the
+code under test takes as its own interrupt (the CLI does), so never tears its fixtures down,
+leaves no cluster behind."""
 
 from __future__ import annotations
 
@@ -41,6 +46,33 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> No
     raise TimeoutError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+_REAPER = """
+import os, signal, sys, time
+owner, group = int(sys.argv[1]), int(sys.argv[2])
+def alive(kill):
+    try:
+        kill()
+        return True
+    except ProcessLookupError:
+        return False
+while alive(lambda: os.kill(owner, 0)) and alive(lambda: os.killpg(group, 0)):
+    time.sleep(1)
+if alive(lambda: os.killpg(group, signal.SIGTERM)):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and alive(lambda: os.killpg(group, 0)):
+        time.sleep(0.5)
+    alive(lambda: os.killpg(group, signal.SIGKILL))
+"""
+
+
+def reap_with_us(proc: subprocess.Popen) -> None:
+    """Stop ``proc``'s process group (SIGTERM, then SIGKILL after 20 s) once this process is
+    gone; the reaper exits by itself when the group ends first (:func:`stop`)."""
+    subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), str(proc.pid)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+
+
 def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
     """SIGTERM the process group we created, then SIGKILL what is left."""
     if proc.poll() is None:
@@ -65,6 +97,7 @@ def mlflow_server(root: Path):
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    reap_with_us(proc)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", 120, proc, log)
@@ -90,6 +123,7 @@ def ray_head(root: Path, num_cpus: int = 2):
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
          "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    reap_with_us(proc)
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", 180, proc, log)
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": auth}
@@ -108,6 +142,7 @@ def ray_worker_node(head: dict, root: Path, name: str, num_cpus: int = 1):
         [str(BIN / "ray"), "start", "--address", head["address"], "--block", "--node-ip-address", "127.0.0.1",
          "--num-cpus", str(num_cpus), "--disable-usage-stats"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    reap_with_us(proc)
     try:
         deadline = time.monotonic() + 180
         while "Ray runtime started" not in log.read_text():
