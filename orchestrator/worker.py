@@ -93,8 +93,9 @@ class TrainSession:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return ray.train.torch.prepare_model(model)
+    def prepare_model(self, model: torch.nn.Module, *, find_unused_parameters: bool = False) -> torch.nn.Module:
+        kwargs = {"find_unused_parameters": True} if find_unused_parameters else None
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
 
 
 class TuneSession:
@@ -113,7 +114,7 @@ class TuneSession:
         checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=checkpoint)
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, *, find_unused_parameters: bool = False) -> torch.nn.Module:
         return model
 
 
@@ -148,10 +149,15 @@ def train_worker(task: WorkerTask, session: TrainSession | TuneSession | None = 
             write_heatmaps(checkpoint_dir, shown, device)
         session.report({k: v for k, v in metrics.items() if _reportable(v)}, checkpoint_dir)
 
+    def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
+        # Staged training's first epochs leave the discriminator without gradients, which DDP
+        # only accepts when told to look for unused parameters (a cost paid only then).
+        return session.prepare_model(model, find_unused_parameters=config.rec_warmup_epochs > 0)
+
     try:
         fit(config, data.train_images, run_dir, val_set=data.val_set if rank == 0 else None,
             test_set=data.test_set if rank == 0 else None, textures=textures, device=device, report=report,
-            progress=False, wrap_model=session.prepare_model, shard=(rank, world),
+            progress=False, wrap_model=wrap_model, shard=(rank, world),
             num_workers=task.resources.loader_workers,
             extra_state={"dataset": data_spec.dataset, "category": task.category, "val_split": data.selection.mode},
             sidecars={ckpt.VAL_FILES: data.selection_record()})

@@ -123,6 +123,13 @@ class Config:
                        "rotated copy alone (no unrelated image): locally normal content that only the "
                        "contrast reveals"),
     )
+    rec_warmup_epochs: int = field(
+        default=0,
+        metadata=_spec(ge=0, le=100_000, help="staged training: the first N epochs train the reconstructive "
+                       "network alone (reconstruction loss only, the discriminator untouched); after them "
+                       "training goes on as configured (with detach_features: true, the discriminator then "
+                       "learns on features it cannot change)"),
+    )
     init: str = field(
         default="draem",
         metadata=_spec(
@@ -261,6 +268,10 @@ class Config:
         if self.beta_min > self.beta_max:
             raise ConfigError(
                 f"config key 'beta_min': must be <= beta_max ({self.beta_max}), got {self.beta_min}"
+            )
+        if self.rec_warmup_epochs >= self.epochs:
+            raise ConfigError(
+                f"config key 'rec_warmup_epochs': must be < epochs ({self.epochs}), got {self.rec_warmup_epochs}"
             )
         ms = self.lr_milestones
         if any(b <= a for a, b in zip(ms, ms[1:], strict=False)):

@@ -166,8 +166,10 @@ def restore(state: TrainState, path: Path, config: Config, device: torch.device)
 
 
 def train_step(state: TrainState, net: nn.Module, batch: dict[str, torch.Tensor], config: Config,
-               device: torch.device) -> dict[str, torch.Tensor]:
-    """One optimiser step on a batch of ``TrainDataset`` samples -> the loss terms (detached)."""
+               device: torch.device, *, rec_only: bool = False) -> dict[str, torch.Tensor]:
+    """One optimiser step on a batch of ``TrainDataset`` samples -> the loss terms (detached).
+    ``rec_only`` (staged training's first stage): the step minimises the reconstruction loss
+    alone, so the discriminator's parameters get no gradient and Adam leaves them as they are."""
     image, clean, mask = (batch[k].to(device, non_blocking=True) for k in ("image", "clean", "mask"))
     if config.channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
@@ -175,8 +177,9 @@ def train_step(state: TrainState, net: nn.Module, batch: dict[str, torch.Tensor]
     with torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext():
         out = net(image)
     terms = pouta_loss(out, clean, mask, config)
+    loss = terms["rec"] if rec_only else terms["total"]
     state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(terms["total"]).backward()
+    state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
     state.scaler.update()
     return {k: v.detach() for k, v in terms.items()}
@@ -199,13 +202,16 @@ def make_loader(images: torch.Tensor, config: Config, *, textures: TextureFolder
 
 def train_epoch(state: TrainState, net: nn.Module, loader: DataLoader, config: Config, epoch: int, *,
                 device: torch.device) -> dict[str, Any]:
-    """One epoch over this rank's slice of the epoch's seeded permutation -> loss_* means, epoch, lr."""
+    """One epoch over this rank's slice of the epoch's seeded permutation -> loss_* means, epoch, lr.
+    Epochs up to ``rec_warmup_epochs`` train the reconstructive network alone (staged training;
+    the epoch number decides, so a resumed run is in the same stage as an uninterrupted one)."""
     net.train()
     loader.sampler.set_epoch(epoch)
     sums: dict[str, float] = {}
     steps = 0
+    rec_only = epoch <= config.rec_warmup_epochs
     for batch in loader:
-        terms = train_step(state, net, batch, config, device)
+        terms = train_step(state, net, batch, config, device, rec_only=rec_only)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         steps += 1

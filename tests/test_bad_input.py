@@ -292,7 +292,7 @@ class _Session:
     def report(self, metrics, checkpoint_dir):
         pass
 
-    def prepare_model(self, model):
+    def prepare_model(self, model, *, find_unused_parameters=False):
         return model
 
 

@@ -158,3 +158,29 @@ def test_compile_wraps_the_model_and_shares_its_parameters():
     assert net is not state.model and isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
     assert {id(p) for p in net.parameters()} == {id(p) for p in state.model.parameters()}
     assert training_net(state, CFG) is state.model
+
+
+def test_staged_training_trains_the_reconstructive_network_alone_first(tmp_path, data):
+    from pouta_core.training import new_state
+
+    images, test = data
+    cfg = CFG.replace(rec_warmup_epochs=1, epochs=2, lr_milestones=())
+    model = new_state(cfg, torch.device("cpu")).model   # fit seeds and builds the same
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}   # BN statistics still move
+    seen = {}
+
+    def keep(metrics, checkpoint_dir):
+        seen[metrics["epoch"]] = ckpt.load_state(checkpoint_dir)["model"]
+
+    fit(cfg, images, tmp_path / "run", val_set=test, progress=False, report=keep)
+
+    def moved(epoch, prefix):
+        return [k for k, v in initial.items() if k.startswith(prefix) and not torch.equal(seen[epoch][k], v)]
+
+    assert moved(1, "reconstructive.") and not moved(1, "discriminative.")   # stage 1
+    assert moved(2, "discriminative.")                                         # stage 2
+
+
+def test_rec_warmup_must_leave_epochs_for_the_discriminator():
+    with pytest.raises(ConfigError, match="config key 'rec_warmup_epochs': must be < epochs \\(3\\), got 3"):
+        CFG.replace(rec_warmup_epochs=3)
