@@ -6,7 +6,9 @@
 # AP < 0.6, checked on validation (a calibration is a choice; test is only reported). Runs
 # JOBS trainings at once.
 # Usage: [SEEDS="0 1 2"] [VARIANTS="vanilla pouta"] [CATEGORIES="wood concrete fabric board"]
-#        [JOBS=2] bash bench/hard_benchmark.sh [WORKDIR] [extra --set overrides...]
+#        [JOBS=2] [DATA=WORKDIR/data] bash bench/hard_benchmark.sh [WORKDIR] [extra --set overrides...]
+# DATA: where the benchmark's data is, generated there if missing (a fixed seed: the same
+# images wherever it is made), so that several work folders (bench/hard_ablation.sh) share it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make install >/dev/null
@@ -18,11 +20,12 @@ VARIANTS=${VARIANTS:-vanilla pouta}
 CATEGORIES=${CATEGORIES:-wood concrete fabric board}
 JOBS=${JOBS:-2}
 POUTA=.venv/bin/pouta
+DATA=${DATA:-$WORK/data}
 mkdir -p "$WORK"
 # 48 good test images and 16 per defect type: about 14 good and 24 defective validation images
 # per category (val_ratio 0.3), so that image-level figures are not decided by 4 good images.
-[ -d "$WORK/data/wood" ] || $POUTA demo-data --difficulty hard --categories 4 --test-good 48 --test-defect 16 \
-  --out "$WORK/data"
+[ -d "$DATA/wood" ] || $POUTA demo-data --difficulty hard --categories 4 --test-good 48 --test-defect 16 \
+  --out "$DATA"
 
 one() {   # category variant seed
   local run="$WORK/runs/$1-$2-seed$3"
@@ -30,18 +33,18 @@ one() {   # category variant seed
   local start extra=()
   start=$(date +%s)
   for kv in $EXTRA_STR; do extra+=(--set "$kv"); done
-  OMP_NUM_THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 )) $POUTA train --data-root "$WORK/data" \
+  OMP_NUM_THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 )) $POUTA train --data-root "$DATA" \
     --dataset mvtec --category "$1" --preset tiny --set variant="$2" --set seed="$3" \
     ${extra[@]+"${extra[@]}"} --out "$run" --device cpu > "$run.log" 2>&1
   local seconds=$(( $(date +%s) - start ))
   for split in val test; do
-    $POUTA evaluate --checkpoint "$run" --data-root "$WORK/data" --dataset mvtec --category "$1" \
+    $POUTA evaluate --checkpoint "$run" --data-root "$DATA" --dataset mvtec --category "$1" \
       --device cpu --json --split $split --by-defect > "$run/eval-$split.json"
   done
   echo "{\"category\": \"$1\", \"variant\": \"$2\", \"seed\": $3, \"train_seconds\": $seconds}" > "$run/row.json"
 }
 export -f one
-export WORK POUTA JOBS
+export WORK DATA POUTA JOBS
 export EXTRA_STR="${EXTRA[*]-}"
 mkdir -p "$WORK/runs"
 for c in $CATEGORIES; do for v in $VARIANTS; do for s in $SEEDS; do echo "$c $v $s"; done; done; done |

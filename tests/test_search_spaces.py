@@ -16,7 +16,7 @@ def test_every_bundled_space_loads_against_its_preset(path):
 
 def test_bundled_files_cover_the_documented_spaces():
     names = {p.stem for p in search_spaces.bundled()}
-    assert {"mss_lambdas", "focal", "schedule", "full", "ablation", "scoring"} <= names
+    assert {"mss_lambdas", "focal", "schedule", "full", "ablation", "scoring", "contrast"} <= names
     ablation = search_spaces.load("ablation")
     assert ablation.has_grid and list(ablation.dimensions[0].values) == [
         "vanilla", "pouta-base", "pouta-hsg", "pouta-mss", "pouta"]
