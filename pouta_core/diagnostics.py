@@ -9,13 +9,17 @@ for the POUTA variants with MSS, with each head alone and with the mean of the m
                       head_i         softmax of MSS head i (stride 2^(i-1)), logits upsampled
                       mean_heads     mean of the map and the heads
                       D_other        every F_Di taken from the next image of the batch
-                      D_is_E         F_Di := F_Ei (no contrast left at all)
+                      D_is_E         F_Di := F_Ei (no contrast left: the input side twice)
+                      E_is_D         F_Ei := F_Di (no contrast left: the reconstruction side twice)
     vanilla           map
                       rec_other      the reconstruction of the next image of the batch
                       rec_is_input   reconstruction := input
+                      input_is_rec   input := reconstruction
 
-A detector that reads the contrast loses pixel AUROC when its reconstruction side is swapped;
-one that finds anomalies from the input alone barely moves. ``bench/contrast_check.py`` prints
+A detector that reads the contrast loses pixel AUROC with either swap of the last two rows (no
+contrast is left in either); one that finds anomalies from the input alone barely moves with
+the first (``D_is_E``) and falls with the second; one that reads the reconstruction alone the
+other way round. ``bench/contrast_check.py`` prints
 the pixel AUROC of every map for trained checkpoints (docs/experiments.md has the figures).
 """
 
@@ -53,7 +57,8 @@ def contrast_maps(model: AnomalyDetector, x: torch.Tensor) -> dict[str, torch.Te
     disc = model.discriminative
     if not model.spec.features:
         run = lambda r: _prob(disc(torch.cat([x, r], dim=1)), size)  # noqa: E731
-        return {"map": run(rec), "rec_other": run(rec[other]), "rec_is_input": run(x)}
+        return {"map": run(rec), "rec_other": run(rec[other]), "rec_is_input": run(x),
+                "input_is_rec": _prob(disc(torch.cat([rec, rec], dim=1)), size)}
     logits, heads = disc(enc, dec)
     out = {"map": _prob(logits, size)}
     for i, h in enumerate(heads, start=1):
@@ -62,6 +67,7 @@ def contrast_maps(model: AnomalyDetector, x: torch.Tensor) -> dict[str, torch.Te
         out["mean_heads"] = torch.stack([out[k] for k in list(out)]).mean(dim=0)
     out["D_other"] = _prob(disc(enc, [d[other] for d in dec])[0], size)
     out["D_is_E"] = _prob(disc(enc, enc)[0], size)
+    out["E_is_D"] = _prob(disc(dec, dec)[0], size)
     return out
 
 

@@ -147,7 +147,7 @@ def test_contrast_maps_swap_only_the_reconstruction_side():
     x = torch.rand(2, 3, 32, 32)
     pouta = build_model(TINY, variant="pouta", image_size=32, init="torch").eval()  # DRAEM init: maps of 0.5
     maps = contrast_maps(pouta, x)
-    assert set(maps) == {"map", "head_1", "head_2", "head_3", "head_4", "mean_heads", "D_other", "D_is_E"}
+    assert set(maps) == {"map", "head_1", "head_2", "head_3", "head_4", "mean_heads", "D_other", "D_is_E", "E_is_D"}
     with torch.inference_mode():
         out = pouta(x)
     assert torch.allclose(maps["map"], out.anomaly_map[:, 0])
@@ -157,14 +157,22 @@ def test_contrast_maps_swap_only_the_reconstruction_side():
     assert not torch.equal(maps["D_other"], maps["map"])  # other images' decoder features
     single = contrast_maps(pouta, x[:1])
     assert torch.equal(single["D_other"], single["map"])
+    with torch.inference_mode():   # both swaps leave no contrast: one side given twice
+        _, enc, dec = pouta.reconstructive(x)
+        for name, side in (("D_is_E", enc), ("E_is_D", dec)):
+            expected = torch.softmax(pouta.discriminative(side, side)[0], dim=1)[:, 1]
+            assert torch.allclose(maps[name], expected, atol=1e-6)
 
     vanilla = build_model(TINY, variant="vanilla", image_size=32, init="torch").eval()
     maps = contrast_maps(vanilla, x)
-    assert set(maps) == {"map", "rec_other", "rec_is_input"}
+    assert set(maps) == {"map", "rec_other", "rec_is_input", "input_is_rec"}
     assert not torch.equal(maps["rec_is_input"], maps["map"])
     with torch.inference_mode():
         expected = torch.softmax(vanilla.discriminative(torch.cat([x, x], dim=1)), dim=1)[:, 1]
+        rec = vanilla.reconstructive(x)[0]
+        swapped = torch.softmax(vanilla.discriminative(torch.cat([rec, rec], dim=1)), dim=1)[:, 1]
     assert torch.allclose(maps["rec_is_input"], expected)
+    assert torch.allclose(maps["input_is_rec"], swapped)
 
 
 def test_contrast_fcm_sees_both_sides_through_one_projection_and_their_difference():
