@@ -19,8 +19,8 @@ for the POUTA variants with MSS, with each head alone and with the mean of the m
 A detector that reads the contrast loses pixel AUROC with either swap of the last two rows (no
 contrast is left in either); one that finds anomalies from the input alone barely moves with
 the first (``D_is_E``) and falls with the second; one that reads the reconstruction alone the
-other way round. ``bench/contrast_check.py`` prints
-the pixel AUROC of every map for trained checkpoints (docs/experiments.md has the figures).
+other way round. ``bench/contrast_check.py`` prints the pixel AUROC of every map for trained
+checkpoints (docs/experiments.md has the figures).
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def contrast_maps(model: AnomalyDetector, x: torch.Tensor) -> dict[str, torch.Te
     other = torch.roll(torch.arange(len(x)), 1)
     disc = model.discriminative
     if not model.spec.features:
-        run = lambda r: _prob(disc(torch.cat([x, r], dim=1)), size)  # noqa: E731
-        return {"map": run(rec), "rec_other": run(rec[other]), "rec_is_input": run(x),
-                "input_is_rec": _prob(disc(torch.cat([rec, rec], dim=1)), size)}
+        run = lambda inp, r: _prob(disc(torch.cat([inp, r], dim=1)), size)  # noqa: E731
+        return {"map": run(x, rec), "rec_other": run(x, rec[other]), "rec_is_input": run(x, x),
+                "input_is_rec": run(rec, rec)}
     logits, heads = disc(enc, dec)
     out = {"map": _prob(logits, size)}
     for i, h in enumerate(heads, start=1):
