@@ -585,10 +585,11 @@ def _add_local_commands(sub) -> None:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="regenerate categories that exist")
-    p.add_argument("--difficulty", choices=["easy", "hard"], default="easy",
+    p.add_argument("--difficulty", choices=["easy", "hard", "photo"], default="easy",
                    help="easy: tiles, pills, weave, screws with foreign-content defects (the demo); hard: wood, "
                    "concrete, fabric, board with warps, blur, colour shifts, faint stains, thin cracks, misplaced "
-                   "and missing parts (docs/experiments.md)")
+                   "and missing parts; photo: grass, gravel, brick cut from real photographs (scikit-image's "
+                   "bundled files) with the hard defects (docs/experiments.md)")
     p.add_argument("--test-good", type=int, default=12, help="good test images per category")
     p.add_argument("--test-defect", type=int, default=8, help="test images per category and defect type")
     p.set_defaults(func=_cmd_demo_data)

@@ -269,3 +269,37 @@ def test_board_part_defects_mark_where_the_part_was_and_is(kind):
     for _ in range(6):
         bad, mask = hard.defective("board", kind, rng, 128)
         assert 0 < mask.mean() < 0.15 and bad.shape == (128, 128, 3)
+
+
+def test_photo_benchmark_cuts_real_photographs_into_disjoint_train_and_test_bands(tmp_path):
+    from pouta_core.data import photos
+
+    kw = {"categories": 3, "image_size": 64, "n_train": 2, "n_test_good": 1, "n_test_defect": 1,
+          "difficulty": "photo"}
+    assert generate(tmp_path / "a", **kw) == ["grass", "gravel", "brick"]
+    generate(tmp_path / "b", **kw)
+    for category in photos.CATEGORIES:
+        split = read_split(tmp_path / "a", "mvtec", category)
+        assert {s.defect for s in split.test} == {"good", *photos.DEFECTS}
+        images, masks, labels = decode(split.test, ImageCache(64), progress=False)
+        assert (masks.flatten(1).sum(1) > 0).tolist() == (labels == 1).tolist()
+        assert images.float().std() > 10   # a photograph, not a flat fill
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    # Each crop stays in its band: a photograph whose pixels hold their row number.
+    rows = np.repeat(np.arange(512, dtype=float)[:, None, None] / 2, 512, axis=1).repeat(3, axis=2)
+    rng = np.random.default_rng(0)
+    for split_name, (lo, hi) in (("train", photos.TRAIN_BAND), ("test", photos.TEST_BAND)):
+        for _ in range(50):
+            patch = photos.crop(rows, rng, 128, split_name)
+            assert lo * 512 <= patch.min() * 2 and patch.max() * 2 < hi * 512, split_name
+
+
+def test_photo_benchmark_without_scikit_image_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
+    with pytest.raises(DataError, match="pip install scikit-image"):
+        generate(tmp_path / "a", categories=1, difficulty="photo")
+    assert not any((tmp_path / "a").iterdir())   # nothing half-written

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pouta_core.data import hard
+from pouta_core.data import hard, photos
 from pouta_core.data.errors import DataError
 
 CATEGORIES = ("tiles", "pills", "weave", "screws")
@@ -155,19 +155,23 @@ def _defect(kind: str, img: Image.Image, fg: np.ndarray, rng: np.random.Generato
 
 
 def _makers(name: str, difficulty: str):
-    """-> (good image maker, defective image maker, defect kinds) of a category."""
+    """-> (good image maker (rng, size, split), defective image maker, defect kinds) of a
+    category; only the photographs (:mod:`pouta_core.data.photos`) cut train and test images
+    from different places."""
+    if difficulty == "photo":
+        return photos.makers(name)
     if difficulty == "hard":
         def hard_bad(kind: str, rng: np.random.Generator, s: int):
             img, mask = hard.defective(name, kind, rng, s)
             return hard.to_image(img), mask
 
-        return (lambda rng, s: hard.to_image(hard.render(name, rng, s))), hard_bad, hard.DEFECTS[name]
+        return (lambda rng, s, split=None: hard.to_image(hard.render(name, rng, s))), hard_bad, hard.DEFECTS[name]
 
     def bad(kind: str, rng: np.random.Generator, s: int):
         img, fg = RENDER[name](rng, s)
         return _defect(kind, img, fg, rng)
 
-    return (lambda rng, s: RENDER[name](rng, s)[0]), bad, DEFECTS
+    return (lambda rng, s, split=None: RENDER[name](rng, s)[0]), bad, DEFECTS
 
 
 def generate(out: str | Path, *, categories: int = 2, image_size: int = 128, n_train: int = 60,
@@ -175,10 +179,11 @@ def generate(out: str | Path, *, categories: int = 2, image_size: int = 128, n_t
              difficulty: str = "easy") -> list[str]:
     """Write ``categories`` categories under ``out``; each is built in a temporary folder and
     renamed into place, so an interrupted run leaves nothing half-written. ``difficulty``:
-    ``easy`` (this module's data) or ``hard`` (:mod:`pouta_core.data.hard`). -> category names."""
-    if difficulty not in ("easy", "hard"):
-        raise DataError(f"--difficulty must be easy or hard, got {difficulty!r}")
-    available = CATEGORIES if difficulty == "easy" else hard.CATEGORIES
+    ``easy`` (this module's data), ``hard`` (:mod:`pouta_core.data.hard`) or ``photo``
+    (:mod:`pouta_core.data.photos`: real photographs). -> category names."""
+    available = {"easy": CATEGORIES, "hard": hard.CATEGORIES, "photo": photos.CATEGORIES}.get(difficulty)
+    if available is None:
+        raise DataError(f"--difficulty must be easy, hard or photo, got {difficulty!r}")
     if not 1 <= categories <= len(available):
         raise DataError(f"--categories must be in [1, {len(available)}], got {categories}")
     if image_size < 32:
@@ -199,10 +204,10 @@ def generate(out: str | Path, *, categories: int = 2, image_size: int = 128, n_t
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
         try:
             good, bad_one, kinds = _makers(name, difficulty)
-            for split, n in (("train/good", n_train), ("test/good", n_test_good)):
-                (tmp / split).mkdir(parents=True)
+            for split, n in (("train", n_train), ("test", n_test_good)):
+                (tmp / split / "good").mkdir(parents=True)
                 for i in range(n):
-                    good(rng, image_size).save(tmp / split / f"{i:03d}.png")
+                    good(rng, image_size, split).save(tmp / split / "good" / f"{i:03d}.png")
             for kind in kinds:
                 (tmp / "test" / kind).mkdir(parents=True)
                 (tmp / "ground_truth" / kind).mkdir(parents=True)
