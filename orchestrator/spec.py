@@ -9,7 +9,7 @@ field by field and no string-keyed dict crosses a process boundary.
 
 Names say which system they belong to: ``tune_name`` is the Tune experiment (the folder under
 ``storage_path``, also the MLflow parent run's name); the MLflow experiment is
-``Plan.mlflow_experiment`` (orchestrator/experiment.py).
+``Plan.mlflow_experiment`` (orchestrator/plan.py).
 """
 
 from __future__ import annotations
@@ -119,3 +119,7 @@ def decode_sampled(sampled: Mapping[str, Any]) -> dict[str, Any]:
 
     return {k: (yaml.safe_load(v[5:]) if isinstance(v, str) and v.startswith("yaml:") else v)
             for k, v in sampled.items()}
+
+
+def short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

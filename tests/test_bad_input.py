@@ -301,8 +301,8 @@ def test_trials_decode_under_the_drivers_image_limit(tmp_path):
     # process on another node refuses what the driver's limit refuses.
     from conftest import small_config
 
+    from orchestrator.execution.worker import train_worker
     from orchestrator.spec import DataSpec, Resources, WorkerTask
-    from orchestrator.worker import train_worker
     from pouta_core.data.errors import DataError
     from pouta_core.data.images import DEFAULT_MAX_PIXELS, set_max_image_pixels
 

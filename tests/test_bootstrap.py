@@ -64,14 +64,14 @@ def test_unsupported_metric_is_named():
     (0.0, 0.0, False),       # the same model
 ])
 def test_retrain_gate_needs_both_the_margin_and_the_confidence(delta, p_better, promoted):
-    from orchestrator.retrain import Gate
+    from orchestrator.commands.retrain import Gate
 
     result = BootstrapResult("pixel_ap", 0.5 + delta, 0.5, -0.01, 0.03, p_better, 1000)
     assert Gate(margin=0.005, confidence=0.95).promotes(result) is promoted
 
 
 def test_retrain_gate_rejects_bad_settings_by_flag_name():
-    from orchestrator.retrain import Gate
+    from orchestrator.commands.retrain import Gate
     from pouta_core.config import ConfigError
 
     with pytest.raises(ConfigError, match="--confidence must be in"):

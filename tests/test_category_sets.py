@@ -4,7 +4,7 @@ the dry runs; test_orchestrator checks that the trials really train with them)."
 import pytest
 
 from orchestrator import cli
-from orchestrator.experiment import parse_category_sets
+from orchestrator.plan import parse_category_sets
 from pouta_core.config import Config, ConfigError
 from pouta_core.data.demo import generate
 

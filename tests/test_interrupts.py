@@ -18,7 +18,7 @@ from conftest import small_args
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from orchestrator import interrupts
+from orchestrator.execution import interrupts
 from pouta_core.data.demo import generate
 
 EPOCHS = 3

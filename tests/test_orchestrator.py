@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from servers import ray_head
 
-from orchestrator import cli, cluster, tracking
+from orchestrator import cli, tracking
+from orchestrator.execution import cluster
 from pouta_core.data import read_split
 from pouta_core.data.demo import generate
 from pouta_core.data.validation import split_for_selection
@@ -96,7 +97,7 @@ def test_weights_are_used_by_name_from_the_registry_a_run_or_a_ray_trial(env, tm
             pytest.approx([r["score"] for r in scored], abs=1e-6), ref
     # Served through MLflow's pyfunc (batches of any size), the registered model gives the
     # checkpoint's anomaly maps, and score_model beside it its image scores.
-    from orchestrator.models import resolved
+    from orchestrator.tracking.models import resolved
     from pouta_core.checkpoint import load_model
 
     with resolved(f"runs:/{version.run_id}", env["uri"]) as checkpoint:

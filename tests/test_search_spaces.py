@@ -1,8 +1,8 @@
 import pytest
 
 import search_spaces
+from orchestrator.commands.sweep import optuna_space, pareto_front, parse_objectives
 from orchestrator.spec import DataSpec, Resources, TrialSpec, decode_sampled
-from orchestrator.sweep import optuna_space, pareto_front, parse_objectives
 from pouta_core.config import Config, ConfigError
 from search_spaces import SearchSpaceError
 

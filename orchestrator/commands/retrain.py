@@ -22,9 +22,10 @@ from typing import Any
 
 import yaml
 
-from orchestrator import experiment as ex
 from orchestrator import tracking
-from orchestrator.launch import run_launch
+from orchestrator.commands.launch import run_launch
+from orchestrator.execution.cluster import init_ray
+from orchestrator.plan import Plan, selection_metric
 from pouta_core import api
 from pouta_core.bootstrap import BOOTSTRAP_METRICS, BootstrapResult
 from pouta_core.config import Config, ConfigError
@@ -81,7 +82,7 @@ def params_for(source: str, client, exp_id: str, dataset: str, category: str, me
     ``champion`` (the run behind the champion version) or a YAML FILE (``{category: {...}}``, as
     ``pouta sweep`` writes). Nothing known -> the base config."""
     if source == "best":
-        order = f"metrics.{ex.selection_metric(metric)} {'DESC' if mode == 'max' else 'ASC'}"
+        order = f"metrics.{selection_metric(metric)} {'DESC' if mode == 'max' else 'ASC'}"
         runs = client.search_runs([exp_id], filter_string=(
             f"tags.`pouta.kind` = 'trial' and tags.dataset = '{dataset}' and tags.category = '{category}' "
             "and attributes.status = 'FINISHED'"), order_by=[order], max_results=1)
@@ -124,13 +125,13 @@ def champion_checkpoint(client, dataset: str, category: str, dest: Path) -> tupl
     return version.version, Path(local)
 
 
-def run_retrain(plan: ex.Plan, *, params_from: str, gate: Gate, force: bool,
+def run_retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """``overrides`` (the command's ``--set``) win over the values from ``params_from``, and
     ``plan.per_category`` (``--category-set``) over both."""
     metric, mode = gate.metric, "max"
 
-    ex.init_ray(plan)
+    init_ray(plan)
     client, exp_id = tracking.setup(plan.tracking_uri, plan.mlflow_experiment)
     dataset = plan.data.dataset
     fingerprints: dict[str, str] = {}
@@ -177,7 +178,7 @@ def run_retrain(plan: ex.Plan, *, params_from: str, gate: Gate, force: bool,
     return summary
 
 
-def _decide(plan: ex.Plan, client, category: str, result: dict[str, Any], gate: Gate,
+def _decide(plan: Plan, client, category: str, result: dict[str, Any], gate: Gate,
             values: dict[str, Any]) -> dict[str, Any]:
     """Score challenger and champion on the same validation images; promote the challenger
     when there is no champion, or when it is better by ``gate.margin`` and the paired

@@ -16,11 +16,15 @@ import contextlib
 import logging
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from orchestrator import tracking
+from orchestrator.execution.watchdog import check_feasible
+
+if TYPE_CHECKING:
+    from orchestrator.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +102,14 @@ def disconnect() -> None:
             else:
                 os.environ[key] = value
         _saved_env = None
+
+
+def init_ray(plan: Plan | None = None) -> str:
+    """Connect to the cluster the plan names (``--ray-address``, else ``RAY_ADDRESS``), or
+    start an in-process one: see :func:`connect`."""
+    address = connect(plan.ray_address if plan else None, log_to_driver=bool(plan and plan.verbose))
+    if plan is not None and started_here():
+        # A fixed-size cluster (no autoscaler): a worker no node can hold fails now, not after
+        # --pending-timeout.
+        check_feasible(plan.resources.worker(), plan.resources.workers)
+    return address

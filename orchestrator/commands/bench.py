@@ -59,9 +59,9 @@ def simulate_accelerator() -> None:
 
 def _sweep(work: Path, data: Path, categories: list[str], name: str, trials: int, slots: int) -> float:
     import search_spaces
-    from orchestrator.experiment import Plan
+    from orchestrator.commands.sweep import parse_objectives, run_sweep
+    from orchestrator.plan import Plan
     from orchestrator.spec import DataSpec
-    from orchestrator.sweep import parse_objectives, run_sweep
     from pouta_core.config import Config
 
     base = Config.from_preset("tiny", TINY)
@@ -94,7 +94,7 @@ def _trial_timings(work: Path, experiment: str) -> list[dict[str, float]]:
 
 def bench_orchestration(categories: int = 4, trials: int = 4, slots: int = 8, work: str | None = None,
                         epoch_floor_s: float = 3.0) -> dict[str, Any]:
-    from orchestrator import cluster
+    from orchestrator.execution import cluster
     from pouta_core.data.demo import CATEGORIES, generate
 
     root = Path(work or tempfile.mkdtemp(prefix="pouta-bench-orch-"))

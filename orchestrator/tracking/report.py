@@ -20,14 +20,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from orchestrator.progress import short
+from orchestrator.spec import short
 from pouta_core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 
 def _cell(v: Any) -> str:
-    """A table cell: :func:`~orchestrator.progress.short`, empty when there is no value."""
+    """A table cell: :func:`~orchestrator.spec.short`, empty when there is no value."""
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else short(v)
 
 

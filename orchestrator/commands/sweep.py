@@ -1,7 +1,7 @@
 """``pouta sweep``: one Optuna study per category (Ray Tune + OptunaSearch, seeded sampler,
 RDB storage), every trial a Ray Train run, ASHA stopping weak trials on the reported
 validation metric. All categories run in one Tune experiment and share its trial slots
-(orchestrator/scheduling.py). Grid spaces (``ablation.yaml``) run every grid point of every
+(orchestrator/execution/scheduling.py). Grid spaces (``ablation.yaml``) run every grid point of every
 category instead of a study."""
 
 from __future__ import annotations
@@ -14,10 +14,16 @@ from typing import Any
 import yaml
 from ray import tune
 
-from orchestrator import experiment as ex
-from orchestrator import report, tracking
-from orchestrator.scheduling import CategorySearch, PerCategoryScheduler
+from orchestrator import tracking
+from orchestrator.execution.cluster import init_ray
+from orchestrator.execution.results import best_checkpoint_of, trial_rows
+from orchestrator.execution.scheduling import CategorySearch, PerCategoryScheduler
+from orchestrator.execution.tuner import check_new_or_resumed, fit, make_tuner
+from orchestrator.plan import SUMMARY_METRICS, Plan, both_splits, selection_metric, warn_about_config
 from orchestrator.spec import SAMPLED, decode_sampled
+from orchestrator.tracking import report
+from orchestrator.tracking.parent import callback, open_parent
+from orchestrator.tracking.registry import register_best
 from pouta_core.checkpoint import atomic_write
 from pouta_core.config import ConfigError
 from search_spaces import SearchSpace
@@ -29,13 +35,13 @@ def parse_objectives(text: str | None, metric: str, mode: str) -> list[tuple[str
     """``--objectives`` (else ``--metric``/``--mode``) -> [(reported metric, mode)]; split
     metrics select on validation: ``pixel_ap`` -> ``val_pixel_ap``."""
     if not text:
-        return [(ex.selection_metric(metric), mode)]
+        return [(selection_metric(metric), mode)]
     out = []
     for item in text.split(","):
         name, _, m = item.strip().partition(":")
         if m not in ("max", "min") or not name:
             raise ConfigError(f"--objectives: expected metric:max|min items, got '{item.strip()}'")
-        out.append((ex.selection_metric(name), m))
+        out.append((selection_metric(name), m))
     return out
 
 
@@ -89,7 +95,7 @@ def pareto_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]]) 
                                      any(o[k] != r[k] for k, _ in objectives) for o in ok)]
 
 
-def check_category_sets(plan: ex.Plan, space: SearchSpace) -> None:
+def check_category_sets(plan: Plan, space: SearchSpace) -> None:
     """A --category-set value for a key the space searches would be overwritten in every trial."""
     for category, values in plan.per_category.items():
         searched = sorted(set(values) & set(space.keys))
@@ -97,7 +103,7 @@ def check_category_sets(plan: ex.Plan, space: SearchSpace) -> None:
             raise ConfigError(f"--category-set {category}:{searched[0]}: {space.path.name} searches this key")
 
 
-def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler: str | None,
+def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: str | None,
               study_storage: str | None, resume: bool, objectives: list[tuple[str, str]],
               best_out: str | None = None) -> dict[str, Any]:
     """Search every category at once in one Tune experiment: one Optuna study (or grid) and one
@@ -109,20 +115,20 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
     check_category_sets(plan, space)
-    ex.check_new_or_resumed(plan, resume)
+    check_new_or_resumed(plan, resume)
     base = plan.base.replace(**space.fixed)
     storage_url = study_storage or default_study_storage(plan.storage_path)
     search_alg = None if space.has_grid else _category_search(plan, space, objectives, storage_url, num_samples,
                                                               resume)
-    ex.init_ray(plan)
+    init_ray(plan)
     fingerprints = plan.fingerprints()
-    client, _, parent_id, parent_key = ex.open_parent(plan, "sweep", {"search_space": space.path.name})
-    ex.warn_about_config(plan)
+    client, _, parent_id, parent_key = open_parent(plan, "sweep", {"search_space": space.path.name})
+    warn_about_config(plan)
     tracking.log_params(client, parent_id, {"search_space": space.path.name, "num_samples": num_samples,
                                             "scheduler": scheduler,
                                             "objectives": ",".join(f"{k}:{m}" for k, m in objectives)})
     spec = plan.trial_spec(base)
-    cb = ex.callback(plan, spec, parent_id, parent_key, fingerprints)
+    cb = callback(plan, spec, parent_id, parent_key, fingerprints)
     metric, mode = objectives[0]
     if space.has_grid:
         param_space: dict[str, Any] = {"category": tune.grid_search(plan.categories), SAMPLED: grid_space(space)}
@@ -136,12 +142,12 @@ def run_sweep(plan: ex.Plan, space: SearchSpace, *, num_samples: int, scheduler:
         # A finished trial's process takes the next trial: no new process, no second import
         # of torch (measured: a 19 s gap between waves of 8 trials on this 2-core machine).
         reuse_actors=True)
-    results = ex.fit(ex.make_tuner(plan, spec, param_space, tune_config, cb, resume))
+    results = fit(make_tuner(plan, spec, param_space, tune_config, cb, resume))
     studies = {c: f"{plan.run_name}-{c}" for c in plan.categories}
     if not space.has_grid:
         _fail_dangling_optuna_trials(storage_url, list(studies.values()))
-    keys = ex.both_splits([k for k, _ in objectives] + list(ex.SUMMARY_METRICS))
-    summary = {c: _category_summary(plan, cb, c, ex.trial_rows([r for r in results if _category(r) == c], keys),
+    keys = both_splits([k for k, _ in objectives] + list(SUMMARY_METRICS))
+    summary = {c: _category_summary(plan, cb, c, trial_rows([r for r in results if _category(r) == c], keys),
                                     objectives, keys) for c in plan.categories}
     folder = report.folder(Path(best_out).parent if best_out else plan.storage_path, plan.run_name)
     report.publish(client, parent_id, folder, f"sweep {plan.run_name} ({space.path.name})", summary, keys,
@@ -157,7 +163,7 @@ def _category(result) -> str | None:
     return result.config.get("category") if result.config else None
 
 
-def _asha(plan: ex.Plan, base) -> PerCategoryScheduler:
+def _asha(plan: Plan, base) -> PerCategoryScheduler:
     """ASHA per category (a pills trial is never stopped for being worse than a tiles trial)."""
     from ray.tune.schedulers import ASHAScheduler
 
@@ -170,7 +176,7 @@ def _asha(plan: ex.Plan, base) -> PerCategoryScheduler:
     return PerCategoryScheduler(make, plan.categories)
 
 
-def _category_summary(plan: ex.Plan, cb, category: str, rows: list[dict[str, Any]],
+def _category_summary(plan: Plan, cb, category: str, rows: list[dict[str, Any]],
                       objectives: list[tuple[str, str]], keys: list[str]) -> dict[str, Any]:
     """The category's trials, its best by the first objective (registered as challenger), and
     the Pareto front for several objectives."""
@@ -178,18 +184,18 @@ def _category_summary(plan: ex.Plan, cb, category: str, rows: list[dict[str, Any
     entry: dict[str, Any] = {"trials": rows}
     if len(objectives) > 1:
         entry["pareto"] = pareto_front(rows, objectives)
-    best = ex.best_checkpoint_of(rows, metric, mode)
+    best = best_checkpoint_of(rows, metric, mode)
     if best is None:
         return {**entry, "error": "no trial finished with a checkpoint"}
     sampled = best["config"].get(SAMPLED, {})
     config = cb.spec.config_for(category, sampled)   # exactly what the trial trained with
-    model_name, version = ex.register_best(plan, cb, category, best["trial_id"], best["checkpoint"],
+    model_name, version = register_best(plan, cb, category, best["trial_id"], best["checkpoint"],
                                            searched=decode_sampled(sampled), kind="sweep")
     return {**entry, "best": {k: best.get(k) for k in ["trial_id", "epoch", *keys]}, "config": config.to_dict(),
             "registered_model": model_name, "version": version}
 
 
-def _category_search(plan: ex.Plan, space: SearchSpace, objectives, storage_url: str, num_samples: int,
+def _category_search(plan: Plan, space: SearchSpace, objectives, storage_url: str, num_samples: int,
                      resume: bool) -> CategorySearch:
     searchers = {}
     for category in plan.categories:

@@ -12,8 +12,8 @@ import ray.tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestrator.execution.worker import TuneSession, train_worker
 from orchestrator.spec import TrialSpec
-from orchestrator.worker import TuneSession, train_worker
 
 CONTROLLER_FAILURE_LIMIT = 3
 

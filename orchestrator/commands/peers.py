@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pouta_core.config import ConfigError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "anomalib_synthesis.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "anomalib_synthesis.py"
 TIMEOUT_S = 600
 
 

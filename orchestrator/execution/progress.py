@@ -16,11 +16,7 @@ from typing import IO, Any
 
 from ray.tune import Callback
 
-from orchestrator.spec import SAMPLED, decode_sampled
-
-
-def short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+from orchestrator.spec import SAMPLED, decode_sampled, short
 
 
 class ProgressPrinter(Callback):

@@ -1,0 +1,115 @@
+"""Argument groups shared by the commands (config, data, model, selection, cluster), and
+what they become: a :class:`~pouta_core.config.Config` and a :class:`~orchestrator.plan.Plan`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from pouta_core.config import PRESETS, Config, ConfigError
+
+
+def add_config_args(p: argparse.ArgumentParser, default_preset: str = "paper") -> None:
+    p.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
+                   help=f"base preset (default: {default_preset}); a 'preset:' key in --config wins")
+    p.add_argument("--config", metavar="FILE", help="YAML config file (over the preset)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one config key; repeatable")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", required=True, help="folder holding the data set")
+    p.add_argument("--dataset", required=True, choices=["mvtec", "visa", "dagm", "folder"])
+    p.add_argument("--category", required=True)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--cache-dir", help="on-disk cache of decoded, resized images")
+    add_image_limit_arg(p)
+
+
+def add_image_limit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="largest image decoded, in pixels (default: Pillow's 89,478,485); bigger files are "
+                   "refused as possible decompression bombs; raise it for big scans")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "--checkpoint", dest="checkpoint", required=True, metavar="MODEL",
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, a run folder, a checkpoint.pt "
+                   "or a Ray trial folder")
+    p.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ (default: $MLFLOW_TRACKING_URI, "
+                   "else ./mlflow-data)")
+
+
+def add_selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-split", choices=["auto", "from_test", "synthetic", "none"],
+                   help="images every choice is made on (config key val_split; default auto: from_test "
+                   "when the test split has defect images, else synthetic); none selects on the test split")
+    p.add_argument("--val-ratio", type=float, help="share going to validation (config key val_ratio; default 0.3)")
+
+
+def add_scoring_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="scoring", metavar="KEY=VALUE", action="append", default=[],
+                   help="read the trained model another way, without retraining: a scoring key "
+                   "(map_heads_weight, image_score, image_score_topk, score_norm); repeatable")
+
+
+def add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> None:
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--dataset", required=True, choices=["mvtec", "visa", "dagm", "folder"])
+    p.add_argument("--categories", default="all", help="'all' or a comma-separated list")
+    p.add_argument("--workers-per-category", type=int, default=1, help="Ray Train workers per run (DDP)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="restarts of a multi-worker run's worker group before the run fails (default 2)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="most runs at once (0: as resources allow)")
+    p.add_argument("--storage-path", default="ray-results",
+                   help="Ray results and checkpoints; shared storage (NFS, S3) on a multi-node cluster")
+    p.add_argument("--name", default=default_name, help="stable experiment name: rerunning it resumes")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow-data)")
+    p.add_argument("--experiment", default="pouta", help="MLflow experiment name")
+    p.add_argument("--category-set", dest="category_sets", metavar="CATEGORY:KEY=VALUE", action="append",
+                   default=[], help="override one config key for one category only (e.g. "
+                   "pills:foreground_threshold=0.3 for an object among textures); repeatable")
+    p.add_argument("--pending-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop when a trial's workers wait this long for resources the cluster does not free "
+                   "(default 600)")
+    p.add_argument("--ray-address", help="Ray cluster to join (host:port of its GCS; default: $RAY_ADDRESS, "
+                   "else an in-process Ray started for this command)")
+    p.add_argument("--texture-dir")
+    p.add_argument("--cache-dir")
+    add_image_limit_arg(p)
+    add_selection_args(p)
+
+
+def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    overrides = [*args.overrides, *extra]
+    # --val-split / --val-ratio are config keys, so they travel with the run and its checkpoint.
+    for key in ("val_split", "val_ratio"):
+        if getattr(args, key, None) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    if args.config:
+        return Config.from_yaml(args.config, overrides=overrides, preset=args.preset)
+    return Config.from_preset(args.preset, overrides=overrides)
+
+
+def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: str = "max"):
+    from orchestrator.plan import Plan, parse_category_sets, resolve_categories
+    from orchestrator.spec import DataSpec, Resources
+
+    for flag in ("workers_per_category", "cpus_per_worker", "pending_timeout"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
+    if args.max_failures < 0:
+        raise ConfigError("--max-failures must be >= 0")
+    categories = resolve_categories(args.data_root, args.dataset, args.categories)
+    base = load_config(args)
+    return Plan(data=DataSpec.of(args.data_root, args.dataset, args.texture_dir, args.cache_dir,
+                                 args.max_image_pixels),
+                categories=categories, base=base, run_name=name,
+                resources=Resources(workers=args.workers_per_category, cpus_per_worker=args.cpus_per_worker,
+                                    gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures),
+                per_category=parse_category_sets(args.category_sets, categories, base),
+                storage_path=args.storage_path, tracking_uri=args.tracking_uri, mlflow_experiment=args.experiment,
+                max_concurrent=args.max_concurrent, ray_address=args.ray_address,
+                pending_timeout=args.pending_timeout, metric=metric, mode=mode, verbose=args.verbose)

@@ -1,0 +1,169 @@
+"""``pouta bench``: model, train, synthesis, metrics and orchestration figures."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from orchestrator.cli.args import add_config_args, load_config
+from orchestrator.cli.console import print_json
+from pouta_core.config import Config, ConfigError
+
+
+def _cmd_bench_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from pouta_core.benchmark import bench_models, format_table
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available")
+    extra = [f"image_size={args.image_size}"] if args.image_size else []
+    cfg = load_config(args, extra)
+    result = bench_models(cfg, device=args.device, runs=args.runs, warmup=args.warmup,
+                          progress=not args.json)
+    if args.json:
+        print_json(result)
+    else:
+        print(format_table(result, device=args.device, image_size=cfg.image_size, runs=args.runs))
+    return 0
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from pouta_core.benchmark import bench_train
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available")
+    if args.steps < 1 or args.num_workers < 0:
+        raise ConfigError("--steps must be >= 1 and --num-workers >= 0")
+    extra = [f"image_size={args.image_size}"] if args.image_size else []
+    r = bench_train(load_config(args, extra), device=args.device, steps=args.steps, num_workers=args.num_workers,
+                    progress=not args.json)
+    if args.json:
+        print_json(r)
+        return 0
+    print(f"{r['device']}, {r['image_size']} px, batch {r['batch_size']}, {r['num_workers']} loader workers: "
+          f"input {r['input_samples_per_s']:.1f} samples/s, model step {r['model_step_samples_per_s']:.1f}, "
+          f"whole step {r['train_step_samples_per_s']:.1f}; input/model x{r['input_to_model_ratio']:.1f}, "
+          f"waiting for input {r['waiting_for_input_share']:.0%} of the step")
+    print(", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in r["targets"].items()))
+    return 0
+
+
+def _cmd_bench_synthesis(args: argparse.Namespace) -> int:
+    from orchestrator.commands.peers import anomalib_rate
+    from pouta_core.benchmark import bench_synthesis
+    from pouta_core.synthesis import TextureFolder
+
+    if args.samples < 1 or args.rounds < 1 or args.batch_size < 1:
+        raise ConfigError("--samples, --rounds and --batch-size must be >= 1")
+    cfg = Config.from_preset("paper", [f"image_size={args.image_size}", f"clean_ratio={args.clean_ratio}"])
+    textures = TextureFolder(args.texture_dir, args.image_size) if args.texture_dir else None
+    peer = anomalib_rate(args.anomalib_python, image_size=args.image_size, samples=args.samples,
+                         batch_size=args.batch_size, texture_dir=args.texture_dir,
+                         clean_ratio=args.clean_ratio) if args.compare_anomalib else None
+    r = bench_synthesis(cfg, n=args.samples, batch_size=args.batch_size, textures=textures, rounds=args.rounds,
+                        peer=peer, progress=not args.json)
+    if args.json:
+        print_json(r)
+        return 0
+    source = f"textures from {args.texture_dir}" if textures is not None else "procedural sources"
+    print(f"synthesis at {r['image_size']} px, {source}, clean_ratio {r['clean_ratio']}, one core, medians of "
+          f"{r['rounds']} round(s): batched {r['batched_images_per_s_per_core']:.1f} images/s, per-sample "
+          f"{r['per_sample_images_per_s_per_core']:.1f} (x{r['batched_to_per_sample']:.1f})")
+    if peer is not None:
+        print(f"anomalib PerlinAnomalyGenerator {r['anomalib_images_per_s_per_core']:.1f} images/s: batched is "
+              f"x{r['batched_to_anomalib']:.1f} ({'ok' if r['targets']['batched>=3x anomalib'] else 'MISSED'}: "
+              "target x3)")
+    return 0
+
+
+def _cmd_bench_metrics(args: argparse.Namespace) -> int:
+    from pouta_core.benchmark import bench_metrics
+
+    result = bench_metrics(args.pixels)
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{result['pixels']:,} pixels: pouta_core.metrics {result['pouta_seconds']:.2f} s, "
+              f"scikit-learn {result['sklearn_seconds']:.2f} s (x{result['speedup']:.1f}); "
+              f"largest |difference| {result['max_abs_diff']:.2e}")
+    return 0
+
+
+def _cmd_bench_orchestration(args: argparse.Namespace) -> int:
+    from orchestrator.commands.bench import bench_orchestration
+
+    if args.trials < 1 or args.slots < 1:
+        raise ConfigError("--trials and --slots must be >= 1")
+    if args.epoch_floor_s < 0:
+        raise ConfigError(f"--epoch-floor-s must be >= 0, got {args.epoch_floor_s}")
+    # With --json, stdout is the figures only: Tune's progress tables go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = bench_orchestration(args.categories, args.trials, args.slots, args.work, args.epoch_floor_s)
+    if args.json:
+        print_json(result)
+    else:
+        r = result
+        print(f"{args.categories} categories x {args.trials} trials, {args.slots} slots, epochs of at least "
+              f"{args.epoch_floor_s:g} s (simulated accelerator): concurrent "
+              f"{r['concurrent_wall_s']:.0f} s, serial {r['serial_wall_s']:.0f} s (x{r['wall_ratio']:.2f}); "
+              f"training {result['training_share_of_slot_time']:.0%} of slot time; per-trial overhead "
+              f"{result['trial_overhead_s_median']:.1f} s (start {result['trial_startup_overhead_s_median']:.1f}, "
+              f"end {result['trial_teardown_overhead_s_median']:.1f})")
+        print(", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in result["targets"].items()))
+    return 0
+
+
+def add_bench_commands(bench: argparse.ArgumentParser) -> None:
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bm = bench_sub.add_parser("model", help="POUTA vs vanilla: parameters, GFLOPs, latency")
+    add_config_args(bm)
+    bm.add_argument("--image-size", type=int, default=None, help="override image_size")
+    bm.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bm.add_argument("--runs", type=int, default=20, help="timed runs per model (>= 20)")
+    bm.add_argument("--warmup", type=int, default=3, help="untimed runs per model first")
+    bm.add_argument("--json", action="store_true", help="print one JSON object")
+    bm.set_defaults(func=_cmd_bench_model)
+    bt = bench_sub.add_parser("train", help="training throughput: input pipeline, model step, whole step, "
+                              "share of the step spent waiting for input")
+    add_config_args(bt)
+    bt.add_argument("--image-size", type=int, default=None, help="override image_size")
+    bt.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bt.add_argument("--steps", type=int, default=5, help="timed batches per measurement (default 5)")
+    bt.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=_cmd_bench_train)
+    bs = bench_sub.add_parser("synthesis", help="synthesised images per second per core")
+    bs.add_argument("--image-size", type=int, default=224)
+    bs.add_argument("--samples", type=int, default=64, help="images per measurement (default 64)")
+    bs.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    bs.add_argument("--clean-ratio", type=float, default=0.0,
+                    help="share of images left clean, for both generators (default 0: every image gets an anomaly)")
+    bs.add_argument("--texture-dir", help="anomaly source images (DTD or any folder); default: procedural sources "
+                    "(anomalib: its Perlin noise)")
+    bs.add_argument("--rounds", type=int, default=3, help="measurements in turns; medians are printed (default 3)")
+    bs.add_argument("--compare-anomalib", action="store_true",
+                    help="also time anomalib's PerlinAnomalyGenerator, in its own environment "
+                    "(make bench-anomalib-env)")
+    bs.add_argument("--anomalib-python", default=".venv-anomalib/bin/python",
+                    help="the Python of that environment (default .venv-anomalib/bin/python)")
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=_cmd_bench_synthesis)
+    bo = bench_sub.add_parser("orchestration", help="concurrent vs one-category-after-another sweeps, "
+                              "per-trial overhead, on an in-process Ray with more logical CPUs than cores")
+    bo.add_argument("--categories", type=int, default=4, choices=range(1, 5), metavar="K", help="1 to 4 (default 4)")
+    bo.add_argument("--trials", type=int, default=4, help="trials per category (default 4)")
+    bo.add_argument("--slots", type=int, default=8, help="logical CPUs = concurrent trials (default 8)")
+    bo.add_argument("--epoch-floor-s", type=float, default=3.0,
+                    help="simulated accelerator: each epoch lasts at least this long, waiting rather "
+                         "than computing (default 3; 0 = purely CPU-bound trials sharing this machine's cores)")
+    bo.add_argument("--work", help="folder for data, Ray results and MLflow (default: a new temp folder)")
+    bo.add_argument("--json", action="store_true")
+    bo.set_defaults(func=_cmd_bench_orchestration)
+    bx = bench_sub.add_parser("metrics", help="metrics vs scikit-learn: seconds and difference")
+    bx.add_argument("--pixels", type=int, default=10_000_000)
+    bx.add_argument("--json", action="store_true")
+    bx.set_defaults(func=_cmd_bench_metrics)

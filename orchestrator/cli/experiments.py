@@ -1,0 +1,185 @@
+"""On Ray, tracked in MLflow: ``launch``, ``sweep``, ``retrain``; and the registry: ``ui``,
+``promote``. The work is in :mod:`orchestrator.commands`; here the arguments and the console."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from orchestrator.cli.args import add_cluster_args, add_config_args, load_config, make_plan
+from orchestrator.cli.console import category_sets_note, mlflow_hint, print_grid, print_summary, selection_warning
+from pouta_core.config import ConfigError
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from orchestrator.commands.launch import run_launch
+    from orchestrator.plan import SUMMARY_METRICS, both_splits
+
+    plan = make_plan(args, args.name or f"launch-{args.dataset}")
+    if args.dry_run:
+        print(f"would train {', '.join(plan.categories)} with {plan.resources.workers} worker(s) each"
+              + category_sets_note(plan))
+        return 0
+    summary = run_launch(plan, resume=True)
+    print_summary(summary, both_splits(SUMMARY_METRICS))
+    selection_warning(plan)
+    mlflow_hint(args)
+    return 1 if any("error" in e for e in summary.values()) else 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import search_spaces
+    from orchestrator.commands.sweep import check_category_sets, parse_objectives, run_sweep
+    from orchestrator.plan import both_splits
+    from orchestrator.spec import short
+    from orchestrator.tracking import report
+
+    base = load_config(args)
+    space = search_spaces.load(args.space, base)
+    objectives = parse_objectives(args.objectives, args.metric, args.mode)
+    plan = make_plan(args, args.name or f"sweep-{space.path.stem}-{args.dataset}", objectives[0][0], objectives[0][1])
+    check_category_sets(plan, space)
+    best_out = args.best_out or str(Path(args.storage_path) / f"{plan.run_name}-best.yaml")
+    if args.dry_run:
+        print(f"would sweep {space.path.name} ({', '.join(space.keys)}) on {', '.join(plan.categories)}, "
+              f"{args.num_samples} trial(s) each" + category_sets_note(plan))
+        return 0
+    summary = run_sweep(plan, space, num_samples=args.num_samples, scheduler=args.scheduler,
+                        study_storage=args.study_storage, resume=args.resume, objectives=objectives,
+                        best_out=best_out)
+    keys = both_splits([k for k, _ in objectives] + ["image_auroc", "pixel_auroc", "pixel_ap"])
+    if space.has_grid:
+        print_grid(summary, space, keys)
+    print_summary(summary, keys)
+    selection_warning(plan)
+    for category, e in summary.items():
+        if "config" in e:
+            changed = " ".join(f"{k}={short(e['config'][k])}" for k in space.keys)
+            print(f"best {category}: {changed}")
+        for point in e.get("pareto", []):
+            print(f"pareto {category}: " + ", ".join(f"{k}={point[k]:.4f}" for k, _ in objectives))
+    print(f"best configs written to {best_out}; report (trials table, plots) in "
+          f"{report.folder(Path(best_out).parent, plan.run_name)} and on the MLflow parent run")
+    mlflow_hint(args)
+    return 1 if any("error" in e for e in summary.values()) else 0
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from orchestrator.commands.retrain import Gate, run_retrain
+    from orchestrator.plan import selection_metric
+    from pouta_core.config import parse_overrides
+
+    gate = Gate(metric=args.metric, margin=args.promote_margin, confidence=args.confidence,
+                resamples=args.bootstrap_resamples)
+    plan = make_plan(args, args.name or f"retrain-{args.dataset}", selection_metric(args.metric), "max")
+    if args.dry_run:
+        print(f"would check {', '.join(plan.categories)} for changed data and retrain with params from "
+              f"{args.params_from}")
+        return 0
+    summary = run_retrain(plan, params_from=args.params_from, gate=gate, force=args.force,
+                          overrides=parse_overrides(args.overrides))
+    for category, e in summary.items():
+        detail = ""
+        if "challenger" in e:
+            detail = f"  challenger {e['metric']}={e['challenger']:.4f} (v{e['version']}), champion "
+            if e["champion"] is None:
+                detail += "none"
+            else:
+                detail += (f"{e['champion']:.4f} (v{e['champion_version']}); difference 95% interval "
+                           f"[{e['low']:+.4f}, {e['high']:+.4f}], P(challenger better) {e['p_better']:.3f}")
+        elif "error" in e:
+            detail = f"  {e['error']}"
+        print(f"{category:14} {e['status']}{detail}")
+    failed = [c for c, e in summary.items() if e["status"] == "failed"]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    selection_warning(plan)
+    mlflow_hint(args)
+    return 1 if failed else 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    """``mlflow ui`` on the store the other commands use, on 127.0.0.1 unless told otherwise."""
+    from orchestrator import tracking
+    from orchestrator.tracking.models import existing_store
+
+    uri = existing_store(args.tracking_uri)
+    if not uri.startswith(("sqlite:///", "postgresql", "mysql")):
+        raise ConfigError(f"{uri} is a tracking server already: open it in a browser")
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    argv = [str(mlflow_bin), "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    root = tracking.artifact_root(uri)
+    if root:
+        argv += ["--default-artifact-root", root]
+    print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it)", flush=True)
+    os.execv(argv[0], argv)
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+    from orchestrator.tracking.models import existing_store
+
+    store = existing_store(args.tracking_uri)     # never creates a store it then searches in vain
+    try:
+        tracking.promote(MlflowClient(store), args.model, args.version, tracking.CHAMPION)
+    except Exception as exc:  # MlflowException for an unknown model or version
+        raise ConfigError(f"cannot promote {args.model} version {args.version} in {store}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    print(f"{args.model}: champion -> version {args.version}")
+    return 0
+
+
+def add_cluster_commands(sub) -> None:
+    """On Ray, tracked in MLflow: launch, sweep, retrain; and the registry: ui, promote."""
+    p = sub.add_parser("launch", help="train every category on Ray (in-process or a cluster)")
+    add_cluster_args(p, None)
+    add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="check the arguments and data, run nothing")
+    p.set_defaults(func=_cmd_launch)
+
+    p = sub.add_parser("sweep", help="Ray Tune + Optuna search per category, tracked in MLflow")
+    p.add_argument("--space", required=True, help="search space YAML (or a bundled name: mss_lambdas, ...)")
+    add_cluster_args(p, None)
+    add_config_args(p)
+    p.add_argument("--num-samples", type=int, default=8, help="trials per category")
+    p.add_argument("--metric", default="pixel_ap")
+    p.add_argument("--mode", default="max", choices=["max", "min"])
+    p.add_argument("--scheduler", choices=["asha", "none"], help="default: asha (none with --objectives)")
+    p.add_argument("--study-storage", help="Optuna RDB URL (default: sqlite in --storage-path)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment and studies of --name")
+    p.add_argument("--objectives", help="multi-objective, e.g. pixel_ap:max,latency_ms:min (Pareto front)")
+    p.add_argument("--best-out", help="YAML of the best config per category (default: in --storage-path)")
+    p.add_argument("--dry-run", action="store_true", help="check the space, arguments and data, run nothing")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("retrain", help="retrain categories whose data changed; promote only if better")
+    add_cluster_args(p, None)
+    add_config_args(p)
+    p.add_argument("--params-from", default="best",
+                   help="best (best finished run), champion (the champion's run) or a YAML file from sweep")
+    p.add_argument("--promote-margin", type=float, default=0.005,
+                   help="the challenger must beat the champion's validation metric by more than this")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="and be better in at least this share of paired bootstrap resamples of the images")
+    p.add_argument("--bootstrap-resamples", type=int, default=1000)
+    p.add_argument("--metric", default="pixel_ap", choices=["pixel_ap", "pixel_auroc", "image_auroc"],
+                   help="validation metric of the gate and of --params-from best")
+    p.add_argument("--force", action="store_true", help="retrain every category, changed or not")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments and data, run nothing")
+    p.set_defaults(func=_cmd_retrain)
+
+    p = sub.add_parser("ui", help="the MLflow UI on this project's tracking store (127.0.0.1 by default)")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else ./mlflow-data")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_cmd_ui)
+
+    p = sub.add_parser("promote", help="move the champion alias to a registered model version")
+    p.add_argument("--model", required=True, help="registered model, e.g. pouta-mvtec-bottle")
+    p.add_argument("--version", required=True)
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=_cmd_promote)

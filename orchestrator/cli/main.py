@@ -1,0 +1,78 @@
+"""``pouta``: the parser of every command, logging, and how a command ends (exit 2 for a user
+error, 3 for a stalled cluster, 130 when interrupted, with open MLflow runs marked KILLED)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from orchestrator.cli.bench import add_bench_commands
+from orchestrator.cli.experiments import add_cluster_commands
+from orchestrator.cli.local import add_local_commands
+from pouta_core.config import ConfigError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+
+
+# What finishes an interrupted command: its experiment state and MLflow runs are kept.
+RESUME_HINTS = {"sweep": "rerun the same command with --resume",
+                "launch": "rerun the same command to resume it",
+                "retrain": "rerun the same command to resume it",
+                "train": "rerun the same command to resume from the last checkpoint"}
+
+
+def _kill_open_runs() -> None:
+    tracking = sys.modules.get("orchestrator.tracking")   # loaded only by commands that track
+    if tracking is not None:
+        tracking.kill_open_runs()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pouta", description="POUTA visual anomaly detection")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level; Tune's tables and Ray's worker output on the console")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_local_commands(sub)
+    add_cluster_commands(sub)
+    add_bench_commands(sub.add_parser("bench", help="benchmarks"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "runs", 20) < 20:
+        parser.error("--runs must be at least 20")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # Tune's and Train's advice ("snapshotting may become a bottleneck", resource hints
+        # the watchdog turns into its own message) stays in Ray's logs.
+        for name in ("ray.tune", "ray.train"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    from orchestrator.errors import ClusterStalled
+    from orchestrator.execution import interrupts
+    from pouta_core.data.errors import DataError
+
+    try:
+        if getattr(args, "max_image_pixels", None) is not None:
+            from pouta_core.data.images import set_max_image_pixels
+
+            set_max_image_pixels(args.max_image_pixels)
+        with interrupts.stop_on_signals():
+            return args.func(args)
+    except (*USER_ERRORS, DataError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        print(f"pouta: error: {msg}", file=sys.stderr)
+        return 2
+    except ClusterStalled as exc:
+        _kill_open_runs()
+        print(f"pouta: error: {exc}; rerun the same command (sweep: with --resume) once it fits", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:   # Ctrl-C or SIGTERM (interrupts.Interrupted), once or twice
+        _kill_open_runs()
+        hint = RESUME_HINTS.get(args.command, "")
+        print(f"pouta: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return interrupts.EXIT_CODE

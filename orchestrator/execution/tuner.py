@@ -1,0 +1,76 @@
+"""The Tune experiment of a command: its folder, the new-or-resumed check, the Tuner built
+(or restored) with its callbacks (MLflow, the stall watchdog, the progress lines), and its
+fit, stopped by Ctrl-C/SIGTERM and letting a stalled cluster's message through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray import tune
+
+from orchestrator.errors import ClusterStalled
+from orchestrator.execution import interrupts
+from orchestrator.execution.progress import ProgressPrinter
+from orchestrator.execution.trial import run_trial
+from orchestrator.execution.watchdog import StallWatchdog
+from orchestrator.plan import Plan, selection_metric
+from orchestrator.spec import TrialSpec
+from pouta_core.config import ConfigError
+
+if TYPE_CHECKING:
+    from orchestrator.tracking.callback import MlflowTrialCallback
+
+
+def experiment_path(plan: Plan) -> Path:
+    """The Tune experiment's folder."""
+    return Path(plan.storage_path) / plan.run_name
+
+
+def check_new_or_resumed(plan: Plan, resume: bool) -> None:
+    """An experiment that exists is only continued with ``resume``; checked before anything
+    starts, so a refused command leaves no Ray, no MLflow run behind."""
+    path = experiment_path(plan)
+    if path.exists() and not resume:
+        raise ConfigError(f"{path}: experiment '{plan.run_name}' already exists; pass --resume to continue it "
+                          "or --name to start another")
+
+
+def make_tuner(plan: Plan, spec: TrialSpec, param_space: dict[str, Any], tune_config: tune.TuneConfig,
+               cb: MlflowTrialCallback, resume: bool) -> tune.Tuner:
+    """A new Tuner, or the restored one when ``resume`` (finished trials are not rerun).
+
+    The spec (paths, resources, base config) reaches trials through ``tune.with_parameters``,
+    so ``param_space``, which Tune prints and stores per trial, holds only what varies."""
+    path = experiment_path(plan)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), spec.resources.trial())
+    check_new_or_resumed(plan, resume)
+    if path.exists():
+        if tune.Tuner.can_restore(str(path)):
+            return tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
+                                      resume_unfinished=True, resume_errored=True)
+    watchdog = StallWatchdog(plan.pending_timeout, spec.resources.worker(), spec.resources.workers)
+    callbacks: list[Any] = [cb, watchdog]
+    if not plan.verbose:
+        callbacks.append(ProgressPrinter(selection_metric(plan.metric), plan.mode, plan.categories))
+    return tune.Tuner(
+        trainable, param_space=param_space, tune_config=tune_config,
+        run_config=tune.RunConfig(name=plan.run_name, storage_path=plan.storage_path,
+                                  callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=1),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  verbose=None if plan.verbose else 0),
+    )
+
+
+def fit(tuner: tune.Tuner):
+    """``tuner.fit()`` that stops the command on Ctrl-C/SIGTERM (:mod:`orchestrator.execution.interrupts`)
+    and lets a stalled cluster's message through Tune's wrapping error."""
+    try:
+        return interrupts.fit(tuner)
+    except Exception as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, ClusterStalled):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise

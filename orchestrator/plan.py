@@ -1,0 +1,139 @@
+"""What an experiment is: the :class:`Plan` a command line becomes (categories, base config,
+per-category values, names, where Tune and MLflow keep things), built once and read by
+everything after it; and the names of the metrics its choices read (validation only).
+
+A sweep's data flows one way: command (:mod:`orchestrator.commands`) -> plan -> trial spec
+(:mod:`orchestrator.spec`) -> tuner with callbacks (:mod:`orchestrator.execution`) -> results
+-> choice -> registry and report (:mod:`orchestrator.tracking`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.execution.watchdog import DEFAULT_PENDING_TIMEOUT_S
+from orchestrator.spec import DataSpec, Resources, TrialSpec
+from pouta_core import api
+from pouta_core.config import Config, ConfigError, parse_overrides
+from pouta_core.data import categories as list_categories
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the user asked for, common to launch / sweep / retrain; built once from the
+    command line. Its :meth:`trial_spec` is what the trials receive."""
+
+    data: DataSpec
+    categories: tuple[str, ...]
+    base: Config
+    # Names the Tune experiment (its folder under storage_path), the MLflow parent run and
+    # the Optuna studies (<run_name>-<category>); rerunning with it resumes.
+    run_name: str
+    resources: Resources = Resources()
+    storage_path: str = "ray-results"
+    tracking_uri: str | None = None
+    mlflow_experiment: str = "pouta"
+    max_concurrent: int = 0
+    ray_address: str | None = None
+    pending_timeout: float = DEFAULT_PENDING_TIMEOUT_S
+    metric: str = "pixel_ap"   # what the progress lines show; choices read Tune's own metric
+    mode: str = "max"
+    verbose: bool = False     # Tune's tables and Ray's worker logs on the console (pouta -v)
+    # --category-set: config values for one category only, over ``base`` and any --set.
+    per_category: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "categories", tuple(self.categories))
+        object.__setattr__(self, "storage_path", str(Path(self.storage_path).resolve()))
+
+    def config_for(self, category: str, config: Config | None = None) -> Config:
+        """``config`` (default ``base``) with the category's own values applied."""
+        return (config or self.base).replace(**self.per_category.get(category, {}))
+
+    def trial_spec(self, config: Config | None = None,
+                   category_values: Mapping[str, Mapping[str, Any]] | None = None) -> TrialSpec:
+        """What the trials receive: ``config`` (default ``base``) for every category, then
+        ``category_values`` and the plan's --category-set values (those win) per category."""
+        values = {c: {**(category_values or {}).get(c, {}), **self.per_category.get(c, {})} for c in self.categories}
+        return TrialSpec(data=self.data, resources=self.resources, base_config=config or self.base,
+                         tune_name=self.run_name, storage_path=self.storage_path,
+                         category_values={c: v for c, v in values.items() if v})
+
+    def fingerprints(self) -> dict[str, str]:
+        """Each category's training-data fingerprint (tags on runs and model versions)."""
+        return {c: api.fingerprint_category(self.data.root, self.data.dataset, c) for c in self.categories}
+
+
+def parse_category_sets(items: list[str], categories: list[str], base: Config) -> dict[str, dict[str, Any]]:
+    """``CATEGORY:KEY=VALUE`` strings (``--category-set``) -> {category: {key: value}}.
+
+    Checked here, before anything starts: the category must be one of ``categories`` and the
+    value must be valid for ``base``, so a typo fails in one line rather than in a trial."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        category, sep, assignment = item.partition(":")
+        if not sep or not category or "=" not in assignment:
+            raise ConfigError(f"--category-set '{item}': expected CATEGORY:KEY=VALUE")
+        if category not in categories:
+            raise ConfigError(f"--category-set '{item}': category '{category}' is not among those to run "
+                              f"({', '.join(categories)})")
+        out.setdefault(category, {}).update(parse_overrides([assignment]))
+    for category, values in out.items():
+        try:
+            base.replace(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"--category-set {category}: {exc}") from None
+    return out
+
+
+def resolve_categories(data_root: str, dataset: str, spec: str) -> list[str]:
+    available = list_categories(data_root, dataset)
+    if spec == "all":
+        if not available:
+            raise ConfigError(f"{data_root}: no categories found for dataset '{dataset}'")
+        return available
+    wanted = [c.strip() for c in spec.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in available]
+    if unknown:
+        raise ConfigError(f"{data_root}: unknown category '{unknown[0]}'; available: {', '.join(available)}")
+    return wanted
+
+
+def warn_about_config(plan: Plan) -> None:
+    """Say what the trials will do differently from the config as given."""
+    if any(plan.config_for(c).val_split == "none" for c in plan.categories):
+        log.warning("val_split=none: trials, thresholds and promotion are chosen on the test split, so the "
+                    "test metrics reported are optimistic (runs tagged pouta.selection=test)")
+    asked = {(c.checkpoint_every, c.eval_every) for c in map(plan.config_for, plan.categories)}
+    if any(every != eval_every for every, eval_every in asked):
+        log.warning("checkpoint_every is set to eval_every in trials: Ray resumes from, and MLflow keeps, the "
+                    "checkpoint of each evaluation (the trial runs log the value used)")
+
+
+# Metrics computed on an image split; trials report each as val_<name> and test_<name>.
+SPLIT_METRICS = ("image_auroc", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1max")
+SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro")
+
+
+def selection_metric(name: str) -> str:
+    """The reported metric a choice reads: ``pixel_ap`` -> ``val_pixel_ap``; metrics of no
+    split (``latency_ms``, ``loss_total``) as they are. Test metrics are refused."""
+    if name.startswith("test_"):
+        raise ConfigError(f"metric '{name}': choices are made on validation metrics only; use "
+                          f"'{name.removeprefix('test_')}' (selects on val_{name.removeprefix('test_')})")
+    return f"val_{name}" if name in SPLIT_METRICS else name
+
+
+def both_splits(names) -> list[str]:
+    """``pixel_ap`` -> ``val_pixel_ap``, ``test_pixel_ap``, for summaries; others unchanged."""
+    out: list[str] = []
+    for n in names:
+        bare = n.removeprefix("val_")
+        out.extend([f"val_{bare}", f"test_{bare}"] if bare in SPLIT_METRICS else [n])
+    return list(dict.fromkeys(out))
