@@ -13,7 +13,7 @@ from pouta_core.data.datasets import BatchedLoader, EpochSampler
 from pouta_core.synthesis import AnomalySynthesizer, TextureFolder, foreground_mask, perlin_noise
 from pouta_core.synthesis import batched as B
 
-CFG = Config.from_preset("tiny")
+CFG = Config.from_preset("tiny").replace(synthesis="batched")   # the path under test (not the default)
 
 
 def gen(seed=0):
