@@ -6,6 +6,7 @@
 - Per category and gated metric, the proposal is *worse* when its mean over seeds is below the
   default's by more than one spread, the spread being the larger of the two arms' seed standard
   deviations (population, as every table in docs/experiments.md); *better* when above by more.
+- ``n``: seeds per arm (a gate stopped early shows fewer; rerun the script to finish it).
 - Verdict: ``non-inferior`` when no category is worse on a gated metric, else ``inferior``
   naming each (category, metric). Exit status 0 / 1.
 
@@ -46,8 +47,8 @@ def load(work: Path) -> dict[tuple[str, str], list[dict]]:
 def judge(rows: dict[tuple[str, str], list[dict]]) -> tuple[list[str], list[tuple[str, str, float, float]]]:
     """-> (table lines, worse cells as (category, metric, difference, spread))."""
     categories = list(dict.fromkeys(c for c, _ in rows))
-    lines = [f"{'category':9} {'metric':12} {'default (val)':>16} {'proposed (val)':>16} {'diff':>7} {'spread':>7}"
-             f" {'call':>7}   {'default (test)':>16} {'proposed (test)':>16}"]
+    lines = [f"{'category':9} {'metric':12} {'n':>2} {'default (val)':>16} {'proposed (val)':>16} {'diff':>7} "
+             f"{'spread':>7} {'call':>7}   {'default (test)':>16} {'proposed (test)':>16}"]
     worse = []
     for cat in categories:
         if not all((cat, a) in rows for a in ARMS):
@@ -63,8 +64,9 @@ def judge(rows: dict[tuple[str, str], list[dict]]) -> tuple[list[str], list[tupl
                 worse.append((cat, key, diff, spread))
             cells = [f"{mean(v[a]):.3f}±{pstdev(v[a]):.3f}" for v in (val,) for a in ARMS]
             tcells = [f"{mean(t[a]):.3f}±{pstdev(t[a]):.3f}" for t in (test,) for a in ARMS]
-            lines.append(f"{cat:9} {key:12} {cells[0]:>16} {cells[1]:>16} {diff:+7.3f} {spread:7.3f} {call:>7}   "
-                         f"{tcells[0]:>16} {tcells[1]:>16}")
+            n = min(len(val["default"]), len(val["proposed"]))
+            lines.append(f"{cat:9} {key:12} {n:>2} {cells[0]:>16} {cells[1]:>16} {diff:+7.3f} {spread:7.3f} "
+                         f"{call:>7}   {tcells[0]:>16} {tcells[1]:>16}")
     return lines, worse
 
 
