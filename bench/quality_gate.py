@@ -62,8 +62,8 @@ def judge(rows: dict[tuple[str, str], list[dict]]) -> tuple[list[str], list[tupl
             call = "-" if key not in GATED else ("worse" if diff < -spread else "better" if diff > spread else "same")
             if call == "worse":
                 worse.append((cat, key, diff, spread))
-            cells = [f"{mean(v[a]):.3f}±{pstdev(v[a]):.3f}" for v in (val,) for a in ARMS]
-            tcells = [f"{mean(t[a]):.3f}±{pstdev(t[a]):.3f}" for t in (test,) for a in ARMS]
+            cells = [f"{mean(val[a]):.3f}±{pstdev(val[a]):.3f}" for a in ARMS]
+            tcells = [f"{mean(test[a]):.3f}±{pstdev(test[a]):.3f}" for a in ARMS]
             n = min(len(val["default"]), len(val["proposed"]))
             lines.append(f"{cat:9} {key:12} {n:>2} {cells[0]:>16} {cells[1]:>16} {diff:+7.3f} {spread:7.3f} "
                          f"{call:>7}   {tcells[0]:>16} {tcells[1]:>16}")

@@ -71,5 +71,5 @@ export WORK DATA POUTA JOBS EPOCHS BASE PROPOSED TEXTURES
 for s in $SEEDS; do for c in $CATEGORIES; do for a in default proposed; do echo "$c $a $s"; done; done; done |
   xargs -P "$JOBS" -L 1 bash -c 'one "$0" "$1" "$2"'
 
-.venv/bin/python bench/hard_table.py default="$WORK/runs" > "$WORK/families.txt" 2>/dev/null || true
+.venv/bin/python bench/hard_table.py "$WORK/runs" > "$WORK/families.txt"   # labelled by arm (the run names)
 .venv/bin/python bench/quality_gate.py "$WORK"
