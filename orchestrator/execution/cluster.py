@@ -13,6 +13,7 @@ and in the job's ``runtime_env``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -20,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from orchestrator import tracking
 from orchestrator.execution.watchdog import check_feasible
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ADDRESS_ENV = "RAY_ADDRESS"
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"   # the runtime env of `ray job submit`, set in the driver
 _GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"   # read by Ray when it starts a head node in-process
 _saved_env: dict[str, str | None] | None = None
 _started_here = False
@@ -47,11 +48,37 @@ def _set_env(values: dict[str, str]) -> None:
     os.environ.update(values)
 
 
+def job_runtime_env() -> dict[str, Any]:
+    """The runtime env the job was submitted with (``ray job submit --runtime-env-json`` or a
+    RayJob's ``runtimeEnvYAML``); empty outside a job."""
+    raw = os.environ.get(_JOB_CONFIG_ENV)
+    if not raw:
+        return {}
+    return dict(json.loads(raw).get("runtime_env") or {})
+
+
+def merge_runtime_env(ours: dict[str, Any]) -> dict[str, Any]:
+    """``ours`` without what the job's runtime env sets already: Ray refuses to merge a driver's
+    runtime env that repeats a key or an env var of the job's (a ValueError from ``ray.init``),
+    and the user's value is the one to keep."""
+    theirs = job_runtime_env()
+    their_vars = theirs.get("env_vars") or {}
+    out = {k: v for k, v in ours.items() if k != "env_vars" and k not in theirs}
+    env_vars = {k: v for k, v in (ours.get("env_vars") or {}).items() if k not in their_vars}
+    kept = (set(ours) & set(theirs)) | (set(ours.get("env_vars") or {}) & set(their_vars))
+    for key in sorted(kept - {"env_vars"}):
+        log.info("runtime env: the job's own %s is kept", key)
+    if env_vars:
+        out["env_vars"] = env_vars
+    return out
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None,
             runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True) -> str:
     """Join the cluster at ``address`` (else ``$RAY_ADDRESS``), or start an in-process one
     when neither is given; never follow the cluster ``ray start`` last recorded.
-    ``runtime_env`` adds to the job's runtime environment (its ``env_vars`` are merged);
+    ``runtime_env`` adds to the job's runtime environment (its ``env_vars`` are merged; what the
+    submitted job's runtime env sets already is kept as the user gave it);
     ``log_to_driver`` prints the workers' output here too (it is always in Ray's logs).
 
     -> the GCS address (``host:port``) every process of this command uses. A second call
@@ -60,7 +87,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         return ray.get_runtime_context().gcs_address
     address = address or os.environ.get(ADDRESS_ENV) or None
     extra = dict(runtime_env or {})
-    env_vars = {"POUTA_GIT_COMMIT": tracking.git_commit(), **extra.pop("env_vars", {})}
+    env_vars = dict(extra.pop("env_vars", {}))
     if address is None:
         # Our own head on a port we chose, so its address is known before any Ray process
         # starts: the raylet and every worker inherit RAY_ADDRESS from this environment.
@@ -68,7 +95,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         gcs = f"127.0.0.1:{port}"
         _set_env({_GCS_PORT_ENV: str(port), ADDRESS_ENV: gcs})
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
-                 include_dashboard=True, runtime_env={**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}})
+                 include_dashboard=True,
+                 runtime_env=merge_runtime_env({**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}}))
         global _started_here
         _started_here = True
         log.info("started an in-process Ray at %s", gcs)
@@ -80,7 +108,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     gcs = canonicalize_bootstrap_address_or_die(address)   # "auto" -> the one host:port, or a clear error
     _set_env({ADDRESS_ENV: gcs})
     ray.init(address=gcs, log_to_driver=log_to_driver,
-             runtime_env={**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}})
+             runtime_env=merge_runtime_env({**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}}))
     log.info("joined the Ray cluster at %s", gcs)
     return gcs
 
