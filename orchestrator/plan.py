@@ -42,7 +42,9 @@ class Plan:
     max_concurrent: int = 0
     ray_address: str | None = None
     pending_timeout: float = DEFAULT_PENDING_TIMEOUT_S
-    metric: str = "pixel_ap"   # what the progress lines show; choices read Tune's own metric
+    # The reported metric the progress lines show (validation: ``val_pixel_ap``); choices read
+    # Tune's own metric.
+    metric: str = "val_pixel_ap"
     mode: str = "max"
     verbose: bool = False     # Tune's tables and Ray's worker logs on the console (pouta -v)
     # --category-set: config values for one category only, over ``base`` and any --set.
@@ -51,6 +53,18 @@ class Plan:
     def __post_init__(self) -> None:
         object.__setattr__(self, "categories", tuple(self.categories))
         object.__setattr__(self, "storage_path", str(Path(self.storage_path).resolve()))
+
+    @property
+    def experiment_path(self) -> Path:
+        """The Tune experiment's folder."""
+        return Path(self.storage_path) / self.run_name
+
+    def check_new_or_resumed(self, resume: bool) -> None:
+        """An experiment that exists is only continued with ``resume``; checked before anything
+        starts, so a refused command leaves no Ray, no MLflow run behind."""
+        if self.experiment_path.exists() and not resume:
+            raise ConfigError(f"{self.experiment_path}: experiment '{self.run_name}' already exists; pass --resume "
+                              "to continue it or --name to start another")
 
     def config_for(self, category: str, config: Config | None = None) -> Config:
         """``config`` (default ``base``) with the category's own values applied."""

@@ -1,7 +1,9 @@
 import pytest
 
 import search_spaces
-from orchestrator.commands.sweep import optuna_space, pareto_front, parse_objectives
+from orchestrator.commands.sweep import parse_objectives
+from orchestrator.execution.results import pareto_front
+from orchestrator.execution.scheduling import optuna_space
 from orchestrator.spec import DataSpec, Resources, TrialSpec, decode_sampled
 from pouta_core.config import Config, ConfigError
 from search_spaces import SearchSpaceError

@@ -94,7 +94,7 @@ def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
 
 
 def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: str = "max"):
-    from orchestrator.plan import Plan, parse_category_sets, resolve_categories
+    from orchestrator.plan import Plan, parse_category_sets, resolve_categories, selection_metric
     from orchestrator.spec import DataSpec, Resources
 
     for flag in ("workers_per_category", "cpus_per_worker", "pending_timeout"):
@@ -112,4 +112,4 @@ def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mod
                 per_category=parse_category_sets(args.category_sets, categories, base),
                 storage_path=args.storage_path, tracking_uri=args.tracking_uri, mlflow_experiment=args.experiment,
                 max_concurrent=args.max_concurrent, ray_address=args.ray_address,
-                pending_timeout=args.pending_timeout, metric=metric, mode=mode, verbose=args.verbose)
+                pending_timeout=args.pending_timeout, metric=selection_metric(metric), mode=mode, verbose=args.verbose)

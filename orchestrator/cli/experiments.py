@@ -121,11 +121,12 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from orchestrator import tracking
+    from orchestrator.tracking import registry
     from orchestrator.tracking.models import existing_store
 
     store = existing_store(args.tracking_uri)     # never creates a store it then searches in vain
     try:
-        tracking.promote(MlflowClient(store), args.model, args.version, tracking.CHAMPION)
+        registry.promote(MlflowClient(store), args.model, args.version, tracking.CHAMPION)
     except Exception as exc:  # MlflowException for an unknown model or version
         raise ConfigError(f"cannot promote {args.model} version {args.version} in {store}: "
                           f"{str(exc).splitlines()[0]}") from None

@@ -8,12 +8,12 @@ from typing import Any
 from ray import tune
 
 from orchestrator import tracking
+from orchestrator.execution import tuner
 from orchestrator.execution.cluster import init_ray
 from orchestrator.execution.results import trial_rows
-from orchestrator.execution.tuner import fit, make_tuner
 from orchestrator.plan import SUMMARY_METRICS, Plan, both_splits, warn_about_config
 from orchestrator.tracking import report
-from orchestrator.tracking.parent import callback, open_parent
+from orchestrator.tracking.parent import open_parent
 from orchestrator.tracking.registry import register_best
 
 
@@ -23,18 +23,17 @@ def run_launch(plan: Plan, *, resume: bool, per_category: dict[str, dict[str, An
     values (retrain uses it for the best known hyperparameters); ``plan.per_category`` (the
     command's --category-set) wins over them. ``fingerprints``: the categories' data
     fingerprints when the caller has them already."""
-    init_ray(plan)
-    fingerprints = fingerprints or plan.fingerprints()
-    client, _, parent_id, parent_key = open_parent(plan, kind)
     warn_about_config(plan)
+    keys = both_splits(SUMMARY_METRICS)
+    fingerprints = fingerprints or plan.fingerprints()
     spec = plan.trial_spec(category_values=per_category)
-    cb = callback(plan, spec, parent_id, parent_key, fingerprints)
+    init_ray(plan)
+    parent = open_parent(plan, kind, spec, fingerprints)
+    client, parent_id, cb = parent.client, parent.run_id, parent.callback
     param_space = {"category": tune.grid_search(plan.categories)}
     tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None,
                                   reuse_actors=True)   # see sweep.py
-    tuner = make_tuner(plan, spec, param_space, tune_config, cb, resume)
-    results = fit(tuner)
-    keys = both_splits(SUMMARY_METRICS)
+    results = tuner.run(plan, spec, param_space, tune_config, cb, resume)
     summary: dict[str, Any] = {}
     for r in results:
         category = r.config["category"] if r.config else None

@@ -26,6 +26,7 @@ from orchestrator import tracking
 from orchestrator.commands.launch import run_launch
 from orchestrator.execution.cluster import init_ray
 from orchestrator.plan import Plan, selection_metric
+from orchestrator.tracking import registry
 from pouta_core import api
 from pouta_core.bootstrap import BOOTSTRAP_METRICS, BootstrapResult
 from pouta_core.config import Config, ConfigError
@@ -88,7 +89,7 @@ def params_for(source: str, client, exp_id: str, dataset: str, category: str, me
             "and attributes.status = 'FINISHED'"), order_by=[order], max_results=1)
         return _config_from_params(runs[0].data.params, base) if runs else {}
     if source == "champion":
-        name = tracking.registered_name(dataset, category)
+        name = registry.registered_name(dataset, category)
         try:
             version = client.get_model_version_by_alias(name, tracking.CHAMPION)
         except Exception:
@@ -109,14 +110,14 @@ def params_for(source: str, client, exp_id: str, dataset: str, category: str, me
 
 
 def _latest_version(client, dataset: str, category: str) -> int:
-    name = tracking.registered_name(dataset, category)
+    name = registry.registered_name(dataset, category)
     versions = client.search_model_versions(f"name = '{name}'")
     return max((int(v.version) for v in versions), default=0)
 
 
 def champion_checkpoint(client, dataset: str, category: str, dest: Path) -> tuple[str, Path] | None:
     """Download the champion's checkpoint.pt -> (version, local path), or None."""
-    name = tracking.registered_name(dataset, category)
+    name = registry.registered_name(dataset, category)
     try:
         version = client.get_model_version_by_alias(name, tracking.CHAMPION)
     except Exception:
@@ -208,7 +209,7 @@ def _decide(plan: Plan, client, category: str, result: dict[str, Any], gate: Gat
         out = {"challenger": test.a, "champion": test.b, "low": test.low, "high": test.high,
                "p_better": test.p_better}
     if promote:
-        tracking.promote(client, name, version, tracking.CHAMPION)
+        registry.promote(client, name, version, tracking.CHAMPION)
     tracking.log_metrics(client, run_id, logged, step=0)
     decision = "promoted" if promote else "kept champion"
     client.set_tag(run_id, "pouta.retrain_decision", decision)

@@ -1,5 +1,6 @@
 """What a finished Tune experiment gives back: one row per trial (its metrics, config and
-checkpoint, or its error), and the best of them by a validation metric."""
+checkpoint, or its error), and the choice per category: the best trial by the first
+objective (a validation metric) and, for several objectives, the Pareto front."""
 
 from __future__ import annotations
 
@@ -25,3 +26,30 @@ def best_checkpoint_of(rows: list[dict[str, Any]], metric: str, mode: str) -> di
     if not ok:
         return None
     return (max if mode == "max" else min)(ok, key=lambda r: r[metric])
+
+
+def pareto_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    ok = [r for r in rows if "error" not in r and all(r.get(k) is not None for k, _ in objectives)]
+
+    def better_or_equal(a, b):
+        return all((a[k] >= b[k]) if m == "max" else (a[k] <= b[k]) for k, m in objectives)
+
+    return [r for r in ok if not any(better_or_equal(o, r) and o is not r and
+                                     any(o[k] != r[k] for k, _ in objectives) for o in ok)]
+
+
+def choose(results, categories: list[str], objectives: list[tuple[str, str]],
+           keys: list[str]) -> dict[str, dict[str, Any]]:
+    """Per category: ``trials`` (its rows), ``pareto`` (several objectives only), and ``best``
+    (the row of the best trial with a checkpoint by the first objective) or ``error``."""
+    metric, mode = objectives[0]
+    chosen: dict[str, dict[str, Any]] = {}
+    for category in categories:
+        rows = trial_rows([r for r in results if (r.config or {}).get("category") == category], keys)
+        entry: dict[str, Any] = {"trials": rows}
+        if len(objectives) > 1:
+            entry["pareto"] = pareto_front(rows, objectives)
+        best = best_checkpoint_of(rows, metric, mode)
+        chosen[category] = ({**entry, "best": best} if best
+                            else {**entry, "error": "no trial finished with a checkpoint"})
+    return chosen

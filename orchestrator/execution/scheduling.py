@@ -1,4 +1,7 @@
-"""All categories in one Tune experiment: one search and one early-stopping scheduler per
+"""What a sweep tries and what it stops: the search space turned into Optuna distributions (or
+a Tune grid), one seeded Optuna study per category in RDB storage, and ASHA per category.
+
+All categories run in one Tune experiment: one search and one early-stopping scheduler per
 category behind a single searcher and scheduler, so the studies of every category share the
 cluster's trial slots (a slot freed by one category goes to whichever study has work left)
 while no category's trials are ever compared with another's.
@@ -8,12 +11,21 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import yaml
 from optuna.exceptions import UpdateFinishedTrialError
+from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
+
+from orchestrator.spec import SAMPLED
+from pouta_core.config import Config, ConfigError
+from search_spaces import SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +121,125 @@ class PerCategoryScheduler(_PickledState, FIFOScheduler):
 
     def debug_string(self) -> str:
         return "\n".join(f"{c}: {s.debug_string()}" for c, s in self.schedulers.items())
+
+
+@dataclass(frozen=True)
+class SweepSearch:
+    """What a sweep hands Tune: the param space, how many trials, the searcher and scheduler,
+    and the Optuna study of each category (none for a grid)."""
+
+    param_space: dict[str, Any]
+    num_samples: int
+    search_alg: Searcher | None
+    scheduler: TrialScheduler | None
+    storage_url: str | None
+    studies: dict[str, str]
+
+
+def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: list[tuple[str, str]], *,
+                 run_name: str, seed: int, num_samples: int, scheduler: str, storage_url: str,
+                 resume: bool) -> SweepSearch:
+    """One Optuna study per category (``<run_name>-<category>``, seeded per category), or every
+    grid point of every category for a grid space; ASHA per category on ``configs``' epochs
+    when ``scheduler`` is ``asha``."""
+    categories = list(configs)
+    stopper = asha(configs) if scheduler == "asha" else None
+    if space.has_grid:
+        return SweepSearch({"category": tune.grid_search(categories), SAMPLED: grid_space(space)}, num_samples,
+                           None, stopper, None, {})
+    studies = {c: f"{run_name}-{c}" for c in categories}
+    searchers = {c: optuna_search(space, objectives, storage_url, studies[c],
+                                  # One seeded sampler per category: categories do not all try the same points.
+                                  zlib.crc32(f"{seed}:{c}".encode()), resume) for c in categories}
+    metrics, modes = [k for k, _ in objectives], [m for _, m in objectives]
+    one = len(objectives) == 1
+    search = CategorySearch(searchers, dict.fromkeys(categories, num_samples),
+                            metric=metrics[0] if one else metrics, mode=modes[0] if one else modes)
+    return SweepSearch({}, num_samples * len(categories), search, stopper, storage_url, studies)
+
+
+def optuna_space(space: SearchSpace) -> dict[str, Any]:
+    import optuna.distributions as od
+
+    out: dict[str, Any] = {}
+    for d in space.dimensions:
+        key = f"{SAMPLED}/{d.key}"   # Tune unflattens "/" into {"sampled": {...}}
+        if d.distribution in ("uniform", "loguniform"):
+            out[key] = od.FloatDistribution(float(d.low), float(d.high), log=d.distribution == "loguniform")
+        elif d.distribution == "int":
+            out[key] = od.IntDistribution(int(d.low), int(d.high), step=d.step or 1)
+        else:
+            # Optuna's categorical values are scalars: lists travel as "yaml:" strings
+            # (decoded by :func:`orchestrator.spec.decode_sampled`).
+            out[key] = od.CategoricalDistribution(
+                [f"yaml:{yaml.safe_dump(v, default_flow_style=True).strip()}" if isinstance(v, list) else v
+                 for v in d.values])
+    return out
+
+
+def grid_space(space: SearchSpace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for d in space.dimensions:
+        if d.distribution == "grid":
+            out[d.key] = tune.grid_search(list(d.values))
+        elif d.distribution == "choice":
+            out[d.key] = tune.choice(list(d.values))
+        elif d.distribution == "uniform":
+            out[d.key] = tune.uniform(d.low, d.high)
+        elif d.distribution == "loguniform":
+            out[d.key] = tune.loguniform(d.low, d.high)
+        else:
+            out[d.key] = tune.qrandint(d.low, d.high, d.step or 1)
+    return out
+
+
+def default_study_storage(storage_path: str) -> str:
+    path = Path(storage_path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'optuna.db'}"
+
+
+def asha(configs: Mapping[str, Config]) -> PerCategoryScheduler:
+    """ASHA per category (a pills trial is never stopped for being worse than a tiles trial),
+    its rungs on each category's own epochs."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    def make(category: str) -> ASHAScheduler:
+        epochs, eval_every = configs[category].epochs, configs[category].eval_every
+        return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(epochs, max(eval_every, epochs // 4)),
+                             reduction_factor=2)
+
+    return PerCategoryScheduler(make, list(configs))
+
+
+def optuna_search(space: SearchSpace, objectives, storage_url: str, study_name: str, seed: int, resume: bool):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = optuna.storages.RDBStorage(storage_url)
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    if study_name in existing and not resume:
+        raise ConfigError(f"optuna study '{study_name}' already exists in {storage_url}; pass --resume to "
+                          "continue it or --name to start another")
+    metrics = [k for k, _ in objectives]
+    modes = [m for _, m in objectives]
+    return OptunaSearch(space=optuna_space(space), metric=metrics if len(metrics) > 1 else metrics[0],
+                        mode=modes if len(modes) > 1 else modes[0],
+                        sampler=optuna.samplers.TPESampler(seed=seed), storage=storage, study_name=study_name)
+
+
+def fail_dangling_optuna_trials(search: SweepSearch) -> None:
+    """After a finished sweep no Optuna trial may stay RUNNING: one asked for by a driver that
+    died before Tune saved the trial it belonged to is marked FAIL (it never ran to the end)."""
+    if search.storage_url is None:
+        return
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = optuna.storages.RDBStorage(search.storage_url)
+    for name in search.studies.values():
+        study = optuna.load_study(study_name=name, storage=storage)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            log.warning("optuna study %s: trial %d was left RUNNING by an interrupted driver; marked FAIL",
+                        name, trial.number)
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)

@@ -1,10 +1,9 @@
-"""The Tune experiment of a command: its folder, the new-or-resumed check, the Tuner built
-(or restored) with its callbacks (MLflow, the stall watchdog, the progress lines), and its
-fit, stopped by Ctrl-C/SIGTERM and letting a stalled cluster's message through."""
+"""The Tune experiment of a command: the Tuner built (or restored from the plan's experiment
+folder) with its callbacks (MLflow, the stall watchdog, the progress lines), and its fit,
+stopped by Ctrl-C/SIGTERM and letting a stalled cluster's message through."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
@@ -14,26 +13,17 @@ from orchestrator.execution import interrupts
 from orchestrator.execution.progress import ProgressPrinter
 from orchestrator.execution.trial import run_trial
 from orchestrator.execution.watchdog import StallWatchdog
-from orchestrator.plan import Plan, selection_metric
+from orchestrator.plan import Plan
 from orchestrator.spec import TrialSpec
-from pouta_core.config import ConfigError
 
 if TYPE_CHECKING:
     from orchestrator.tracking.callback import MlflowTrialCallback
 
 
-def experiment_path(plan: Plan) -> Path:
-    """The Tune experiment's folder."""
-    return Path(plan.storage_path) / plan.run_name
-
-
-def check_new_or_resumed(plan: Plan, resume: bool) -> None:
-    """An experiment that exists is only continued with ``resume``; checked before anything
-    starts, so a refused command leaves no Ray, no MLflow run behind."""
-    path = experiment_path(plan)
-    if path.exists() and not resume:
-        raise ConfigError(f"{path}: experiment '{plan.run_name}' already exists; pass --resume to continue it "
-                          "or --name to start another")
+def run(plan: Plan, spec: TrialSpec, param_space: dict[str, Any], tune_config: tune.TuneConfig,
+        cb: MlflowTrialCallback, resume: bool):
+    """Build (or restore) the command's Tune experiment and fit it -> Tune's ``ResultGrid``."""
+    return fit(make_tuner(plan, spec, param_space, tune_config, cb, resume))
 
 
 def make_tuner(plan: Plan, spec: TrialSpec, param_space: dict[str, Any], tune_config: tune.TuneConfig,
@@ -42,9 +32,9 @@ def make_tuner(plan: Plan, spec: TrialSpec, param_space: dict[str, Any], tune_co
 
     The spec (paths, resources, base config) reaches trials through ``tune.with_parameters``,
     so ``param_space``, which Tune prints and stores per trial, holds only what varies."""
-    path = experiment_path(plan)
+    path = plan.experiment_path
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), spec.resources.trial())
-    check_new_or_resumed(plan, resume)
+    plan.check_new_or_resumed(resume)
     if path.exists():
         if tune.Tuner.can_restore(str(path)):
             return tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
@@ -52,7 +42,7 @@ def make_tuner(plan: Plan, spec: TrialSpec, param_space: dict[str, Any], tune_co
     watchdog = StallWatchdog(plan.pending_timeout, spec.resources.worker(), spec.resources.workers)
     callbacks: list[Any] = [cb, watchdog]
     if not plan.verbose:
-        callbacks.append(ProgressPrinter(selection_metric(plan.metric), plan.mode, plan.categories))
+        callbacks.append(ProgressPrinter(plan.metric, plan.mode, plan.categories))
     return tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(name=plan.run_name, storage_path=plan.storage_path,

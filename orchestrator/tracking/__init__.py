@@ -1,8 +1,9 @@
 """MLflow tracking: where runs go, one parent run per command, one child run per
 category-trial, the registry with aliases (``champion`` / ``challenger``; stages are not used).
 This module holds the store and run helpers every part uses; beside it: :mod:`.parent` (the
-command's parent run), :mod:`.callback` (trials into child runs), :mod:`.registry` (the chosen
-weights registered), :mod:`.models` (weights by name), :mod:`.report` (what a command found).
+command's parent run), :mod:`.callback` (trials into child runs), :mod:`.registry` (names,
+aliases, the chosen weights registered), :mod:`.models` (weights by name), :mod:`.report`
+(what a command found).
 
 All MLflow calls happen in the driver process (a Tune callback and the commands), never in
 the training workers: so the embedded sqlite file has a single writer, and on a cluster the
@@ -163,13 +164,3 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return os.environ.get("POUTA_GIT_COMMIT", "unknown")
-
-
-def registered_name(dataset: str, category: str) -> str:
-    return f"pouta-{dataset}-{category}"
-
-
-def promote(client: MlflowClient, name: str, version: str | int, alias: str = CHAMPION) -> None:
-    """Point ``alias`` at ``version`` of registered model ``name`` (it must exist)."""
-    client.get_model_version(name, str(version))   # raises a clear MlflowException if missing
-    client.set_registered_model_alias(name, alias, str(version))

@@ -4,6 +4,10 @@ a rerun) and the Tune callback that mirrors each trial into a child run under it
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
 from orchestrator.plan import Plan
@@ -11,18 +15,28 @@ from orchestrator.spec import TrialSpec
 from orchestrator.tracking.callback import MlflowTrialCallback
 
 
-def open_parent(plan: Plan, kind: str, extra_tags: dict[str, str] | None = None):
+@dataclass(frozen=True)
+class Parent:
+    """A command's parent run and the callback that puts its trials under it."""
+
+    client: MlflowClient
+    run_id: str
+    callback: MlflowTrialCallback
+
+
+def open_parent(plan: Plan, kind: str, spec: TrialSpec, fingerprints: Mapping[str, str], *,
+                tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> Parent:
+    """The parent run of ``kind:<run name>`` (created, or found again on a rerun) with the
+    command's tags and params, and the callback that logs ``spec``'s trials as its children."""
     client, exp_id = tracking.setup(plan.tracking_uri, plan.mlflow_experiment)
     key = f"{kind}:{plan.run_name}"
-    tags = {tracking.TAG_KIND: kind, "dataset": plan.data.dataset, "git_commit": tracking.git_commit(),
-            tracking.TAG_SELECTION: tracking.selection_tag(plan.base.val_split), **(extra_tags or {})}
-    run_id = tracking.get_or_create_run(client, exp_id, key, name=plan.run_name, tags=tags)
+    commit = tracking.git_commit()
+    run_id = tracking.get_or_create_run(client, exp_id, key, name=plan.run_name, tags={
+        tracking.TAG_KIND: kind, "dataset": plan.data.dataset, "git_commit": commit,
+        tracking.TAG_SELECTION: tracking.selection_tag(plan.base.val_split), **(tags or {})})
     tracking.log_params(client, run_id, {"command": kind, "dataset": plan.data.dataset,
-                                         "categories": ",".join(plan.categories), "name": plan.run_name})
-    return client, exp_id, run_id, key
-
-
-def callback(plan: Plan, spec: TrialSpec, parent_id: str, parent_key: str,
-             fingerprints: Mapping[str, str]) -> MlflowTrialCallback:
-    return MlflowTrialCallback(tracking.resolve_tracking_uri(plan.tracking_uri), plan.mlflow_experiment, spec,
-                               parent_id, parent_key, {"git_commit": tracking.git_commit()}, fingerprints)
+                                         "categories": ",".join(plan.categories), "name": plan.run_name,
+                                         **(params or {})})
+    cb = MlflowTrialCallback(tracking.resolve_tracking_uri(plan.tracking_uri), plan.mlflow_experiment, spec,
+                             run_id, key, {"git_commit": commit}, fingerprints)
+    return Parent(client, run_id, cb)

@@ -7,10 +7,42 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from orchestrator import tracking
 from orchestrator.plan import SUMMARY_METRICS, Plan
-from orchestrator.spec import short
+from orchestrator.spec import SAMPLED, decode_sampled, short
 from orchestrator.tracking.callback import MlflowTrialCallback
+
+
+def registered_name(dataset: str, category: str) -> str:
+    return f"pouta-{dataset}-{category}"
+
+
+def promote(client: MlflowClient, name: str, version: str | int, alias: str = tracking.CHAMPION) -> None:
+    """Point ``alias`` at ``version`` of registered model ``name`` (it must exist)."""
+    client.get_model_version(name, str(version))   # raises a clear MlflowException if missing
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def register_choices(plan: Plan, cb: MlflowTrialCallback, chosen: dict[str, dict[str, Any]], keys: list[str],
+                     kind: str) -> dict[str, dict[str, Any]]:
+    """Register each category's chosen trial (:func:`orchestrator.execution.results.choose`) as
+    its challenger -> the summary per category: its trials, its best (``keys``), the config it
+    trained with, and the registered model version; or its error."""
+    summary: dict[str, dict[str, Any]] = {}
+    for category, entry in chosen.items():
+        best = entry.get("best")
+        if best is None:
+            summary[category] = entry
+            continue
+        sampled = best["config"].get(SAMPLED, {})
+        name, version = register_best(plan, cb, category, best["trial_id"], best["checkpoint"],
+                                      searched=decode_sampled(sampled), kind=kind)
+        summary[category] = {**entry, "best": {k: best.get(k) for k in ["trial_id", "epoch", *keys]},
+                             "config": cb.spec.config_for(category, sampled).to_dict(),   # what it trained with
+                             "registered_model": name, "version": version}
+    return summary
 
 
 def model_requirements() -> list[str]:
@@ -67,12 +99,12 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     client = cb.client
     done = client.get_run(run_id).data.tags.get("pouta.registered_version")
     if done:   # a rerun of a finished experiment: registered already
-        return tracking.registered_name(plan.data.dataset, category), done
+        return registered_name(plan.data.dataset, category), done
     model, config, state = load_model(checkpoint, "cpu")
     require_calibrated(model, checkpoint)
     # Two images: MLflow's torch.export fixes a batch dimension of size 1 in the example.
     example = np.random.default_rng(0).random((2, 3, config.image_size, config.image_size), dtype=np.float32)
-    name = tracking.registered_name(plan.data.dataset, category)
+    name = registered_name(plan.data.dataset, category)
     mlflow.set_tracking_uri(tracking.resolve_tracking_uri(plan.tracking_uri))
     with mlflow.start_run(run_id=run_id):
         # "model" (registered) serves anomaly maps, "score_model" beside it image scores: MLflow's
