@@ -11,7 +11,12 @@ MLFLOW_PORT=${MLFLOW_PORT:-5000}
 VENV=${VENV:-.venv}
 RAY_CMD=("$VENV/bin/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT"
          --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --block)
+# Clients may name this machine (http://$(hostname):5000, as jobs on a cluster would): MLflow
+# answers 403 to a Host it does not list (cluster/SECURITY.md); the list replaces its default.
+MLFLOW_NAME=${MLFLOW_NAME:-$(hostname)}
 MLFLOW_CMD=("$VENV/bin/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT"
+            --allowed-hosts "$MLFLOW_NAME,$MLFLOW_NAME:$MLFLOW_PORT,localhost:*,127.0.0.1:*"
+            --cors-allowed-origins "http://$MLFLOW_NAME:$MLFLOW_PORT"
             --backend-store-uri "sqlite:///$RUN_DIR/mlflow.db" --artifacts-destination "$RUN_DIR/artifacts")
 # A closed cluster: token authentication on explicitly (Ray turns it off when no token file
 # exists yet), with a token only this user can read. Clients on this machine set

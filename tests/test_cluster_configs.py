@@ -65,7 +65,12 @@ def test_cluster_folder_has_the_documented_files():
             "kuberay/retrain-cronjob.yaml", "cron/retrain.cron", "start_local.sh"} <= names
 
 
-@pytest.mark.parametrize("path", [p for p in FILES if p.suffix == ".yaml"], ids=lambda p: p.name)
+MLFLOW_PIN = re.search(r"^mlflow==([\d.]+)", (REPO / "constraints.txt").read_text(), re.M).group(1)
+MLFLOW_SERVERS = [CLUSTER / "kuberay" / "mlflow.yaml"]
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if p.suffix == ".yaml" and p not in MLFLOW_SERVERS],
+                         ids=lambda p: p.name)
 def test_yaml_parses_and_pins_the_ray_version(path):
     docs = yaml_docs(path)
     assert docs
@@ -100,14 +105,12 @@ def test_every_entrypoint_is_a_real_pouta_command_that_accepts_its_arguments(dem
     for path, argv in commands:
         parser.parse_args(argv)                     # unknown flags or bad choices exit here
         local = list(argv)
-        for flag, value in (("--data-root", str(demo)), ("--storage-path", str(tmp_path / "ray")),
-                            ("--space", None)):
-            if flag in local and value is not None:
+        for flag, value in (("--data-root", str(demo)), ("--storage-path", str(tmp_path / "ray"))):
+            if flag in local:
                 local[local.index(flag) + 1] = value
-        if "--space" in local:    # cluster files name spaces relative to the repository
-            i = local.index("--space") + 1
-            local[i] = str(REPO / local[i])
         local = [a for a in local if a != "--resume"] if local[0] == "sweep" else local
+        # From a directory outside the repository, as a job's driver runs: a space named by a
+        # path relative to the repository would not be found (a KubeRay job stopped at once).
         out = subprocess.run([sys.executable, "-m", "orchestrator.cli", *local, "--dry-run"], capture_output=True,
                              text=True, cwd=tmp_path)
         assert out.returncode == 0, f"{path.name}: pouta {' '.join(local)}\n{out.stderr}"
@@ -186,6 +189,7 @@ def test_start_local_is_closed_without_a_token_and_binds_its_http_servers_to_loo
     import json
     import os
     import shutil
+    import socket
     import urllib.error
     import urllib.request
 
@@ -225,6 +229,14 @@ def test_start_local_is_closed_without_a_token_and_binds_its_http_servers_to_loo
                 assert time.monotonic() < deadline, "MLflow never came up"
                 time.sleep(1)
         assert (tmp_path / "run" / "mlflow.db").is_file()   # state goes where POUTA_RUN_DIR says, not into the repo
+        # Reached by this machine's name, as a job would (MLflow's default refuses names: 403).
+        api = "/api/2.0/mlflow/experiments/search?max_results=1"
+        with urllib.request.urlopen(f"http://{socket.gethostname()}:{ports['MLFLOW_PORT']}{api}", timeout=10) as r:
+            assert r.status == 200
+        with pytest.raises(urllib.error.HTTPError) as refused:   # ... and only by the names it lists
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{ports['MLFLOW_PORT']}{api}",
+                                                          headers={"Host": "elsewhere.example"}), timeout=10)
+        assert refused.value.code == 403
         pids = set()
         for name in ("ray", "mlflow"):
             pids |= descendants(int((tmp_path / "run" / f"{name}.pid").read_text()))
@@ -240,3 +252,56 @@ def test_start_local_is_closed_without_a_token_and_binds_its_http_servers_to_loo
                 assert port not in (ports["DASHBOARD_PORT"], ports["MLFLOW_PORT"])
     finally:
         subprocess.run(["bash", str(CLUSTER / "stop_local.sh")], env=env, capture_output=True, timeout=60)
+
+
+def test_the_mlflow_server_allows_the_names_its_clients_use_and_the_drivers_carry_credentials():
+    """MLflow 3 answers 403 to a Host it does not list: every tracking URI in cluster/ must
+    name a host:port of the server manifest's --allowed-hosts (issue 26), and every Ray head
+    (where the driver runs) reads the MLflow account from the Secret."""
+    server = yaml_docs(MLFLOW_SERVERS[0])
+    deployment = next(d for d in server if d["kind"] == "Deployment")
+    script = " ".join(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    allowed = re.search(r'--allowed-hosts "([^"]+)"', script).group(1).split(",")
+    assert {"localhost:*", "127.0.0.1:*"} <= set(allowed)
+    assert set(re.findall(r"mlflow(?:\[auth\])?==([\d.]+)", script)) == {MLFLOW_PIN}
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].endswith(f":v{MLFLOW_PIN}")
+    # Kubernetes clients reach the manifest's server; the VM cluster (ray-cluster.yaml, cron)
+    # the one cluster/SECURITY.md starts.
+    documented = re.search(r'--allowed-hosts "([^"]+)"', (CLUSTER / "SECURITY.md").read_text()).group(1).split(",")
+    for files, hosts in (([p for p in FILES if p.parent.name == "kuberay"], allowed),
+                         ([p for p in FILES if p.parent.name != "kuberay"], documented)):
+        uris = {m for p in files for m in re.findall(r"http://(mlflow[\w.-]*:\d+)", p.read_text())}
+        assert uris and all(u in hosts for u in uris), (uris, hosts)
+    heads = [c for p in (CLUSTER / "kuberay").glob("*.yaml") for d in yaml_docs(p) for c in ray_containers(d)
+             if c["name"] == "ray-head"]
+    assert len(heads) == 3
+    for head in heads:
+        env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}) for e in head["env"]}
+        assert env["MLFLOW_TRACKING_USERNAME"]["name"] == env["MLFLOW_TRACKING_PASSWORD"]["name"] == "mlflow-client"
+
+
+def test_rayjobs_give_the_gpus_back_in_minutes_and_retrains_never_overlap():
+    jobs = [yaml_docs(CLUSTER / "kuberay" / "rayjob-sweep.yaml")[0],
+            yaml.safe_load(yaml_docs(CLUSTER / "kuberay" / "retrain-cronjob.yaml")[3]["data"]["rayjob.yaml"])]
+    for job in jobs:
+        assert job["spec"]["shutdownAfterJobFinishes"] and job["spec"]["ttlSecondsAfterFinished"] <= 600
+        submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+        assert {e["name"] for e in submitter["env"]} >= {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+    retrain = jobs[1]
+    assert retrain["metadata"] == {"name": "pouta-retrain"}    # a fixed name: a second one cannot be created
+    cron = yaml_docs(CLUSTER / "kuberay" / "retrain-cronjob.yaml")[4]
+    script = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert "kubectl get rayjob pouta-retrain" in script and "exit 0" in script
+
+
+def test_the_launcher_mounts_shared_storage_on_the_host_and_binds_it_into_the_container():
+    """With ``docker:`` set, ``setup_commands`` run inside the container, where an unprivileged
+    ``mount -t nfs4`` fails (and the token copy after it): the mount is a host step."""
+    config = yaml_docs(CLUSTER / "ray-cluster.yaml")[0]
+    assert config["docker"]
+    assert any("mount -t nfs4" in c for c in config["initialization_commands"])
+    assert not any("mount -t" in c for c in config["setup_commands"])
+    assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"]
+    copy = next(i for i, c in enumerate(config["setup_commands"]) if "ray_auth_token ~/.ray/auth_token" in c)
+    check = next(i for i, c in enumerate(config["setup_commands"]) if "test -s /mnt/shared/secrets" in c)
+    assert check < copy
