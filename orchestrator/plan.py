@@ -42,6 +42,9 @@ class Plan:
     max_concurrent: int = 0
     ray_address: str | None = None
     pending_timeout: float = DEFAULT_PENDING_TIMEOUT_S
+    # How long a command whose trials are done waits for an unreachable MLflow to take the
+    # records its outbox still holds (--mlflow-wait).
+    mlflow_wait: float = 600.0
     # The reported metric the progress lines show (validation: ``val_pixel_ap``); choices read
     # Tune's own metric.
     metric: str = "val_pixel_ap"
@@ -51,6 +54,12 @@ class Plan:
     per_category: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if "://" in self.storage_path:
+            # Decided (issue 26): storage is a filesystem every node mounts. The driver reads
+            # checkpoints back (registration, MLflow artifacts, the retrain gate) from local
+            # paths; Tune would accept a bucket, and everything after it would not.
+            raise ConfigError(f"--storage-path {self.storage_path}: a URI; give a directory every node mounts "
+                              "(NFS, a ReadWriteMany volume, or a bucket mounted with mountpoint-s3 / gcsfuse)")
         object.__setattr__(self, "categories", tuple(self.categories))
         object.__setattr__(self, "storage_path", str(Path(self.storage_path).resolve()))
 

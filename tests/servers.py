@@ -88,29 +88,58 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
         proc.wait(5)
 
 
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 over a sqlite store in ``root``; :meth:`stop` and
+    :meth:`start` again keep its port and store (an outage and a recovery).
+
+    ``by_name``: clients reach it by this machine's host name, allowed the way
+    cluster/SECURITY.md starts a server (``--allowed-hosts`` with the name and localhost,
+    ``--cors-allowed-origins`` for the UI); else MLflow's default (localhost, private IPs)."""
+
+    def __init__(self, root: Path, *, by_name: bool = False, port: int | None = None) -> None:
+        self.root, self.port = root, port or free_port()
+        self.host = socket.gethostname() if by_name else "127.0.0.1"
+        self.url = f"http://{self.host}:{self.port}"
+        self.by_name = by_name
+        self.proc: subprocess.Popen | None = None
+        self.log = root / f"mlflow-server-{self.port}.log"
+
+    def start(self) -> str:
+        argv = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+        if self.by_name:
+            name = f"{self.host}:{self.port}"
+            argv += ["--allowed-hosts", f"{self.host},{name},localhost:*,127.0.0.1:*",
+                     "--cors-allowed-origins", f"http://{name}"]
+        self.proc = subprocess.Popen(argv, stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+        reap_with_us(self.proc)
+        wait_http(f"http://127.0.0.1:{self.port}/health", 120, self.proc, self.log)
+        return self.url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
 @contextlib.contextmanager
-def mlflow_server(root: Path):
-    port = free_port()
-    log = root / "mlflow-server.log"
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    reap_with_us(proc)
+def mlflow_server(root: Path, *, by_name: bool = False):
+    """-> the URL of a running :class:`MlflowServer`, stopped on exit."""
+    server = MlflowServer(root, by_name=by_name)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health", 120, proc, log)
-        yield url
+        yield server.start()
     finally:
-        stop(proc)
+        server.stop()
 
 
 @contextlib.contextmanager
 def ray_head(root: Path, num_cpus: int = 2):
     """``ray start --head`` with token auth on and a token of its own (never ~/.ray's).
     -> address, dashboard URL, and ``env``: what a client of this cluster adds to its environment."""
-    port, dash, client = free_port(), free_port(), free_port()
+    # Every port Ray would otherwise take by default is chosen here: another Ray on the machine
+    # (another test module's in-process one) holds the defaults, and the job API needs its agent.
+    port, dash, client, agent = free_port(), free_port(), free_port(), free_port()
     log = root / "ray-head.log"
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")   # unix socket paths must stay < 108 bytes
     token = Path(temp_dir) / "auth_token"
@@ -121,6 +150,7 @@ def ray_head(root: Path, num_cpus: int = 2):
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+         "--dashboard-agent-listen-port", str(agent),
          "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     reap_with_us(proc)

@@ -1,8 +1,11 @@
 """The user's main job, for real: `ray job submit` of a sweep to a running `ray start --head`
-cluster (token authentication on), logging to a real `mlflow server` on 127.0.0.1."""
+cluster (token authentication on), logging to a real `mlflow server` reached by this
+machine's host name (as on a cluster: not localhost), started the way cluster/SECURITY.md
+says; and what a server that refuses the name, and `ray job stop`, leave behind."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import small_args
 from mlflow.tracking import MlflowClient
-from servers import mlflow_server, ray_head
+from servers import MlflowServer, mlflow_server, ray_head
 
 from pouta_core.data.demo import generate
 
@@ -25,7 +28,7 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     # The job's entrypoint runs with the head's environment: `pouta` must be on its PATH.
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
-    with mlflow_server(root) as mlflow_url, ray_head(root) as ray:
+    with mlflow_server(root, by_name=True) as mlflow_url, ray_head(root) as ray:
         yield {"root": root, "mlflow": mlflow_url, **ray}
 
 
@@ -37,34 +40,44 @@ def ray_cli(cluster, *args, check=True, timeout=120):
     return out
 
 
+def submit(cluster, entry: list[str], runtime_env: dict) -> str:
+    """``ray job submit --no-wait`` of ``entry`` with the repo as working dir -> the job id."""
+    # Uploaded without .git, a job names its commit the documented way (POUTA_GIT_COMMIT); Ray
+    # refused to merge that env var with the driver's own (issue 26): the job failed at ray.init.
+    env = {"excludes": [".git", ".venv", "demo", "bench-out", "*.db"], **runtime_env}
+    argv = ["job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps(env), "--no-wait", "--", *entry]
+    # The dashboard answers before its job agent is up on a busy machine: retry that case only.
+    for _ in range(48):
+        submitted = ray_cli(cluster, *argv, check=False)
+        if submitted.returncode == 0 or "No available agent" not in submitted.stderr + submitted.stdout:
+            break
+        time.sleep(5)
+    assert submitted.returncode == 0, f"ray job submit failed:\n{submitted.stdout[-3000:]}\n{submitted.stderr[-3000:]}"
+    return next(line.split("'")[1] for line in submitted.stdout.splitlines() if "submitted successfully" in line)
+
+
+def wait_for_job(cluster, job_id: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = ray_cli(cluster, "job", "status", "--address", cluster["dashboard"], job_id).stdout.lower()
+        if any(s in status for s in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(2)
+    return status
+
+
 def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
+    assert socket.gethostname() in cluster["mlflow"]   # reached by name, allowed by --allowed-hosts
     data = tmp_path / "data"
     generate(data, categories=2, image_size=48, n_train=6, n_test_good=3, n_test_defect=2)
     storage = tmp_path / "ray-results"
     entry = ["pouta", "sweep", "--space", "search_spaces/mss_lambdas.yaml", "--data-root", str(data),
              "--dataset", "mvtec", "--categories", "tiles,pills", "--num-samples", "2", "--max-concurrent", "2",
              "--storage-path", str(storage), "--tracking-uri", cluster["mlflow"], "--name", "job-test", *SMALL]
-    submit = ["job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
-              # Uploaded without .git, the job names its commit the documented way; Ray refused
-              # to merge that env var with the driver's own (issue 26), so the job failed at ray.init.
-              "--runtime-env-json", json.dumps({"excludes": [".git", ".venv", "demo", "bench-out", "*.db"],
-                                                "env_vars": {"POUTA_GIT_COMMIT": "job-commit-abc"}}),
-              "--no-wait", "--", *entry]
-    # The dashboard answers before its job agent is up on a busy machine: retry that case only.
-    for _ in range(48):
-        submitted = ray_cli(cluster, *submit, check=False)
-        if submitted.returncode == 0 or "No available agent" not in submitted.stderr + submitted.stdout:
-            break
-        time.sleep(5)
-    assert submitted.returncode == 0, f"ray job submit failed:\n{submitted.stdout[-3000:]}\n{submitted.stderr[-3000:]}"
-    job_id = next(line.split("'")[1] for line in submitted.stdout.splitlines() if "submitted successfully" in line)
-    deadline = time.monotonic() + 900
-    status = ""
-    while time.monotonic() < deadline:
-        status = ray_cli(cluster, "job", "status", "--address", cluster["dashboard"], job_id).stdout.lower()
-        if any(s in status for s in ("succeeded", "failed", "stopped")):
-            break
-        time.sleep(5)
+    job_id = submit(cluster, entry, {"env_vars": {"POUTA_GIT_COMMIT": "job-commit-abc"}})
+    status = wait_for_job(cluster, job_id, 900)
     logs = ray_cli(cluster, "job", "logs", "--address", cluster["dashboard"], job_id, check=False).stdout
     assert "succeeded" in status, f"job did not succeed:\n{status}\n{logs[-5000:]}"
     assert "best configs written to" in logs
@@ -95,3 +108,61 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
         assert "heatmaps.png" in {a.path for a in client.list_artifacts(version.run_id)}
         steps = [m.step for m in client.get_metric_history(version.run_id, "val_pixel_ap")]
         assert steps == list(range(1, len(steps) + 1))   # epochs as steps, no duplicates (ASHA may stop at 1)
+
+
+def test_a_server_that_refuses_the_host_name_stops_the_sweep_at_once(tmp_path):
+    """MLflow's default --allowed-hosts (localhost, private IPs) answers 403 to a name: the
+    command stops in one line naming the flag, before any Optuna study or Ray exists, so the
+    same command runs once the server is fixed."""
+    data = tmp_path / "data"
+    generate(data, categories=1, image_size=48, n_train=4, n_test_good=2, n_test_defect=2)
+    server = MlflowServer(tmp_path)          # started without --allowed-hosts
+    server.start()
+    try:
+        by_name = f"http://{socket.gethostname()}:{server.port}"
+        started = time.monotonic()
+        out = subprocess.run(
+            [str(BIN / "pouta"), "sweep", "--space", "mss_lambdas", "--data-root", str(data), "--dataset", "mvtec",
+             "--categories", "tiles", "--num-samples", "1", "--storage-path", str(tmp_path / "ray-results"),
+             "--tracking-uri", by_name, "--name", "refused", *SMALL],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        elapsed = time.monotonic() - started
+    finally:
+        server.stop()
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert elapsed < 30, f"took {elapsed:.0f}s"
+    assert lines[-1].startswith("pouta: error: ") and "Traceback" not in out.stderr
+    assert f"--allowed-hosts {socket.gethostname()}:{server.port}" in lines[-1] and "403" in lines[-1]
+    assert not (tmp_path / "ray-results" / "optuna.db").exists()
+    assert not (tmp_path / "ray-results" / "refused").exists()
+
+
+def test_ray_job_stop_leaves_no_mlflow_run_running(cluster, tmp_path):
+    """``ray job stop``: SIGTERM, SIGKILL 3 s later (Ray's default). The command marks its runs
+    KILLED first, so none stays RUNNING, and the experiment resumes (not asserted here)."""
+    data = tmp_path / "data"
+    generate(data, categories=1, image_size=48, n_train=6, n_test_good=3, n_test_defect=2)
+    experiment = "stopped"
+    entry = ["pouta", "sweep", "--space", "mss_lambdas", "--data-root", str(data), "--dataset", "mvtec",
+             "--categories", "tiles", "--num-samples", "2", "--max-concurrent", "2",
+             "--storage-path", str(tmp_path / "ray-results"), "--tracking-uri", cluster["mlflow"],
+             "--experiment", experiment, "--name", "stop-test", *small_args(epochs=400)]
+    job_id = submit(cluster, entry, {})
+    client = MlflowClient(cluster["mlflow"])
+    deadline = time.monotonic() + 300
+    trials = []
+    while time.monotonic() < deadline and not trials:
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        trials = [r for r in runs if r.data.tags.get("pouta.kind") == "trial" and "loss_total" in r.data.metrics]
+        time.sleep(2)
+    assert trials, "no trial reported within 300 s:\n" + ray_cli(cluster, "job", "logs", "--address",
+                                                               cluster["dashboard"], job_id, check=False).stdout[-3000:]
+    ray_cli(cluster, "job", "stop", "--address", cluster["dashboard"], job_id)
+    status = wait_for_job(cluster, job_id, 120)
+    assert "stopped" in status
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert {r.info.status for r in runs} <= {"KILLED", "FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+    assert [r.info.status for r in runs if r.data.tags.get("pouta.kind") == "sweep"] == ["KILLED"]

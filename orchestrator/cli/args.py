@@ -64,7 +64,8 @@ def add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> No
                    help="restarts of a multi-worker run's worker group before the run fails (default 2)")
     p.add_argument("--max-concurrent", type=int, default=0, help="most runs at once (0: as resources allow)")
     p.add_argument("--storage-path", default="ray-results",
-                   help="Ray results and checkpoints; shared storage (NFS, S3) on a multi-node cluster")
+                   help="Ray results and checkpoints: a directory; on a multi-node cluster one every node mounts "
+                        "(NFS, a ReadWriteMany volume); URIs (s3://) are refused")
     p.add_argument("--name", default=default_name, help="stable experiment name: rerunning it resumes")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow-data)")
     p.add_argument("--experiment", default="pouta", help="MLflow experiment name")
@@ -74,6 +75,9 @@ def add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> No
     p.add_argument("--pending-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="stop when a trial's workers wait this long for resources the cluster does not free "
                    "(default 600)")
+    p.add_argument("--mlflow-wait", type=float, default=600.0, metavar="SECONDS",
+                   help="when the trials are done and MLflow is unreachable, wait this long for it to take the "
+                   "records kept meanwhile, then exit 4 without registering (default 600)")
     p.add_argument("--ray-address", help="Ray cluster to join (host:port of its GCS; default: $RAY_ADDRESS, "
                    "else an in-process Ray started for this command)")
     p.add_argument("--texture-dir")
@@ -100,6 +104,8 @@ def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mod
     for flag in ("workers_per_category", "cpus_per_worker", "pending_timeout"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
+    if args.mlflow_wait < 0:
+        raise ConfigError("--mlflow-wait must be >= 0")
     if args.max_failures < 0:
         raise ConfigError("--max-failures must be >= 0")
     categories = resolve_categories(args.data_root, args.dataset, args.categories)
@@ -112,4 +118,5 @@ def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mod
                 per_category=parse_category_sets(args.category_sets, categories, base),
                 storage_path=args.storage_path, tracking_uri=args.tracking_uri, mlflow_experiment=args.experiment,
                 max_concurrent=args.max_concurrent, ray_address=args.ray_address,
-                pending_timeout=args.pending_timeout, metric=selection_metric(metric), mode=mode, verbose=args.verbose)
+                pending_timeout=args.pending_timeout, mlflow_wait=args.mlflow_wait, metric=selection_metric(metric),
+                mode=mode, verbose=args.verbose)

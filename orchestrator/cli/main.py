@@ -1,5 +1,7 @@
-"""``pouta``: the parser of every command, logging, and how a command ends (exit 2 for a user
-error, 3 for a stalled cluster, 130 when interrupted, with open MLflow runs marked KILLED)."""
+"""``pouta``: the parser of every command, logging, and how a command ends: exit 2 for a user
+error, 3 for a stalled cluster, 4 when MLflow stayed unreachable after the trials, 130 when
+interrupted (open MLflow runs marked KILLED; on SIGTERM before anything else), 1 for anything
+unexpected (open runs marked FAILED first)."""
 
 from __future__ import annotations
 
@@ -23,10 +25,14 @@ RESUME_HINTS = {"sweep": "rerun the same command with --resume",
                 "train": "rerun the same command to resume from the last checkpoint"}
 
 
-def _kill_open_runs() -> None:
+def _end_open_runs(status: str = "KILLED") -> None:
     tracking = sys.modules.get("orchestrator.tracking")   # loaded only by commands that track
     if tracking is not None:
-        tracking.kill_open_runs()
+        tracking.end_open_runs(status)
+
+
+def _kill_open_runs() -> None:
+    _end_open_runs("KILLED")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the watchdog turns into its own message) stays in Ray's logs.
         for name in ("ray.tune", "ray.train"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    from orchestrator.errors import ClusterStalled
+    from orchestrator.errors import ClusterStalled, TrackingIncomplete
     from orchestrator.execution import interrupts
     from pouta_core.data.errors import DataError
 
@@ -61,9 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pouta_core.data.images import set_max_image_pixels
 
             set_max_image_pixels(args.max_image_pixels)
-        with interrupts.stop_on_signals():
+        with interrupts.stop_on_signals(first=_kill_open_runs):
             return args.func(args)
     except (*USER_ERRORS, DataError) as exc:
+        _end_open_runs("FAILED")   # refused after a run was opened: it does not stay RUNNING
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         print(f"pouta: error: {msg}", file=sys.stderr)
         return 2
@@ -71,8 +78,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         _kill_open_runs()
         print(f"pouta: error: {exc}; rerun the same command (sweep: with --resume) once it fits", file=sys.stderr)
         return 3
+    except TrackingIncomplete as exc:
+        print(f"pouta: error: {exc}; rerun the same command (sweep: with --resume) once MLflow is back",
+              file=sys.stderr)
+        return 4
     except KeyboardInterrupt:   # Ctrl-C or SIGTERM (interrupts.Interrupted), once or twice
         _kill_open_runs()
         hint = RESUME_HINTS.get(args.command, "")
         print(f"pouta: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return interrupts.EXIT_CODE
+    except Exception as exc:   # a bug, or a failure nobody foresaw: the runs say so, the traceback too
+        _end_open_runs("FAILED")
+        logging.getLogger("pouta").exception("unexpected error")
+        print(f"pouta: error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(traceback above; open MLflow runs marked FAILED)", file=sys.stderr)
+        return 1

@@ -13,7 +13,7 @@ from orchestrator.execution.cluster import init_ray
 from orchestrator.execution.results import trial_rows
 from orchestrator.plan import SUMMARY_METRICS, Plan, both_splits, warn_about_config
 from orchestrator.tracking import report
-from orchestrator.tracking.parent import open_parent
+from orchestrator.tracking.parent import drain, open_parent
 from orchestrator.tracking.registry import register_best
 
 
@@ -27,13 +27,14 @@ def run_launch(plan: Plan, *, resume: bool, per_category: dict[str, dict[str, An
     keys = both_splits(SUMMARY_METRICS)
     fingerprints = fingerprints or plan.fingerprints()
     spec = plan.trial_spec(category_values=per_category)
+    parent = open_parent(plan, kind, spec, fingerprints)   # MLflow before Ray: see sweep.py
     init_ray(plan)
-    parent = open_parent(plan, kind, spec, fingerprints)
     client, parent_id, cb = parent.client, parent.run_id, parent.callback
     param_space = {"category": tune.grid_search(plan.categories)}
     tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None,
                                   reuse_actors=True)   # see sweep.py
     results = tuner.run(plan, spec, param_space, tune_config, cb, resume)
+    drain(parent, plan)
     summary: dict[str, Any] = {}
     for r in results:
         category = r.config["category"] if r.config else None

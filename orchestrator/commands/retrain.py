@@ -132,8 +132,8 @@ def run_retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
     ``plan.per_category`` (``--category-set``) over both."""
     metric, mode = gate.metric, "max"
 
+    client, exp_id = tracking.setup(plan.tracking_uri, plan.mlflow_experiment)   # MLflow first: see sweep.py
     init_ray(plan)
-    client, exp_id = tracking.setup(plan.tracking_uri, plan.mlflow_experiment)
     dataset = plan.data.dataset
     fingerprints: dict[str, str] = {}
     summary: dict[str, Any] = {}

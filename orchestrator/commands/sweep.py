@@ -4,8 +4,8 @@ validation metric. All categories run in one Tune experiment and share its trial
 (orchestrator/execution/scheduling.py). Grid spaces (``ablation.yaml``) run every grid point of every
 category instead of a study.
 
-:func:`run_sweep` reads top to bottom as the sweep's data flows: plan -> trial spec -> search
--> Ray -> parent run and callback -> Tune -> choice -> registry -> report."""
+:func:`run_sweep` reads top to bottom as the sweep's data flows: plan -> trial spec -> parent
+run and callback -> search -> Ray -> Tune -> choice -> registry -> report."""
 
 from __future__ import annotations
 
@@ -20,10 +20,15 @@ from orchestrator import tracking
 from orchestrator.execution import tuner
 from orchestrator.execution.cluster import init_ray
 from orchestrator.execution.results import choose
-from orchestrator.execution.scheduling import default_study_storage, fail_dangling_optuna_trials, sweep_search
+from orchestrator.execution.scheduling import (
+    check_study_storage,
+    default_study_storage,
+    fail_dangling_optuna_trials,
+    sweep_search,
+)
 from orchestrator.plan import SUMMARY_METRICS, Plan, both_splits, selection_metric, warn_about_config
 from orchestrator.tracking import report
-from orchestrator.tracking.parent import open_parent
+from orchestrator.tracking.parent import drain, open_parent
 from orchestrator.tracking.registry import register_choices
 from pouta_core.checkpoint import atomic_write
 from pouta_core.config import ConfigError
@@ -73,13 +78,16 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     fingerprints = plan.fingerprints()
     spec = plan.trial_spec(plan.base.replace(**space.fixed))
     configs = {c: spec.config_for(c) for c in plan.categories}
-    search = sweep_search(space, configs, objectives, run_name=plan.run_name, seed=plan.base.seed,
-                          num_samples=num_samples, scheduler=scheduler, resume=resume,
-                          storage_url=study_storage or default_study_storage(plan.storage_path))
-    init_ray(plan)
+    # MLflow first: a server that refuses us (host name, credentials) stops the command at once,
+    # before an Optuna study or a Ray cluster exists.
     parent = open_parent(plan, "sweep", spec, fingerprints, tags={"search_space": space.path.name}, params={
         "search_space": space.path.name, "num_samples": num_samples, "scheduler": scheduler,
         "objectives": ",".join(f"{k}:{m}" for k, m in objectives)})
+    search = sweep_search(space, configs, objectives, run_name=plan.run_name, seed=plan.base.seed,
+                          num_samples=num_samples, scheduler=scheduler, resume=resume,
+                          storage_url=check_study_storage(study_storage) if study_storage
+                          else default_study_storage(plan.storage_path))
+    init_ray(plan)
     metric, mode = objectives[0]
     tune_config = tune.TuneConfig(
         metric=None if multi else metric, mode=None if multi else mode, search_alg=search.search_alg,
@@ -89,6 +97,7 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
         # of torch (measured: a 19 s gap between waves of 8 trials on this 2-core machine).
         reuse_actors=True)
     results = tuner.run(plan, spec, search.param_space, tune_config, parent.callback, resume)
+    drain(parent, plan)
     fail_dangling_optuna_trials(search)
     summary = register_choices(plan, parent.callback, choose(results, list(plan.categories), objectives, keys), keys,
                                kind="sweep")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from orchestrator.execution.interrupts import reclaim_sigterm
 from orchestrator.execution.watchdog import check_feasible
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
                  include_dashboard=True,
                  runtime_env=merge_runtime_env({**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}}))
+        reclaim_sigterm()
         global _started_here
         _started_here = True
         log.info("started an in-process Ray at %s", gcs)
@@ -109,6 +111,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     _set_env({ADDRESS_ENV: gcs})
     ray.init(address=gcs, log_to_driver=log_to_driver,
              runtime_env=merge_runtime_env({**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}}))
+    reclaim_sigterm()
     log.info("joined the Ray cluster at %s", gcs)
     return gcs
 

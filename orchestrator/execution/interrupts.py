@@ -6,6 +6,11 @@ models and start its next step, and it prints Ray's ``Tuner.restore(...)`` hint.
 first SIGINT or SIGTERM records the request and hands it to Tune through SIGUSR1 (which Tune
 always treats as "stop gracefully"); :func:`fit` then raises :class:`Interrupted` and the CLI
 marks open MLflow runs KILLED and exits 130. A second signal stops at once.
+
+SIGTERM comes from ``ray job stop`` (and Kubernetes), which sends SIGKILL a few seconds later
+(``RAY_JOB_STOP_WAIT_TIME_S``, default 3): so on SIGTERM the ``first`` thing done, before
+Tune is asked to stop, is what the command must not lose (the CLI marks its MLflow runs
+KILLED).
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
 EXIT_CODE = 130
 _requested = threading.Event()
 _in_tune = threading.Event()    # Tune's loop is running: it stops on SIGUSR1
+_first: list[Callable[[], None]] = []   # done first on SIGTERM (stop_on_signals' ``first``)
+_active = threading.Event()     # stop_on_signals is in force
 
 
 class Interrupted(KeyboardInterrupt):
@@ -32,6 +39,12 @@ def _handler(signum: int, frame) -> None:
     if _requested.is_set():
         raise Interrupted(f"{signal.Signals(signum).name} received twice")
     _requested.set()
+    if signum == signal.SIGTERM:
+        for do in _first:
+            try:
+                do()
+            except Exception as exc:   # never let it keep the command from stopping
+                log.warning("on SIGTERM: %s", exc)
     # Outside Tune's loop (or before Tune installed its SIGUSR1 handler): stop right here.
     if not _in_tune.is_set() or signal.getsignal(signal.SIGUSR1) in (signal.SIG_IGN, signal.SIG_DFL, None):
         raise Interrupted(signal.Signals(signum).name)
@@ -40,11 +53,14 @@ def _handler(signum: int, frame) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Within: SIGINT/SIGTERM request a stop (see the module doc). Main thread only."""
+def stop_on_signals(first: Callable[[], None] | None = None) -> Iterator[None]:
+    """Within: SIGINT/SIGTERM request a stop (see the module doc); on SIGTERM ``first`` runs
+    before anything else. Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _first[:] = [first] if first else []
+    _active.set()
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"   # ours stays installed while Tune runs
@@ -54,12 +70,22 @@ def stop_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
+        _active.clear()
+        _first.clear()
         for s, h in saved.items():
             signal.signal(s, h)
         if saved_env is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
+
+
+def reclaim_sigterm() -> None:
+    """Put our SIGTERM handler back: ``ray.init`` installs its own (``sys.exit``), which would
+    end the command with Tune's state unsaved and MLflow's runs left RUNNING. Called right
+    after Ray starts or is joined."""
+    if _active.is_set() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _handler)
 
 
 def check() -> None:

@@ -193,6 +193,18 @@ def grid_space(space: SearchSpace) -> dict[str, Any]:
     return out
 
 
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+
+
+def check_study_storage(url: str) -> str:
+    """``--study-storage`` is a database URL Optuna's RDB storage opens (SQLAlchemy's form)."""
+    scheme = url.partition("://")[0].partition("+")[0]
+    if "://" not in url or scheme not in RDB_SCHEMES:
+        raise ConfigError(f"--study-storage {url}: expected a database URL (sqlite:///path.db, "
+                          "postgresql://user@host/db, mysql://...)")
+    return url
+
+
 def default_study_storage(storage_path: str) -> str:
     path = Path(storage_path).resolve()
     path.mkdir(parents=True, exist_ok=True)

@@ -12,16 +12,22 @@ driver is the one client that talks HTTP to ``mlflow server``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
+
+from pouta_core.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +56,54 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+class TrackingAccessError(ConfigError):
+    """The MLflow server refused this client: a host name it does not allow, or credentials
+    missing or wrong. The message is one line that names what fixes it (exit 2)."""
+
+
+_INVALID_HOST = "Invalid Host header"   # MLflow's answer to a Host outside --allowed-hosts
+
+
+def access_error(uri: str, exc: BaseException) -> TrackingAccessError | None:
+    """What ``exc`` (from a call to the server at ``uri``) means when the server refused us;
+    None for any other error. MLflow does not retry these answers, so they arrive at once."""
+    text = str(exc)
+    found = re.search(r"error code (\d{3})", text)
+    code = int(found.group(1)) if found else getattr(exc, "get_http_status_code", lambda: None)()
+    host = urlparse(uri).netloc.rpartition("@")[2]
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == 403 and _INVALID_HOST in text:
+        return TrackingAccessError(
+            f"{uri}: the MLflow server refuses the host name '{host}' (403 Invalid Host header); start it with "
+            f"--allowed-hosts {host} (and --cors-allowed-origins for the UI), see cluster/SECURITY.md")
+    if code == 401:
+        what = f"user '{user}' and its password were refused" if user else "it asks for a user"
+        return TrackingAccessError(f"{uri}: {what} (401); set MLFLOW_TRACKING_USERNAME and "
+                                   "MLFLOW_TRACKING_PASSWORD to the account cluster/SECURITY.md creates")
+    if code == 403:
+        return TrackingAccessError(f"{uri}: user '{user or '(none)'}' may not do this (403 Permission denied); "
+                                   "grant it EDIT on the experiment (or MANAGE for the registry), see "
+                                   "cluster/SECURITY.md")
+    return None
+
+
 def setup(uri: str | None, experiment: str) -> tuple[MlflowClient, str]:
-    """-> (client, experiment id), creating the experiment if needed."""
+    """-> (client, experiment id), creating the experiment if needed. A server that refuses
+    this client (host name, credentials) raises :class:`TrackingAccessError` at once."""
     uri = resolve_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        exp_id = client.create_experiment(experiment, artifact_location=artifact_root(uri))
-    else:
-        exp_id = exp.experiment_id
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment,
+                                                                         artifact_location=artifact_root(uri))
+    except Exception as exc:
+        refused = access_error(uri, exc)
+        if refused is None:
+            raise
+        raise refused from None
     return client, exp_id
 
 
@@ -84,6 +126,7 @@ def get_or_create_run(client: MlflowClient, exp_id: str, key: str, *, name: str,
             all_tags["mlflow.parentRunId"] = parent_id
         run_id = client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
     _open_runs[run_id] = client
+    _ended.discard(run_id)
     return run_id
 
 
@@ -97,22 +140,54 @@ def selection_tag(val_split: str) -> str:
 
 
 def finish(client: MlflowClient, run_id: str, ok: bool = True) -> None:
+    """Mark a run FINISHED (or FAILED); a run this process has ended already (KILLED by a
+    stop) keeps its status."""
+    if run_id in _ended:
+        return
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
     _open_runs.pop(run_id, None)
 
 
+_ended: set[str] = set()
+
+
+@contextlib.contextmanager
+def quick_requests(timeout_s: int = 2) -> Iterator[None]:
+    """Within: MLflow HTTP calls try once, for at most ``timeout_s`` (its default is minutes of
+    retries): for a process that must end now (``ray job stop`` kills it 3 s after SIGTERM),
+    and while the outbox, which retries itself, delivers."""
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update({names[0]: "0", names[1]: str(timeout_s)})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def end_open_runs(status: str = "KILLED") -> list[str]:
+    """Mark every run this process left RUNNING as ``status`` (KILLED: stopped, a rerun
+    reopens them; FAILED: an unexpected error), one quick try each. -> their ids."""
+    ended = []
+    with quick_requests():
+        for run_id, client in list(_open_runs.items()):
+            try:
+                client.set_terminated(run_id, status)
+                ended.append(run_id)
+                _ended.add(run_id)
+            except Exception as exc:  # the store may be gone; say so, keep going
+                log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(exc).splitlines()[0])
+            _open_runs.pop(run_id, None)
+    return ended
+
+
 def kill_open_runs() -> list[str]:
-    """Mark every run this process left RUNNING as KILLED (a resumed command reopens them).
-    -> their ids."""
-    killed = []
-    for run_id, client in list(_open_runs.items()):
-        try:
-            client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
-            killed.append(run_id)
-        except Exception as exc:  # the store may be gone; say so, keep going
-            log.warning("could not mark MLflow run %s KILLED: %s", run_id, exc)
-        _open_runs.pop(run_id, None)
-    return killed
+    """Mark every run this process left RUNNING as KILLED (a resumed command reopens them)."""
+    return end_open_runs("KILLED")
 
 
 def flatten(prefix: str, obj: Any) -> dict[str, Any]:
@@ -139,12 +214,14 @@ def last_step(client: MlflowClient, run_id: str, metric: str = "loss_total") -> 
     return max((m.step for m in history), default=-1)
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int) -> None:
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int,
+                timestamp_ms: int | None = None) -> None:
+    """Log the numeric ``metrics`` at ``step``, stamped ``timestamp_ms`` (default: now)."""
     import time
 
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
              if isinstance(v, int | float) and not isinstance(v, bool) and v == v]
     if batch:

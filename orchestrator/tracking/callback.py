@@ -1,10 +1,12 @@
 """A Tune callback that mirrors every trial into MLflow from the driver: one child run per
 category-trial under the command's parent run, every reported metric with its epoch as the
-step, and at the end the trial's config, checkpoint, metrics and heat-map grid."""
+step, and at the end the trial's config, checkpoint, metrics and heat-map grid. The writes go
+through an outbox (:mod:`.outbox`): an MLflow outage neither stops nor stalls the sweep."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,16 @@ from ray.tune import Callback
 
 from orchestrator import tracking
 from orchestrator.spec import SAMPLED, TrialSpec
+from orchestrator.tracking.outbox import Outbox
 
 log = logging.getLogger(__name__)
 ARTIFACTS = ("config.yaml", "checkpoint.pt", "metrics.json", "heatmaps.png", "val_files.json")
 
 
 class MlflowTrialCallback(Callback):
+    """Tune's events as MLflow writes, put in an :class:`~orchestrator.tracking.outbox.Outbox`
+    (never waiting on MLflow in Tune's loop); :meth:`close` delivers what is left."""
+
     def __init__(self, tracking_uri: str, mlflow_experiment: str, spec: TrialSpec, parent_run_id: str,
                  parent_key: str, tags: dict[str, str], fingerprints: Mapping[str, str]) -> None:
         self.tracking_uri = tracking_uri
@@ -28,79 +34,130 @@ class MlflowTrialCallback(Callback):
         self.parent_key = parent_key
         self.tags = tags
         self.fingerprints = fingerprints
-        self.runs: dict[str, str] = {}        # trial id -> MLflow run id
-        self.steps: dict[str, int] = {}       # run id -> last logged epoch
+        self.opened: set[str] = set()          # trial ids whose run is asked for
+        self.last_epoch: dict[str, int] = {}   # trial id -> last epoch put in the outbox
         self.checkpoints: dict[str, str] = {}  # trial id -> latest checkpoint path
         self._client = None
+        self._outbox: Outbox | None = None
 
-    # Tune pickles callbacks into its experiment state; the client is rebuilt on demand.
+    # Tune pickles callbacks into its experiment state; the client and the outbox (a thread)
+    # are rebuilt on demand.
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_outbox": None}
 
     @property
     def client(self):
+        """A client for the driver's own calls after the sweep (registration)."""
         if self._client is None:
             self._client, self._exp_id = tracking.setup(self.tracking_uri, self.mlflow_experiment)
         return self._client
 
-    def run_for(self, trial) -> str:
-        if trial.trial_id in self.runs:
-            return self.runs[trial.trial_id]
-        client = self.client
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            box = Outbox(lambda: self._connect(box))
+            box.state.update(runs={}, steps={})
+            self._outbox = box
+        return self._outbox
+
+    def _connect(self, box: Outbox):
+        client, box.state["exp_id"] = tracking.setup(self.tracking_uri, self.mlflow_experiment)
+        return client
+
+    def key_of(self, category: str, trial_id: str) -> str:
+        return f"{self.parent_key}/{category}/{trial_id}"
+
+    def _open(self, trial) -> str:
+        """Ask for the trial's run (created, or found again by its key) -> its key."""
         category = trial.config["category"]
+        key = self.key_of(category, trial.trial_id)
+        if trial.trial_id in self.opened:
+            return key
+        self.opened.add(trial.trial_id)
         dataset = self.spec.data.dataset
         config = self.spec.config_for(category, trial.config.get(SAMPLED))
-        key = f"{self.parent_key}/{category}/{trial.trial_id}"
-        run_id = tracking.get_or_create_run(
-            client, self._exp_id, key, name=f"{category}-{trial.trial_id}", parent_id=self.parent_run_id,
-            tags={**self.tags, tracking.TAG_KIND: "trial", "pouta.category": category, "dataset": dataset,
-                  "category": category, "variant": config.variant,
-                  tracking.TAG_SELECTION: tracking.selection_tag(config.val_split),
-                  tracking.TAG_FINGERPRINT: self.fingerprints.get(category, "unknown")})
-        tracking.log_params(client, run_id, {**config.to_dict(), "category": category, "dataset": dataset})
-        self.runs[trial.trial_id] = run_id
-        self.steps[run_id] = tracking.last_step(client, run_id)
-        return run_id
+        tags = {**self.tags, tracking.TAG_KIND: "trial", "pouta.category": category, "dataset": dataset,
+                "category": category, "variant": config.variant,
+                tracking.TAG_SELECTION: tracking.selection_tag(config.val_split),
+                tracking.TAG_FINGERPRINT: self.fingerprints.get(category, "unknown")}
+        params = {**config.to_dict(), "category": category, "dataset": dataset}
+        name, parent = f"{category}-{trial.trial_id}", self.parent_run_id
+
+        def deliver(client, state) -> None:
+            run_id = tracking.get_or_create_run(client, state["exp_id"], key, name=name, tags=tags, parent_id=parent)
+            tracking.log_params(client, run_id, params)
+            state["steps"][run_id] = tracking.last_step(client, run_id)
+            state["runs"][key] = run_id
+
+        self.outbox.put(deliver, f"the run of trial {trial.trial_id}")
+        return key
 
     def run_id_for(self, category: str, trial_id: str) -> str:
         """The child run of a trial, also one this process did not see start (a restored sweep)."""
-        if trial_id in self.runs:
-            return self.runs[trial_id]
+        key = self.key_of(category, trial_id)
+        known = self.outbox.state["runs"].get(key)
+        if known:
+            return known
         self.client  # noqa: B018 - sets the experiment id
-        run_id = tracking.find_run(self.client, self._exp_id, f"{self.parent_key}/{category}/{trial_id}")
+        run_id = tracking.find_run(self.client, self._exp_id, key)
         if run_id is None:
             raise KeyError(f"no MLflow run for trial {trial_id} of {category}")
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.run_for(trial)
+        self._open(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        run_id = self.run_for(trial)
+        key = self._open(trial)
         epoch = int(result.get("epoch", -1))
         # Ray Train runs name their checkpoint in the result; one-worker trials are Tune's own.
         path = result.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None)
         if path:
             self.checkpoints[trial.trial_id] = path
-        if epoch <= self.steps.get(run_id, -1):
-            return    # a restarted trial reports epochs MLflow already has
-        tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items()
-                                                   if k.startswith(("loss_", "val_", "test_", "lr", "latency"))},
-                             step=epoch)
-        self.steps[run_id] = epoch
+        if epoch <= self.last_epoch.get(trial.trial_id, -1):
+            return
+        self.last_epoch[trial.trial_id] = epoch
+        metrics = {k: v for k, v in result.items() if k.startswith(("loss_", "val_", "test_", "lr", "latency"))}
+        stamp = int(time.time() * 1000)   # when reported: a repeated delivery is an exact repeat
+
+        def deliver(client, state) -> None:
+            run_id = state["runs"][key]
+            if epoch <= state["steps"].get(run_id, -1):
+                return    # a restarted trial reports epochs MLflow already has
+            tracking.log_metrics(client, run_id, metrics, step=epoch, timestamp_ms=stamp)
+            state["steps"][run_id] = epoch
+
+        self.outbox.put(deliver, f"epoch {epoch} of trial {trial.trial_id}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        run_id = self.run_for(trial)
+        key = self._open(trial)
         path = (trial.checkpoint.path if trial.checkpoint else None) or self.checkpoints.get(trial.trial_id)
+        files: list[tuple[str, str | None]] = []
         if path and Path(path).is_dir():
-            for name in ARTIFACTS:
-                f = Path(path) / name
-                if f.is_file():
-                    self.client.log_artifact(run_id, str(f), artifact_path="checkpoint" if name == "checkpoint.pt"
-                                             else None)
+            files = [(str(Path(path) / name), "checkpoint" if name == "checkpoint.pt" else None)
+                     for name in ARTIFACTS if (Path(path) / name).is_file()]
         elif path:
             log.warning("checkpoint %s is not on a local or mounted filesystem; artifacts not logged", path)
-        tracking.finish(self.client, run_id, ok=True)
+
+        def deliver(client, state) -> None:
+            run_id = state["runs"][key]
+            for file, folder in files:
+                client.log_artifact(run_id, file, artifact_path=folder)
+            tracking.finish(client, run_id, ok=True)
+
+        self.outbox.put(deliver, f"the artifacts of trial {trial.trial_id}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        tracking.finish(self.client, self.run_for(trial), ok=False)
+        key = self._open(trial)
+        self.outbox.put(lambda client, state: tracking.finish(client, state["runs"][key], ok=False),
+                        f"the end of trial {trial.trial_id}")
+
+    def close(self, timeout_s: float) -> int:
+        """Deliver what the outbox holds, waiting at most ``timeout_s`` for MLflow -> how many
+        records were not logged."""
+        return self._outbox.close(timeout_s) if self._outbox is not None else 0
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether MLflow was unreachable when the outbox closed."""
+        return self._outbox is not None and self._outbox.outage_since is not None

@@ -3,6 +3,7 @@ a rerun) and the Tune callback that mirrors each trial into a child run under it
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -10,9 +11,12 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
+from orchestrator.errors import TrackingIncomplete
 from orchestrator.plan import Plan
 from orchestrator.spec import TrialSpec
 from orchestrator.tracking.callback import MlflowTrialCallback
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,3 +44,16 @@ def open_parent(plan: Plan, kind: str, spec: TrialSpec, fingerprints: Mapping[st
     cb = MlflowTrialCallback(tracking.resolve_tracking_uri(plan.tracking_uri), plan.mlflow_experiment, spec,
                              run_id, key, {"git_commit": commit}, fingerprints)
     return Parent(client, run_id, cb)
+
+
+def drain(parent: Parent, plan: Plan) -> None:
+    """After the trials: deliver the callback's waiting records, waiting up to
+    ``plan.mlflow_wait`` seconds for an unreachable MLflow. Still unreachable: raise
+    :class:`TrackingIncomplete` (nothing is registered; Ray's results stay for a rerun)."""
+    lost = parent.callback.close(plan.mlflow_wait)
+    if parent.callback.unreachable:
+        raise TrackingIncomplete(
+            f"MLflow at {parent.callback.tracking_uri} stayed unreachable: {lost} records not logged and nothing "
+            f"registered; Ray's results are intact in {plan.experiment_path}")
+    if lost:
+        log.warning("%d MLflow records were refused (see the warnings above)", lost)
