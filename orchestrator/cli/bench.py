@@ -11,15 +11,20 @@ from orchestrator.cli.console import print_json
 from pouta_core.config import Config, ConfigError
 
 
-def _cmd_bench_model(args: argparse.Namespace) -> int:
+def _bench_config(args: argparse.Namespace) -> Config:
+    """The config a model or train benchmark measures (``--image-size`` over the preset), on a
+    device that exists."""
     import torch
-
-    from pouta_core.benchmark import bench_models, format_table
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda requested but CUDA is not available")
-    extra = [f"image_size={args.image_size}"] if args.image_size else []
-    cfg = load_config(args, extra)
+    return load_config(args, [f"image_size={args.image_size}"] if args.image_size else [])
+
+
+def _cmd_bench_model(args: argparse.Namespace) -> int:
+    from pouta_core.benchmark import bench_models, format_table
+
+    cfg = _bench_config(args)
     result = bench_models(cfg, device=args.device, runs=args.runs, warmup=args.warmup,
                           progress=not args.json)
     if args.json:
@@ -30,16 +35,11 @@ def _cmd_bench_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    import torch
-
     from pouta_core.benchmark import bench_train
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but CUDA is not available")
     if args.steps < 1 or args.num_workers < 0:
         raise ConfigError("--steps must be >= 1 and --num-workers >= 0")
-    extra = [f"image_size={args.image_size}"] if args.image_size else []
-    r = bench_train(load_config(args, extra), device=args.device, steps=args.steps, num_workers=args.num_workers,
+    r = bench_train(_bench_config(args), device=args.device, steps=args.steps, num_workers=args.num_workers,
                     progress=not args.json)
     if args.json:
         print_json(r)
