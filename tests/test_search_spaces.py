@@ -100,3 +100,15 @@ def test_pareto_front_keeps_only_non_dominated_trials():
             {"t": 4, "q": 0.9, "lat": 12.0}]
     front = pareto_front(rows, [("q", "max"), ("lat", "min")])
     assert sorted(r["t"] for r in front) == [1, 2]
+
+
+def test_asha_runs_to_the_most_epochs_the_space_can_sample():
+    """full.yaml searches epochs 400..800 over the paper preset's 600: ASHA's max_t follows the
+    space, not the preset (issue 27); a space without epochs keeps the config's own."""
+    from orchestrator.execution.scheduling import asha
+
+    paper = Config.from_preset("paper")
+    full = asha({"tiles": paper}, search_spaces.load("full", paper)).schedulers["tiles"]
+    assert (full._max_t, full._brackets[0]._rungs[-1][0]) == (800, 100)   # grace: a quarter of the fewest
+    fixed = asha({"tiles": paper}, search_spaces.load("mss_lambdas", paper)).schedulers["tiles"]
+    assert fixed._max_t == paper.epochs == 600

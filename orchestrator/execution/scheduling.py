@@ -143,7 +143,7 @@ def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: 
     grid point of every category for a grid space; ASHA per category on ``configs``' epochs
     when ``scheduler`` is ``asha``."""
     categories = list(configs)
-    stopper = asha(configs) if scheduler == "asha" else None
+    stopper = asha(configs, space) if scheduler == "asha" else None
     if space.has_grid:
         return SweepSearch({"category": tune.grid_search(categories), SAMPLED: grid_space(space)}, num_samples,
                            None, stopper, None, {})
@@ -211,14 +211,28 @@ def default_study_storage(storage_path: str) -> str:
     return f"sqlite:///{path / 'optuna.db'}"
 
 
-def asha(configs: Mapping[str, Config]) -> PerCategoryScheduler:
+def epoch_range(space: SearchSpace, config: Config) -> tuple[int, int]:
+    """The fewest and the most epochs a trial of ``config`` can train: ``config.epochs``, or the
+    range of ``epochs`` when the space searches it."""
+    searched = next((d for d in space.dimensions if d.key == "epochs"), None)
+    if searched is None:
+        return config.epochs, config.epochs
+    values = [int(v) for v in searched.extremes()]
+    return min(values), max(values)
+
+
+def asha(configs: Mapping[str, Config], space: SearchSpace) -> PerCategoryScheduler:
     """ASHA per category (a pills trial is never stopped for being worse than a tiles trial),
-    its rungs on each category's own epochs."""
+    its rungs on each category's own epochs. When the space searches ``epochs``, ``max_t`` is
+    the most it can sample, so no trial is cut at the base config's length (a 800-epoch trial
+    of ``full.yaml`` was stopped at the paper preset's 600 while ``-best.yaml`` said 800), and
+    the grace period is a quarter of the fewest."""
     from ray.tune.schedulers import ASHAScheduler
 
     def make(category: str) -> ASHAScheduler:
-        epochs, eval_every = configs[category].epochs, configs[category].eval_every
-        return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(epochs, max(eval_every, epochs // 4)),
+        fewest, most = epoch_range(space, configs[category])
+        eval_every = configs[category].eval_every
+        return ASHAScheduler(time_attr="epoch", max_t=most, grace_period=min(fewest, max(eval_every, fewest // 4)),
                              reduction_factor=2)
 
     return PerCategoryScheduler(make, list(configs))
