@@ -1,9 +1,9 @@
 """MLflow tracking: where runs go, one parent run per command, one child run per
 category-trial, the registry with aliases (``champion`` / ``challenger``; stages are not used).
 This module holds the store and run helpers every part uses; beside it: :mod:`.parent` (the
-command's parent run), :mod:`.callback` (trials into child runs), :mod:`.registry` (names,
-aliases, the chosen weights registered), :mod:`.models` (weights by name), :mod:`.report`
-(what a command found).
+command's parent run), :mod:`.callback` (trials into child runs, through :mod:`.outbox`),
+:mod:`.registry` (names, aliases, the chosen weights registered), :mod:`.models` (weights by
+name), :mod:`.report` (what a command found).
 
 All MLflow calls happen in the driver process (a Tune callback and the commands), never in
 the training workers: so the embedded sqlite file has a single writer, and on a cluster the
