@@ -27,8 +27,9 @@ def run_launch(plan: Plan, *, resume: bool, per_category: dict[str, dict[str, An
     keys = both_splits(SUMMARY_METRICS)
     fingerprints = fingerprints or plan.fingerprints()
     spec = plan.trial_spec(category_values=per_category)
-    parent = open_parent(plan, kind, spec, fingerprints)   # MLflow before Ray: see sweep.py
+    tracking.setup(plan.tracking_uri, plan.mlflow_experiment)   # MLflow answers, Ray can hold a trial: see sweep.py
     init_ray(plan)
+    parent = open_parent(plan, kind, spec, fingerprints)
     client, parent_id, cb = parent.client, parent.run_id, parent.callback
     param_space = {"category": tune.grid_search(plan.categories)}
     tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None,

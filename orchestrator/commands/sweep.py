@@ -4,8 +4,8 @@ validation metric. All categories run in one Tune experiment and share its trial
 (orchestrator/execution/scheduling.py). Grid spaces (``ablation.yaml``) run every grid point of every
 category instead of a study.
 
-:func:`run_sweep` reads top to bottom as the sweep's data flows: plan -> trial spec -> parent
-run and callback -> search -> Ray -> Tune -> choice -> registry -> report."""
+:func:`run_sweep` reads top to bottom as the sweep's data flows: plan -> trial spec -> MLflow and Ray
+checked -> parent run and callback -> search -> Tune -> choice -> registry -> report."""
 
 from __future__ import annotations
 
@@ -78,16 +78,17 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     fingerprints = plan.fingerprints()
     spec = plan.trial_spec(plan.base.replace(**space.fixed))
     configs = {c: spec.config_for(c) for c in plan.categories}
-    # MLflow first: a server that refuses us (host name, credentials) stops the command at once,
-    # before an Optuna study or a Ray cluster exists.
+    storage_url = check_study_storage(study_storage) if study_storage else default_study_storage(plan.storage_path)
+    # Checked before anything starts: MLflow answers us (a server that refuses the host name or
+    # the user stops the command here, in one line), then Ray can hold a trial; only then are
+    # the parent run and the Optuna studies created.
+    tracking.setup(plan.tracking_uri, plan.mlflow_experiment)
+    init_ray(plan)
     parent = open_parent(plan, "sweep", spec, fingerprints, tags={"search_space": space.path.name}, params={
         "search_space": space.path.name, "num_samples": num_samples, "scheduler": scheduler,
         "objectives": ",".join(f"{k}:{m}" for k, m in objectives)})
     search = sweep_search(space, configs, objectives, run_name=plan.run_name, seed=plan.base.seed,
-                          num_samples=num_samples, scheduler=scheduler, resume=resume,
-                          storage_url=check_study_storage(study_storage) if study_storage
-                          else default_study_storage(plan.storage_path))
-    init_ray(plan)
+                          num_samples=num_samples, scheduler=scheduler, resume=resume, storage_url=storage_url)
     metric, mode = objectives[0]
     tune_config = tune.TuneConfig(
         metric=None if multi else metric, mode=None if multi else mode, search_alg=search.search_alg,

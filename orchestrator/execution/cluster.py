@@ -139,7 +139,7 @@ def init_ray(plan: Plan | None = None) -> str:
     """Connect to the cluster the plan names (``--ray-address``, else ``RAY_ADDRESS``), or
     start an in-process one: see :func:`connect`."""
     address = connect(plan.ray_address if plan else None, log_to_driver=bool(plan and plan.verbose))
-    if plan is not None and started_here():
+    if plan is not None and _started_here:
         # A fixed-size cluster (no autoscaler): a worker no node can hold fails now, not after
         # --pending-timeout.
         check_feasible(plan.resources.worker(), plan.resources.workers)
