@@ -4,8 +4,9 @@ background thread delivers them, in order, retrying while the server is unreacha
 Tune calls its callbacks from the driver's loop: a callback that waits on MLflow waits the
 whole sweep (MLflow's own retries take minutes per call), and one that raises stops it. Here
 ``put`` never waits and never raises; the thread keeps the record at the head of the queue
-and tries again (1 s, doubling to 30 s) until it is delivered, so an outage delays the
-records and loses none. MLflow's own retries are off while the outbox runs: it is the retry.
+and tries again (1 s, doubling to 30 s; every 3 s once the command is only waiting for it)
+until it is delivered, so an outage delays the records and loses none. MLflow's own
+retries are off while the outbox runs: it is the retry.
 
 Every write is safe to repeat (the same run is found again by its key, metrics carry the
 timestamp they were reported at and MLflow drops exact repeats, artifacts overwrite), so a
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY = 100_000
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
+RETRY_CLOSING_S = 3.0   # once the trials are done, nothing else waits: try more often
 REQUEST_TIMEOUT_S = 10   # one HTTP call while the outbox runs (MLflow's default: 120 s, 7 retries)
 
 
@@ -140,7 +142,7 @@ class Outbox:
                         if self._closing and self._deadline is not None and time.monotonic() >= self._deadline:
                             return
                         self._cond.wait(min(wait, max(0.0, (self._deadline or float("inf")) - time.monotonic())))
-                    wait = min(wait * 2, RETRY_MAX_S)
+                    wait = min(wait * 2, RETRY_CLOSING_S if self._closing else RETRY_MAX_S)
                     continue
                 with self._cond:
                     self.refused += 1
