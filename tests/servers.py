@@ -104,7 +104,9 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
         self.log = root / f"mlflow-server-{self.port}.log"
 
-    def start(self) -> str:
+    def start(self, wait: bool = True) -> str:
+        """Start the server (and wait until it answers, unless ``wait`` is False: then call
+        :meth:`wait`, e.g. after starting something else meanwhile) -> its URL."""
         argv = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                 "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
@@ -112,25 +114,23 @@ class MlflowServer:
             name = f"{self.host}:{self.port}"
             argv += ["--allowed-hosts", f"{self.host},{name},localhost:*,127.0.0.1:*",
                      "--cors-allowed-origins", f"http://{name}"]
-        self.proc = subprocess.Popen(argv, stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+        # MLflow 3's job runner (GenAI evaluation jobs; POUTA starts none) is one more process
+        # importing MLflow on a 2-core machine: off.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(argv, stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=env)
         reap_with_us(self.proc)
-        wait_http(f"http://127.0.0.1:{self.port}/health", 120, self.proc, self.log)
+        if wait:
+            self.wait()
         return self.url
+
+    def wait(self) -> None:
+        wait_http(f"http://127.0.0.1:{self.port}/health", 120, self.proc, self.log)
 
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc)
             self.proc = None
-
-
-@contextlib.contextmanager
-def mlflow_server(root: Path, *, by_name: bool = False):
-    """-> the URL of a running :class:`MlflowServer`, stopped on exit."""
-    server = MlflowServer(root, by_name=by_name)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
 
 
 @contextlib.contextmanager
@@ -158,7 +158,9 @@ def ray_head(root: Path, num_cpus: int = 2):
         wait_http(f"http://127.0.0.1:{dash}/api/version", 180, proc, log)
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": auth}
     finally:
-        stop(proc, timeout=30)
+        # `ray start --block` spends half a minute stopping its children on SIGTERM; the group
+        # (every Ray process it started) is killed after 5 s instead.
+        stop(proc, timeout=5)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

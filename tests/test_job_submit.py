@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import small_args
 from mlflow.tracking import MlflowClient
-from servers import MlflowServer, mlflow_server, ray_head
+from servers import MlflowServer, ray_head
 
 from pouta_core.data.demo import generate
 
@@ -28,8 +28,14 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     # The job's entrypoint runs with the head's environment: `pouta` must be on its PATH.
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
-    with mlflow_server(root, by_name=True) as mlflow_url, ray_head(root) as ray:
-        yield {"root": root, "mlflow": mlflow_url, **ray}
+    server = MlflowServer(root, by_name=True)
+    server.start(wait=False)   # it starts while Ray does
+    try:
+        with ray_head(root) as ray:
+            server.wait()
+            yield {"root": root, "mlflow": server.url, **ray}
+    finally:
+        server.stop()
 
 
 def ray_cli(cluster, *args, check=True, timeout=120):
