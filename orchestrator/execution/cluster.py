@@ -116,11 +116,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     return gcs
 
 
-def started_here() -> bool:
-    """Whether the connected cluster is one this process started (fixed size: no autoscaler)."""
-    return _started_here and ray.is_initialized()
-
-
 def disconnect() -> None:
     """Shut Ray down (an in-process cluster stops) and restore the environment."""
     global _saved_env, _started_here
@@ -140,7 +135,7 @@ def init_ray(plan: Plan | None = None) -> str:
     start an in-process one: see :func:`connect`."""
     address = connect(plan.ray_address if plan else None, log_to_driver=bool(plan and plan.verbose))
     if plan is not None and _started_here:
-        # A fixed-size cluster (no autoscaler): a worker no node can hold fails now, not after
-        # --pending-timeout.
+        # Started here, so a fixed-size cluster (no autoscaler): a worker no node can hold fails
+        # now, not after --pending-timeout.
         check_feasible(plan.resources.worker(), plan.resources.workers)
     return address

@@ -185,11 +185,6 @@ def end_open_runs(status: str = "KILLED") -> list[str]:
     return ended
 
 
-def kill_open_runs() -> list[str]:
-    """Mark every run this process left RUNNING as KILLED (a resumed command reopens them)."""
-    return end_open_runs("KILLED")
-
-
 def flatten(prefix: str, obj: Any) -> dict[str, Any]:
     if isinstance(obj, dict):
         out: dict[str, Any] = {}

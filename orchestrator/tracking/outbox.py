@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.tracking import quick_requests
@@ -45,7 +45,6 @@ class Record:
 
     deliver: Callable[[Any, dict[str, Any]], None]
     what: str
-    attempts: int = field(default=0)
 
 
 def transient(exc: BaseException) -> bool:
@@ -87,8 +86,9 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._busy = False
+        self._deadline: float | None = None
         self._env: contextlib.ExitStack | None = None
-        self.delivered = self.dropped = self.refused = 0
+        self.dropped = self.refused = 0
         self.outage_since: float | None = None
 
     def put(self, deliver: Callable[[Any, dict[str, Any]], None], what: str) -> None:
@@ -112,10 +112,6 @@ class Outbox:
                 self._thread.start()
             self._cond.notify_all()
 
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._queue) + (1 if self._busy else 0)
-
     def _run(self) -> None:
         client = None
         wait = RETRY_FIRST_S
@@ -129,7 +125,6 @@ class Outbox:
                 self._busy = True
             try:
                 client = client or self._client()
-                record.attempts += 1
                 record.deliver(client, self.state)
             except Exception as exc:
                 if transient(exc):
@@ -148,8 +143,6 @@ class Outbox:
                     self.refused += 1
                 log.warning("MLflow refused %s: %s", record.what, str(exc).splitlines()[0][:300])
             else:
-                with self._cond:
-                    self.delivered += 1
                 if self.outage_since is not None:
                     log.warning("MLflow is back after %.0f s; sending %d waiting records",
                                 time.monotonic() - self.outage_since, len(self._queue))
@@ -159,8 +152,6 @@ class Outbox:
                 self._queue.popleft()
                 self._busy = False
                 self._cond.notify_all()
-
-    _deadline: float | None = None
 
     def close(self, timeout_s: float) -> int:
         """Deliver what is queued, waiting at most ``timeout_s`` -> how many records were not
