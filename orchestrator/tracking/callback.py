@@ -23,7 +23,8 @@ ARTIFACTS = ("config.yaml", "checkpoint.pt", "metrics.json", "heatmaps.png", "va
 
 class MlflowTrialCallback(Callback):
     """Tune's events as MLflow writes, put in an :class:`~orchestrator.tracking.outbox.Outbox`
-    (never waiting on MLflow in Tune's loop); :meth:`close` delivers what is left."""
+    (never waiting on MLflow in Tune's loop); :func:`~orchestrator.tracking.outbox.close_all`
+    delivers what is left."""
 
     def __init__(self, tracking_uri: str, mlflow_experiment: str, spec: TrialSpec, parent_run_id: str,
                  parent_key: str, tags: dict[str, str], fingerprints: Mapping[str, str]) -> None:
@@ -151,13 +152,3 @@ class MlflowTrialCallback(Callback):
         key = self._open(trial)
         self.outbox.put(lambda client, state: tracking.finish(client, state["runs"][key], ok=False),
                         f"the end of trial {trial.trial_id}")
-
-    def close(self, timeout_s: float) -> int:
-        """Deliver what the outbox holds, waiting at most ``timeout_s`` for MLflow -> how many
-        records were not logged."""
-        return self._outbox.close(timeout_s) if self._outbox is not None else 0
-
-    @property
-    def unreachable(self) -> bool:
-        """Whether MLflow was unreachable when the outbox closed."""
-        return self._outbox is not None and self._outbox.outage_since is not None

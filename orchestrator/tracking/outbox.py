@@ -71,6 +71,24 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
+# Outboxes whose thread runs in this process. A resumed sweep's trials are logged by the
+# callback Tune restores from its tuner.pkl, not by the one the command built: so the command
+# drains every outbox, not the one it knows.
+_running: list[Outbox] = []
+
+
+def close_all(timeout_s: float) -> tuple[int, bool]:
+    """Close every outbox started in this process, all within ``timeout_s`` -> (records not
+    logged, whether MLflow was unreachable when they closed)."""
+    deadline = time.monotonic() + timeout_s
+    lost, unreachable = 0, False
+    while _running:
+        box = _running.pop()
+        lost += box.close(max(0.0, deadline - time.monotonic()))
+        unreachable = unreachable or box.outage_since is not None
+    return lost, unreachable
+
+
 class Outbox:
     """Writes delivered in order by one daemon thread, started on the first :meth:`put`.
 
@@ -110,6 +128,7 @@ class Outbox:
                 self._env.enter_context(quick_requests(REQUEST_TIMEOUT_S))
                 self._thread = threading.Thread(target=self._run, name="pouta-mlflow-outbox", daemon=True)
                 self._thread.start()
+                _running.append(self)
             self._cond.notify_all()
 
     def _run(self) -> None:

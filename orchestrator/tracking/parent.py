@@ -14,6 +14,7 @@ from orchestrator import tracking
 from orchestrator.errors import TrackingIncomplete
 from orchestrator.plan import Plan
 from orchestrator.spec import TrialSpec
+from orchestrator.tracking import outbox
 from orchestrator.tracking.callback import MlflowTrialCallback
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,12 @@ def open_parent(plan: Plan, kind: str, spec: TrialSpec, fingerprints: Mapping[st
 
 
 def drain(parent: Parent, plan: Plan) -> None:
-    """After the trials: deliver the callback's waiting records, waiting up to
+    """After the trials: deliver the waiting records (of every trial callback in this process:
+    a resumed Tuner logs through the one it restored), waiting up to
     ``plan.mlflow_wait`` seconds for an unreachable MLflow. Still unreachable: raise
     :class:`TrackingIncomplete` (nothing is registered; Ray's results stay for a rerun)."""
-    lost = parent.callback.close(plan.mlflow_wait)
-    if parent.callback.unreachable:
+    lost, unreachable = outbox.close_all(plan.mlflow_wait)
+    if unreachable:
         raise TrackingIncomplete(
             f"MLflow at {parent.callback.tracking_uri} stayed unreachable: {lost} records not logged and nothing "
             f"registered; Ray's results are intact in {plan.experiment_path}")
