@@ -112,3 +112,13 @@ def test_asha_runs_to_the_most_epochs_the_space_can_sample():
     assert (full._max_t, full._brackets[0]._rungs[-1][0]) == (800, 100)   # grace: a quarter of the fewest
     fixed = asha({"tiles": paper}, search_spaces.load("mss_lambdas", paper)).schedulers["tiles"]
     assert fixed._max_t == paper.epochs == 600
+
+
+def test_searchers_take_one_objective_as_names_and_several_as_lists(tmp_path):
+    from orchestrator.execution.scheduling import metric_and_mode, optuna_search
+
+    assert metric_and_mode([("val_pixel_ap", "max")]) == {"metric": "val_pixel_ap", "mode": "max"}
+    two = [("val_pixel_ap", "max"), ("latency_ms", "min")]
+    assert metric_and_mode(two) == {"metric": ["val_pixel_ap", "latency_ms"], "mode": ["max", "min"]}
+    search = optuna_search(search_spaces.load("mss_lambdas"), two, f"sqlite:///{tmp_path / 'o.db'}", "s", 0, False)
+    assert (search.metric, search.mode) == (["val_pixel_ap", "latency_ms"], ["max", "min"])

@@ -151,11 +151,15 @@ def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: 
     searchers = {c: optuna_search(space, objectives, storage_url, studies[c],
                                   # One seeded sampler per category: categories do not all try the same points.
                                   zlib.crc32(f"{seed}:{c}".encode()), resume) for c in categories}
+    search = CategorySearch(searchers, dict.fromkeys(categories, num_samples), **metric_and_mode(objectives))
+    return SweepSearch({}, num_samples * len(categories), search, stopper, storage_url, studies)
+
+
+def metric_and_mode(objectives: list[tuple[str, str]]) -> dict[str, Any]:
+    """A searcher's ``metric`` and ``mode``: names for one objective, lists for several."""
     metrics, modes = [k for k, _ in objectives], [m for _, m in objectives]
     one = len(objectives) == 1
-    search = CategorySearch(searchers, dict.fromkeys(categories, num_samples),
-                            metric=metrics[0] if one else metrics, mode=modes[0] if one else modes)
-    return SweepSearch({}, num_samples * len(categories), search, stopper, storage_url, studies)
+    return {"metric": metrics[0] if one else metrics, "mode": modes[0] if one else modes}
 
 
 def optuna_space(space: SearchSpace) -> dict[str, Any]:
@@ -247,10 +251,7 @@ def optuna_search(space: SearchSpace, objectives, storage_url: str, study_name: 
     if study_name in existing and not resume:
         raise ConfigError(f"optuna study '{study_name}' already exists in {storage_url}; pass --resume to "
                           "continue it or --name to start another")
-    metrics = [k for k, _ in objectives]
-    modes = [m for _, m in objectives]
-    return OptunaSearch(space=optuna_space(space), metric=metrics if len(metrics) > 1 else metrics[0],
-                        mode=modes if len(modes) > 1 else modes[0],
+    return OptunaSearch(space=optuna_space(space), **metric_and_mode(objectives),
                         sampler=optuna.samplers.TPESampler(seed=seed), storage=storage, study_name=study_name)
 
 
