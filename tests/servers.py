@@ -134,8 +134,10 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def ray_head(root: Path, num_cpus: int = 2):
+def ray_head(root: Path, num_cpus: int = 2, num_gpus: int = 0, cwd: Path | None = None):
     """``ray start --head`` with token auth on and a token of its own (never ~/.ray's).
+    ``num_gpus`` simulates GPUs (a logical resource: what the scheduler sees, not a device);
+    ``cwd`` is where the head starts, the working directory of a job submitted without one.
     -> address, dashboard URL, and ``env``: what a client of this cluster adds to its environment."""
     # Every port Ray would otherwise take by default is chosen here: another Ray on the machine
     # (another test module's in-process one) holds the defaults, and the job API needs its agent.
@@ -151,8 +153,8 @@ def ray_head(root: Path, num_cpus: int = 2):
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
          "--dashboard-agent-listen-port", str(agent),
-         "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+         "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--temp-dir", temp_dir, "--disable-usage-stats"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=cwd)
     reap_with_us(proc)
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", 180, proc, log)

@@ -5,6 +5,8 @@ says; and what a server that refuses the name, and `ray job stop`, leave behind.
 
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import small_args
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer, ray_head
@@ -31,16 +34,19 @@ def cluster(tmp_path_factory):
     server = MlflowServer(root, by_name=True)
     server.start(wait=False)   # it starts while Ray does
     try:
-        with ray_head(root) as ray:
+        # Two simulated GPUs: the cluster configs' entrypoints ask for them. The head starts
+        # outside the repository: a job submitted without a working dir runs where it started.
+        with ray_head(root, num_gpus=2, cwd=root) as ray:
             server.wait()
             yield {"root": root, "mlflow": server.url, **ray}
     finally:
         server.stop()
 
 
-def ray_cli(cluster, *args, check=True, timeout=120):
+def ray_cli(cluster, *args, check=True, timeout=120, cwd=None):
     env = {**os.environ, **cluster["env"]}   # the cluster's token
-    out = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, env=env, timeout=timeout)
+    out = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, env=env, timeout=timeout,
+                         cwd=cwd)
     if check and out.returncode:
         raise AssertionError(f"ray {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -51,11 +57,15 @@ def submit(cluster, entry: list[str], runtime_env: dict) -> str:
     # Uploaded without .git, a job names its commit the documented way (POUTA_GIT_COMMIT); Ray
     # refused to merge that env var with the driver's own (issue 26): the job failed at ray.init.
     env = {"excludes": [".git", ".venv", "demo", "bench-out", "*.db"], **runtime_env}
-    argv = ["job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
-            "--runtime-env-json", json.dumps(env), "--no-wait", "--", *entry]
+    return submit_argv(cluster, ["job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
+                                 "--runtime-env-json", json.dumps(env), "--no-wait", "--", *entry])
+
+
+def submit_argv(cluster, argv: list[str], cwd: Path | None = None) -> str:
+    """``ray <argv>`` (a ``job submit --no-wait``) run in ``cwd`` -> the job id."""
     # The dashboard answers before its job agent is up on a busy machine: retry that case only.
     for _ in range(48):
-        submitted = ray_cli(cluster, *argv, check=False)
+        submitted = ray_cli(cluster, *argv, check=False, cwd=cwd)
         if submitted.returncode == 0 or "No available agent" not in submitted.stderr + submitted.stdout:
             break
         time.sleep(5)
@@ -81,7 +91,8 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
     storage = tmp_path / "ray-results"
     entry = ["pouta", "sweep", "--space", "search_spaces/mss_lambdas.yaml", "--data-root", str(data),
              "--dataset", "mvtec", "--categories", "tiles,pills", "--num-samples", "2", "--max-concurrent", "2",
-             "--storage-path", str(storage), "--tracking-uri", cluster["mlflow"], "--name", "job-test", *SMALL]
+             "--storage-path", str(storage), "--tracking-uri", cluster["mlflow"],
+             "--experiment", "job-test", "--name", "job-test", *SMALL]
     job_id = submit(cluster, entry, {"env_vars": {"POUTA_GIT_COMMIT": "job-commit-abc"}})
     status = wait_for_job(cluster, job_id, 900)
     logs = ray_cli(cluster, "job", "logs", "--address", cluster["dashboard"], job_id, check=False).stdout
@@ -89,7 +100,7 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
     assert "best configs written to" in logs
 
     client = MlflowClient(cluster["mlflow"])
-    exp = client.get_experiment_by_name("pouta")
+    exp = client.get_experiment_by_name("job-test")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("pouta.kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("pouta.kind") == "trial"]
@@ -172,3 +183,105 @@ def test_ray_job_stop_leaves_no_mlflow_run_running(cluster, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert {r.info.status for r in runs} <= {"KILLED", "FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
     assert [r.info.status for r in runs if r.data.tags.get("pouta.kind") == "sweep"] == ["KILLED"]
+
+
+CLUSTER = REPO / "cluster"
+# What a test may substitute in a documented entrypoint: addresses and paths, nothing else.
+SUBSTITUTED = ("/mnt/shared/mvtec", "/mnt/shared/ray-results", "http://mlflow.mlops.svc:5000",
+               "http://mlflow.internal:5000", "http://127.0.0.1:8265")
+
+
+def submit_command(text: str) -> tuple[str, str]:
+    """The first ``ray job submit ... -- pouta ...`` in ``text`` (continued lines joined, comment
+    marks removed) -> (``ray ...`` up to ``--``, the entrypoint)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip("# ").startswith("ray job submit"))
+    command = ""
+    for line in lines[start:]:
+        command += line.lstrip("#").strip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            break
+    options, entry = command.split(" -- ", 1)
+    return " ".join(options.split()), " ".join(entry.split())
+
+
+def documented_submissions() -> list[tuple[str, list[str] | None, str, dict]]:
+    """Every way cluster/ submits a job: (where, the arguments of `ray` the launcher
+    documents or None for a RayJob, entrypoint, the RayJob's runtime env)."""
+    out = []
+    sweep = yaml.safe_load((CLUSTER / "kuberay" / "rayjob-sweep.yaml").read_text())
+    cron_docs = list(yaml.safe_load_all((CLUSTER / "kuberay" / "retrain-cronjob.yaml").read_text()))
+    retrain = next(yaml.safe_load(d["data"]["rayjob.yaml"]) for d in cron_docs if d and d["kind"] == "ConfigMap")
+    for where, job in (("rayjob-sweep.yaml", sweep), ("retrain-cronjob.yaml", retrain)):
+        out.append((where, None, job["spec"]["entrypoint"], yaml.safe_load(job["spec"]["runtimeEnvYAML"])))
+    # The launcher's comment (`#   ray job submit ... -- \` and its continuation lines), which
+    # README.md shows as well, word for word.
+    options, entry = submit_command((CLUSTER / "ray-cluster.yaml").read_text())
+    assert (options, entry) == submit_command((REPO / "README.md").read_text()), "README and launcher differ"
+    out.append(("ray-cluster.yaml", shlex.split(options)[1:], entry, {}))   # after `ray`
+    return out
+
+
+def gpus_in_use(cluster, timeout: float = 30) -> float:
+    """The GPUs ``ray status`` shows reserved (it reports every few seconds: polled)."""
+    deadline = time.monotonic() + timeout
+    used = 0.0
+    while time.monotonic() < deadline and not used:
+        status = ray_cli(cluster, "status", "--address", cluster["address"], check=False).stdout
+        found = re.search(r"([\d.]+)/[\d.]+ GPU", status)
+        used = float(found.group(1)) if found else 0.0
+        time.sleep(1)
+    return used
+
+
+def test_every_documented_entrypoint_runs_verbatim_under_ray_job_submit(cluster, tmp_path):
+    """Each RayJob's entrypoint and the launcher's documented `ray job submit`, word for word
+    but for addresses and paths, submitted from outside the repository to a cluster with
+    (simulated) GPUs: each reaches MLflow by name and starts a trial with the GPU it asks for;
+    then `ray job stop` (training at the paper's size on 2 CPU cores is not the point)."""
+    data = tmp_path / "mvtec"
+    generate(data, categories=1, image_size=32, n_train=6, n_test_good=3, n_test_defect=2)
+    values = {"/mnt/shared/mvtec": str(data), "/mnt/shared/ray-results": str(tmp_path / "ray-results"),
+              "http://mlflow.mlops.svc:5000": cluster["mlflow"], "http://mlflow.internal:5000": cluster["mlflow"],
+              "http://127.0.0.1:8265": cluster["dashboard"]}
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    client = MlflowClient(cluster["mlflow"])
+    submissions = documented_submissions()
+    assert [w for w, *_ in submissions] == ["rayjob-sweep.yaml", "retrain-cronjob.yaml", "ray-cluster.yaml"]
+    for where, options, entry, runtime_env in submissions:
+        for key in SUBSTITUTED:
+            entry = entry.replace(key, values[key])
+        assert "/mnt/" not in entry and "mlflow." not in entry, f"{where}: an address or path not substituted"
+        if options is None:
+            # A RayJob: its env vars as written (addresses substituted); its `pip:` installs the
+            # package, as this machine's environment already has it (editable, resolved from any cwd).
+            env = {k: values.get(v, v) for k, v in runtime_env.get("env_vars", {}).items()}
+            argv = ["job", "submit", "--address", cluster["dashboard"], "--runtime-env-json",
+                    json.dumps({"env_vars": env}), "--no-wait", "--", *shlex.split(entry)]
+            cwd = outside
+        else:
+            # The launcher's instructions are run from a checkout: `--working-dir .` uploads it.
+            options = [values.get(o, o) for o in options]
+            argv = [*options, "--no-wait", "--", *shlex.split(entry)]
+            cwd = REPO
+        before = {r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
+        job_id = submit_argv(cluster, argv, cwd=cwd)
+        deadline = time.monotonic() + 240
+        started = []
+        while time.monotonic() < deadline and not started:
+            runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                    if r.info.run_id not in before]
+            started = [r for r in runs if r.data.tags.get("pouta.kind") == "trial"]
+            status = ray_cli(cluster, "job", "status", "--address", cluster["dashboard"], job_id).stdout.lower()
+            if "failed" in status or "succeeded" in status:
+                break
+            time.sleep(2)
+        logs = ray_cli(cluster, "job", "logs", "--address", cluster["dashboard"], job_id, check=False).stdout
+        assert started, f"{where}: no trial started within 240 s:\n{logs[-4000:]}"
+        assert gpus_in_use(cluster) > 0, f"{where}: a trial runs but no GPU is reserved"
+        ray_cli(cluster, "job", "stop", "--address", cluster["dashboard"], job_id)
+        assert "stopped" in wait_for_job(cluster, job_id, 120), where
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                if r.info.run_id not in before]
+        assert "RUNNING" not in {r.info.status for r in runs}, (where, [(r.info.run_name, r.info.status) for r in runs])
