@@ -48,8 +48,9 @@ def _abs(p: str | None) -> str | None:
 @dataclass(frozen=True)
 class Resources:
     """What each trial may use: ``workers`` Ray Train workers (DDP) of ``cpus_per_worker`` CPUs
-    and ``gpus_per_worker`` GPUs each; ``max_failures`` worker-group restarts of a multi-worker
-    trial before it fails (Ray's default, -1, would retry forever)."""
+    and ``gpus_per_worker`` GPUs each; ``max_failures`` reruns of an errored trial by Tune, and
+    worker-group restarts of a multi-worker trial's run within each (Ray's default, -1, would
+    retry forever)."""
 
     workers: int = 1
     cpus_per_worker: float = 1.0

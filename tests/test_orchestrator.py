@@ -267,10 +267,30 @@ def test_a_failing_category_does_not_stop_the_others(env, capsys):
         shutil.rmtree(env["data"] / "pills" / "ground_truth" / defect)
     code = cli.main(["retrain", "--categories", "all", "--force", "--val-split", "from_test", *common(env, "retrain")])
     captured = capsys.readouterr()
-    assert code == 1
+    assert code == 5                      # some work failed, the rest is done: not a crash (1)
     assert "pills          failed" in captured.out and "failed: pills" in captured.err
     assert "val_split=from_test needs good and anomalous test images" in captured.out
     assert "tiles          " in captured.out and "tiles          failed" not in captured.out
+
+
+def test_a_sweep_with_an_errored_trial_exits_5_and_names_it(env, tmp_path, capsys):
+    # A training image that cannot be decoded: the tiles trial raises (--max-failures 0: no
+    # rerun); pills trains. The sweep finishes, registers pills, and says what failed.
+    data = tmp_path / "data"
+    shutil.copytree(env["data"], data)
+    (data / "tiles" / "train" / "good" / "000.png").write_bytes(b"\x89PNG truncated")
+    args = ["sweep", "--space", "mss_lambdas", "--categories", "tiles,pills", "--num-samples", "1",
+            "--max-failures", "0", *common(env, "sweep-errored"), "--data-root", str(data),
+            "--best-out", str(tmp_path / "best.yaml")]
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    assert code == 5, captured.err
+    assert "tiles: 1 of 1 trial(s) errored" in captured.err and "pills:" not in captured.err
+    # One line per errored trial: its id and the exception's message (Tune logs the traceback).
+    named = captured.err.split("tiles: 1 of 1 trial(s) errored\n", 1)[1].splitlines()[0]
+    assert named.startswith("  ") and "DataError" in named and "000.png: cannot decode image" in named, named
+    assert "tiles           FAILED: no trial finished with a checkpoint" in captured.out
+    assert set(yaml.safe_load((tmp_path / "best.yaml").read_text())) == {"pills"}
 
 
 def test_a_category_without_defect_images_validates_on_synthetic_anomalies(env, capsys):

@@ -61,7 +61,8 @@ def add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> No
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--max-failures", type=int, default=2,
-                   help="restarts of a multi-worker run's worker group before the run fails (default 2)")
+                   help="reruns of an errored trial from its last checkpoint before it counts as "
+                        "failed; a multi-worker trial also restarts its worker group that often (default 2)")
     p.add_argument("--max-concurrent", type=int, default=0, help="most runs at once (0: as resources allow)")
     p.add_argument("--storage-path", default="ray-results",
                    help="Ray results and checkpoints: a directory; on a multi-node cluster one every node mounts "

@@ -35,6 +35,18 @@ def print_summary(summary: dict, keys: list[str]) -> None:
         print(f"no test metrics for {', '.join(no_test)}: no labelled test images (validation is synthetic)")
 
 
+def print_errored(summary: dict) -> bool:
+    """Name every errored trial on stderr, per category with a count: -> whether any errored."""
+    from orchestrator.execution.results import errored
+
+    failed = errored(summary)
+    for category, (rows, total) in failed.items():
+        print(f"{category}: {len(rows)} of {total} trial(s) errored", file=sys.stderr)
+        for row in rows:
+            print(f"  {row['trial_id'] or category}: {row['error']}", file=sys.stderr)
+    return bool(failed)
+
+
 def num(v) -> str:
     return "-" if v is None or v != v else f"{v:.4f}"
 

@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 
 from orchestrator.cli.args import add_cluster_args, add_config_args, load_config, make_plan
-from orchestrator.cli.console import category_sets_note, mlflow_hint, print_grid, print_summary, selection_warning
+from orchestrator.cli.console import (
+    category_sets_note,
+    mlflow_hint,
+    print_errored,
+    print_grid,
+    print_summary,
+    selection_warning,
+)
+from orchestrator.errors import EXIT_TRIALS_FAILED
 from pouta_core.config import ConfigError
 
 
@@ -26,7 +34,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     print_summary(summary, both_splits(SUMMARY_METRICS))
     selection_warning(plan)
     mlflow_hint(args)
-    return 1 if any("error" in e for e in summary.values()) else 0
+    return EXIT_TRIALS_FAILED if print_errored(summary) else 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -63,7 +71,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"best configs written to {best_out}; report (trials table, plots) in "
           f"{report.folder(Path(best_out).parent, plan.run_name)} and on the MLflow parent run")
     mlflow_hint(args)
-    return 1 if any("error" in e for e in summary.values()) else 0
+    return EXIT_TRIALS_FAILED if print_errored(summary) else 0
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
@@ -97,7 +105,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     selection_warning(plan)
     mlflow_hint(args)
-    return 1 if failed else 0
+    return EXIT_TRIALS_FAILED if failed else 0
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:

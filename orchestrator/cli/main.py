@@ -1,7 +1,8 @@
 """``pouta``: the parser of every command, logging, and how a command ends: exit 2 for a user
-error, 3 for a stalled cluster, 4 when MLflow stayed unreachable after the trials, 130 when
-interrupted (open MLflow runs marked KILLED; on SIGTERM before anything else), 1 for anything
-unexpected (open runs marked FAILED first)."""
+error, 3 for a stalled cluster, 4 when MLflow stayed unreachable after the trials, 5 when a
+trial errored (retrain: a category failed) while the rest finished, chosen and registered,
+130 when interrupted (open MLflow runs marked KILLED; on SIGTERM before anything else), 1 for
+anything unexpected (open runs marked FAILED first)."""
 
 from __future__ import annotations
 

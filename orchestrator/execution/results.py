@@ -4,14 +4,24 @@ objective (a validation metric) and, for several objectives, the Pareto front.""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+
+def error_line(error: BaseException | str | None) -> str:
+    """The line of a trial's error a user acts on: the exception's own message, which is the
+    last line of the traceback a Ray task error carries."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    return lines[-1] if lines else (type(error).__name__ if error is not None else "no result")
 
 
 def trial_rows(results, metric_keys: list[str]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         if r.error is not None or not r.metrics:
-            rows.append({"trial_id": r.metrics.get("trial_id") if r.metrics else None, "error": str(r.error)})
+            # A trial that failed before its first report has no metrics: its folder names it.
+            trial_id = (r.metrics or {}).get("trial_id") or (Path(r.path).name if r.path else None)
+            rows.append({"trial_id": trial_id, "error": error_line(r.error)})
             continue
         # Ray Train runs name their checkpoint in the metrics; one-worker trials are Tune's own.
         checkpoint = r.metrics.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None)
@@ -36,6 +46,20 @@ def pareto_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]]) 
 
     return [r for r in ok if not any(better_or_equal(o, r) and o is not r and
                                      any(o[k] != r[k] for k, _ in objectives) for o in ok)]
+
+
+def errored(summary: dict[str, dict[str, Any]]) -> dict[str, tuple[list[dict[str, Any]], int]]:
+    """Per category with an errored trial (or no result at all): (the errored rows, the number
+    of trials). What the command prints and why it exits 5."""
+    out = {}
+    for category, entry in summary.items():
+        rows = entry.get("trials", [])
+        bad = [r for r in rows if "error" in r]
+        if bad:
+            out[category] = (bad, len(rows))
+        elif "error" in entry:
+            out[category] = ([{"trial_id": None, "error": entry["error"]}], max(len(rows), 1))
+    return out
 
 
 def choose(results, categories: list[str], objectives: list[tuple[str, str]],

@@ -46,7 +46,11 @@ def make_tuner(plan: Plan, spec: TrialSpec, param_space: dict[str, Any], tune_co
     return tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(name=plan.run_name, storage_path=plan.storage_path,
-                                  callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=1),
+                                  callbacks=callbacks,
+                                  # --max-failures, for every trial: Tune reruns an errored trial
+                                  # from its last checkpoint (a multi-worker trial's run also
+                                  # restarts its worker group that often within each attempt).
+                                  failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   verbose=None if plan.verbose else 0),
     )
