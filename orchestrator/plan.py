@@ -9,6 +9,7 @@ A sweep's data flows one way: command (:mod:`orchestrator.commands`) -> plan -> 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,8 +21,33 @@ from orchestrator.spec import DataSpec, Resources, TrialSpec
 from pouta_core import api
 from pouta_core.config import Config, ConfigError, parse_overrides
 from pouta_core.data import categories as list_categories
+from pouta_core.files import atomic_write
 
 log = logging.getLogger(__name__)
+
+DEFINITION_FILE = "pouta-definition.json"   # in the experiment's folder: what --resume must match
+
+
+def differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """The dotted paths at which two JSON values differ (``config.lr``, ``categories``), with
+    the old and new value for a scalar: ``config.lr (0.001 -> 0.002)``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            path = f"{where}.{key}" if where else str(key)
+            if key not in old or key not in new:
+                out.append(f"{path} ({'added' if key not in old else 'removed'})")
+            else:
+                out.extend(differences(old[key], new[key], path))
+        return out
+    if old == new:
+        return []
+    if isinstance(old, dict | list) or isinstance(new, dict | list):
+        return [where]
+    def short(v: Any) -> str:   # data fingerprints are 64 hex digits
+        return f"{v[:12]}..." if isinstance(v, str) and len(v) > 20 else str(v)
+
+    return [f"{where} ({short(old)} -> {short(new)})"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +76,9 @@ class Plan:
     metric: str = "val_pixel_ap"
     mode: str = "max"
     verbose: bool = False     # Tune's tables and Ray's worker logs on the console (pouta -v)
+    # The preset the base config starts from (a tag on every run: retrain's --params-from best
+    # ranks only runs of the command's preset).
+    preset: str = "paper"
     # --category-set: config values for one category only, over ``base`` and any --set.
     per_category: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -68,12 +97,52 @@ class Plan:
         """The Tune experiment's folder."""
         return Path(self.storage_path) / self.run_name
 
-    def check_new_or_resumed(self, resume: bool) -> None:
-        """An experiment that exists is only continued with ``resume``; checked before anything
-        starts, so a refused command leaves no Ray, no MLflow run behind."""
-        if self.experiment_path.exists() and not resume:
+    def definition(self, fingerprints: Mapping[str, str], **extra: Any) -> dict[str, Any]:
+        """What defines this experiment's results: the base config (preset, --config, --set),
+        the per-category values, the categories, the dataset and each one's data fingerprint,
+        workers per trial (the DDP batch), and ``extra`` (a sweep's space, scheduler and
+        objectives). Not in it: what only runs it (--max-concurrent, timeouts, -v, the
+        tracking URI, GPUs per worker, --num-samples), which a resume may change."""
+        return {"config": self.base.to_dict(), "per_category": {c: dict(v) for c, v in self.per_category.items()},
+                "categories": list(self.categories), "dataset": self.data.dataset,
+                "data_fingerprints": dict(fingerprints), "workers_per_trial": self.resources.workers,
+                **extra}
+
+    @property
+    def definition_path(self) -> Path:
+        return self.experiment_path / DEFINITION_FILE
+
+    def check_new_or_resumed(self, resume: bool, definition: Mapping[str, Any] | None = None) -> None:
+        """An experiment that exists is only continued with ``resume``, and only as the same
+        experiment: a ``definition`` that differs from the one recorded when it started is
+        refused, naming the fields. Checked before anything starts, so a refused command leaves
+        no Ray, no MLflow run behind."""
+        if not self.experiment_path.exists():
+            return
+        if not resume:
             raise ConfigError(f"{self.experiment_path}: experiment '{self.run_name}' already exists; pass --resume "
                               "to continue it or --name to start another")
+        if definition is None or not self.definition_path.is_file():
+            return   # an experiment older than its definition file: nothing to compare with
+        try:
+            recorded = json.loads(self.definition_path.read_text())["definition"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{self.definition_path}: unreadable experiment definition; move it away to "
+                              "resume without the check") from None
+        changed = differences(recorded, json.loads(json.dumps(definition, default=str)))
+        if changed:
+            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+            raise ConfigError(f"--resume of '{self.run_name}': not the same experiment, it differs in {shown}; "
+                              "rerun the command it started with, or use another --name for a new one")
+
+    def record_definition(self, definition: Mapping[str, Any], code: str) -> None:
+        """Written once, when the experiment starts (``code``, the commit, for information only:
+        a resume on newer code is allowed)."""
+        if self.definition_path.is_file():
+            return
+        text = json.dumps({"definition": definition, "code": code}, indent=1, sort_keys=True, default=str)
+        self.experiment_path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.definition_path, lambda fh: fh.write(text.encode()))
 
     def config_for(self, category: str, config: Config | None = None) -> Config:
         """``config`` (default ``base``) with the category's own values applied."""

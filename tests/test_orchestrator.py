@@ -74,8 +74,18 @@ def test_launch_trains_every_category_and_registers_challengers(env, capsys):
     assert threshold == {"pills": "0.3", "tiles": "None"}
 
 
-def test_rerunning_a_finished_launch_resumes_without_duplicates(env, capsys):
-    assert cli.main(["launch", "--categories", "all", *common(env, "launch-a"), *PILLS_ON_OBJECT]) == 0
+def test_a_second_launch_is_refused_unless_resumed_as_the_same_experiment(env, capsys):
+    args = ["launch", "--categories", "all", *common(env, "launch-a"), *PILLS_ON_OBJECT]
+    assert cli.main(args) == 2                         # it used to restore the old one and exit 0
+    assert "experiment 'launch-a' already exists; pass --resume" in capsys.readouterr().err
+    # --resume of another experiment under the same name: refused in one line naming what differs
+    assert cli.main(["launch", "--categories", "all", *common(env, "launch-a"), "--resume", "--set", "lr=0.002"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not the same experiment" in err, err
+    assert "config.lr (0.001 -> 0.002)" in err and "per_category.pills (removed)" in err
+    # The same experiment (a setting that only runs it may change): nothing trained again, reprinted.
+    assert cli.main([*args, "--resume", "--max-concurrent", "1"]) == 0
+    assert "pouta-mvtec-tiles v1 (challenger)" in capsys.readouterr().out
     assert len(runs(env, **{"pouta.kind": "trial"})) == 2
     assert len(env["client"].search_model_versions("name = 'pouta-mvtec-tiles'")) == 1
 
@@ -166,17 +176,34 @@ def test_a_sweep_chooses_on_validation_whatever_the_test_images(env, tmp_path, c
     assert a[3] != b[3]               # while the test metric did see the other images
 
 
-def test_ablation_grid_prints_every_variant(env, tmp_path, capsys):
+def test_a_grid_trains_each_point_once_per_seed_to_full_length_and_prints_mean_and_spread(env, tmp_path, capsys):
+    # 2 points x 2 seeds (--num-samples is the seed count for a grid), no early stopping: with
+    # ASHA (rungs at epochs 1, 2) half of 4 trials would stop before epoch 4.
     space = tmp_path / "ablation2.yaml"
     space.write_text("space:\n  variant: {distribution: grid, values: [vanilla, pouta]}\n")
-    code = cli.main(["sweep", "--space", str(space), "--categories", "tiles", "--num-samples", "1",
-                     "--scheduler", "none", *common(env, "ablation-a")])
+    code = cli.main(["sweep", "--space", str(space), "--categories", "tiles", "--num-samples", "2",
+                     "--max-concurrent", "2", *common(env, "ablation-a"), "--set", "epochs=4"])
     out = capsys.readouterr().out
     assert code == 0
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith("tiles")]
-    assert {r[1] for r in rows if len(r) > 2} >= {"vanilla", "pouta"}
-    variants = {r.data.tags["variant"] for r in runs(env, **{"pouta.kind": "trial", "category": "tiles"})}
-    assert {"vanilla", "pouta"} <= variants
+    trials = [r for r in runs(env, **{"pouta.kind": "trial", "category": "tiles"})
+              if r.data.tags[tracking.TAG_KEY].startswith("sweep:ablation-a/")]
+    assert sorted((r.data.tags["variant"], r.data.params["seed"]) for r in trials) == [
+        ("pouta", "0"), ("pouta", "1"), ("vanilla", "0"), ("vanilla", "1")]
+    for r in trials:
+        assert [m.step for m in env["client"].get_metric_history(r.info.run_id, "val_pixel_ap")] == [1, 2, 3, 4]
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["tiles"] and len(line.split()) > 3]
+    table = {r[1]: r for r in rows if r[1] in ("vanilla", "pouta")}
+    assert list(table) == ["vanilla", "pouta"]            # the grid's order
+    by_seed = {}
+    for r in trials:
+        by_seed.setdefault(r.data.tags["variant"], []).append(r.data.metrics["val_pixel_ap"])
+    header = next(line.split() for line in out.splitlines() if line.split()[:2] == ["category", "variant"])
+    column = header.index("val_pixel_ap")
+    for variant, row in table.items():
+        assert row[2] == "2"                                # seeds
+        mean, spread = (float(x) for x in row[column].split("±"))
+        assert mean == pytest.approx(np.mean(by_seed[variant]), abs=1e-4)
+        assert spread == pytest.approx(np.std(by_seed[variant], ddof=1), abs=1e-4)
 
 
 def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_path, capsys):
@@ -198,6 +225,8 @@ def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_pa
     assert span["pills"][0] < span["tiles"][1] and span["tiles"][0] < span["pills"][1]
     assert cli.main(args) == 2            # the experiment exists: refuse without --resume
     assert "pass --resume" in capsys.readouterr().err
+    assert cli.main([*args, "--resume", "--set", "focal_gamma=1.5"]) == 2   # not the experiment it started
+    assert "config.focal_gamma (2.0 -> 1.5)" in capsys.readouterr().err
     assert cli.main([*args, "--resume"]) == 0
     for category in ("tiles", "pills"):
         assert len(optuna.load_study(study_name=f"sweep-r-{category}", storage=storage).trials) == 2
@@ -225,18 +254,17 @@ def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_pa
     assert "validation (chosen on)" in version.description and parent.info.run_id in version.description
 
 
-def test_retrain_skips_unchanged_data_and_promotes_a_first_champion(env, capsys):
+def test_retrain_trains_what_has_no_champion_and_promotes_a_first_one(env, capsys):
+    # The launches and sweeps above trained both categories on this data; none has a champion:
+    # both are trained and promoted. Then the champions saw this data: nothing to do.
     base = ["retrain", "--categories", "all", *common(env, "retrain")]
     assert cli.main(base) == 0
     out = capsys.readouterr().out
-    assert "tiles          unchanged" in out and "pills          unchanged" in out
-
-    train = env["data"] / "tiles" / "train" / "good"
-    Image.open(train / "000.png").transpose(Image.FLIP_LEFT_RIGHT).save(train / "999.png")
+    assert "tiles          promoted" in out and "pills          promoted" in out and "champion none" in out
+    assert aliases(env, "pouta-mvtec-tiles")["champion"] == aliases(env, "pouta-mvtec-tiles")["challenger"]
     assert cli.main(base) == 0
     out = capsys.readouterr().out
-    assert "tiles          promoted" in out and "champion none" in out and "pills          unchanged" in out
-    assert aliases(env, "pouta-mvtec-tiles")["champion"] == aliases(env, "pouta-mvtec-tiles")["challenger"]
+    assert "tiles          unchanged" in out and "pills          unchanged" in out
 
 
 def test_retrain_gate_keeps_the_champion_against_an_equal_model(env, capsys):
@@ -251,6 +279,27 @@ def test_retrain_gate_keeps_the_champion_against_an_equal_model(env, capsys):
     run = env["client"].get_run(env["client"].get_model_version("pouta-mvtec-tiles", challenger).run_id)
     assert run.data.metrics["gate_p_better"] == 0.0 and run.data.metrics["gate_delta"] == 0.0
     assert run.data.metrics["gate_delta_low"] == run.data.metrics["gate_delta_high"] == 0.0
+
+
+def test_retrain_after_a_launch_on_new_data_retrains_that_category(env, capsys):
+    # New tiles images, trained on at once by a launch: its trial run holds the new fingerprint,
+    # the champion the old one. Retrain compares with the champion: tiles is trained again
+    # (the rule was "the newest trial saw it": unchanged, and champion never moved).
+    train = env["data"] / "tiles" / "train" / "good"
+    Image.open(train / "000.png").transpose(Image.FLIP_LEFT_RIGHT).save(train / "999.png")
+    assert cli.main(["launch", "--categories", "tiles", *common(env, "launch-new-data")]) == 0
+    capsys.readouterr()
+    versions = len(env["client"].search_model_versions("name = 'pouta-mvtec-tiles'"))
+    base = ["retrain", "--categories", "all", *common(env, "retrain")]
+    assert cli.main(base) == 0
+    out = capsys.readouterr().out
+    assert "tiles          promoted" in out or "tiles          kept champion" in out
+    assert "pills          unchanged" in out
+    assert len(env["client"].search_model_versions("name = 'pouta-mvtec-tiles'")) == versions + 1
+    # Decided either way: the next night does not train tiles again on the same data.
+    assert cli.main(base) == 0
+    out = capsys.readouterr().out
+    assert "tiles          unchanged" in out
 
 
 def test_promote_moves_champion_and_rejects_unknown_versions(env, capsys):

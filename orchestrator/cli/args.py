@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from pouta_core.config import PRESETS, Config, ConfigError
 
@@ -98,6 +99,18 @@ def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     return Config.from_preset(args.preset, overrides=overrides)
 
 
+def preset_of(args: argparse.Namespace) -> str:
+    """The preset a command's config starts from: a --config file's ``preset:`` key, else
+    --preset (what ``load_config`` applies; the file was read and checked there)."""
+    import yaml
+
+    if args.config:
+        data = yaml.safe_load(Path(args.config).read_text())
+        if isinstance(data, dict) and data.get("preset"):
+            return str(data["preset"])
+    return args.preset
+
+
 def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mode: str = "max"):
     from orchestrator.plan import Plan, parse_category_sets, resolve_categories, selection_metric
     from orchestrator.spec import DataSpec, Resources
@@ -120,4 +133,4 @@ def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mod
                 storage_path=args.storage_path, tracking_uri=args.tracking_uri, mlflow_experiment=args.experiment,
                 max_concurrent=args.max_concurrent, ray_address=args.ray_address,
                 pending_timeout=args.pending_timeout, mlflow_wait=args.mlflow_wait, metric=selection_metric(metric),
-                mode=mode, verbose=args.verbose)
+                mode=mode, verbose=args.verbose, preset=preset_of(args))

@@ -74,14 +74,33 @@ def mlflow_hint(args: argparse.Namespace) -> None:
 
 
 def print_grid(summary: dict, space, keys: list[str]) -> None:
+    """The paper's Table 4 layout: one row per category and grid point, each metric as the mean
+    ± sample standard deviation over the point's seeds (``seeds``: how many finished)."""
+    import json
+    import statistics
+
     from orchestrator.spec import SAMPLED
 
-    dims = [d.key for d in space.dimensions if d.distribution == "grid"]
-    print("  ".join(f"{d:>12}" for d in ["category", *dims]) + "".join(f"{k:>17}" for k in keys))
+    dims = [d for d in space.dimensions if d.distribution == "grid" and d.key != "seed"]
+    print("  ".join(f"{d:>12}" for d in ["category", *(d.key for d in dims)]) + f"{'seeds':>7}"
+          + "".join(f"{k:>19}" for k in keys))
     for category, e in summary.items():
+        points: dict[tuple[str, ...], list[dict]] = {}
         for row in e.get("trials", []):
-            if "error" in row:
-                continue
-            sampled = row["config"].get(SAMPLED, {})
-            print("  ".join(f"{str(v):>12}" for v in [category, *[sampled.get(d) for d in dims]])
-                  + "".join(f"{num(row.get(k)):>17}" for k in keys))
+            if "error" not in row:
+                sampled = row["config"].get(SAMPLED, {})
+                points.setdefault(tuple(json.dumps(sampled.get(d.key)) for d in dims), []).append(row)
+        order = [[json.dumps(v) for v in d.values] for d in dims]   # the grid's own order
+        for point in sorted(points, key=lambda p: [o.index(v) for o, v in zip(order, p, strict=True)]):
+            rows = points[point]
+            cells = []
+            for k in keys:
+                values = [r[k] for r in rows if r.get(k) is not None and r[k] == r[k]]
+                if not values:
+                    cells.append("-")
+                elif len(values) == 1:
+                    cells.append(f"{values[0]:.4f}")
+                else:
+                    cells.append(f"{statistics.mean(values):.4f}±{statistics.stdev(values):.4f}")
+            print("  ".join(f"{v:>12}" for v in [category, *(str(json.loads(p)) for p in point)])
+                  + f"{len(rows):>7}" + "".join(f"{c:>19}" for c in cells))

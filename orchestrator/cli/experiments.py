@@ -30,7 +30,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         print(f"would train {', '.join(plan.categories)} with {plan.resources.workers} worker(s) each"
               + category_sets_note(plan))
         return 0
-    summary = run_launch(plan, resume=True)
+    summary = run_launch(plan, resume=args.resume)
     print_summary(summary, both_splits(SUMMARY_METRICS))
     selection_warning(plan)
     mlflow_hint(args)
@@ -147,6 +147,8 @@ def add_cluster_commands(sub) -> None:
     p = sub.add_parser("launch", help="train every category on Ray (in-process or a cluster)")
     add_cluster_args(p, None)
     add_config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the experiment of --name (refused if its definition differs)")
     p.add_argument("--dry-run", action="store_true", help="check the arguments and data, run nothing")
     p.set_defaults(func=_cmd_launch)
 
@@ -157,9 +159,11 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("--num-samples", type=int, default=8, help="trials per category")
     p.add_argument("--metric", default="pixel_ap")
     p.add_argument("--mode", default="max", choices=["max", "min"])
-    p.add_argument("--scheduler", choices=["asha", "none"], help="default: asha (none with --objectives)")
+    p.add_argument("--scheduler", choices=["asha", "none"],
+                   help="default: asha; none with --objectives or a grid space (grid points train to full length)")
     p.add_argument("--study-storage", help="Optuna RDB URL (default: sqlite in --storage-path)")
-    p.add_argument("--resume", action="store_true", help="continue the experiment and studies of --name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the experiment and studies of --name (refused if its definition differs)")
     p.add_argument("--objectives", help="multi-objective, e.g. pixel_ap:max,latency_ms:min (Pareto front)")
     p.add_argument("--best-out", help="YAML of the best config per category (default: in --storage-path)")
     p.add_argument("--dry-run", action="store_true", help="check the space, arguments and data, run nothing")

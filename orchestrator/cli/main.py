@@ -21,7 +21,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
 
 # What finishes an interrupted command: its experiment state and MLflow runs are kept.
 RESUME_HINTS = {"sweep": "rerun the same command with --resume",
-                "launch": "rerun the same command to resume it",
+                "launch": "rerun the same command with --resume",
                 "retrain": "rerun the same command to resume it",
                 "train": "rerun the same command to resume from the last checkpoint"}
 

@@ -26,6 +26,8 @@ def run_launch(plan: Plan, *, resume: bool, per_category: dict[str, dict[str, An
     warn_about_config(plan)
     keys = both_splits(SUMMARY_METRICS)
     fingerprints = fingerprints or plan.fingerprints()
+    definition = plan.definition(fingerprints, category_values=per_category or {})
+    plan.check_new_or_resumed(resume, definition)
     spec = plan.trial_spec(category_values=per_category)
     tracking.setup(plan.tracking_uri, plan.mlflow_experiment)   # MLflow answers, Ray can hold a trial: see sweep.py
     init_ray(plan)
@@ -34,6 +36,7 @@ def run_launch(plan: Plan, *, resume: bool, per_category: dict[str, dict[str, An
     param_space = {"category": tune.grid_search(plan.categories)}
     tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None,
                                   reuse_actors=True)   # see sweep.py
+    plan.record_definition(definition, tracking.git_commit())
     results = tuner.run(plan, spec, param_space, tune_config, cb, resume)
     drain(parent, plan)
     summary: dict[str, Any] = {}

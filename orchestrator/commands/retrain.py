@@ -1,8 +1,9 @@
 """``pouta retrain``: retrain the categories whose training data changed, with their best
 known hyperparameters, and move ``champion`` only when the new model is better.
 
-Per category: fingerprint the training files; skip it when the last successful training of
-that category saw the same fingerprint (unless ``--force``); otherwise train (one Ray Train
+Per category: fingerprint the training files; skip it when the champion was trained on the
+same fingerprint, or a retraining on it already lost to the champion (unless ``--force``;
+no champion: train); otherwise train (one Ray Train
 run), register the result as ``challenger``, score challenger and champion on the same
 *validation* images, and promote the challenger when there is no champion yet, or when it
 beats the champion by ``--promote-margin`` and a paired bootstrap over images says it is
@@ -61,13 +62,27 @@ class Gate:
         return result.delta > self.margin and result.p_better >= self.confidence
 
 
-def last_trained_fingerprint(client, exp_id: str, dataset: str, category: str) -> str | None:
-    runs = client.search_runs(
-        [exp_id],
-        filter_string=(f"tags.`pouta.kind` = 'trial' and tags.dataset = '{dataset}' and "
-                       f"tags.category = '{category}' and attributes.status = 'FINISHED'"),
-        order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].data.tags.get(tracking.TAG_FINGERPRINT) if runs else None
+def unchanged(client, exp_id: str, dataset: str, category: str, fingerprint: str) -> str | None:
+    """Why ``category`` needs no retraining on ``fingerprint``, or None when it does.
+
+    *Decision* (issue 27): the data is compared with the *champion's*, not with the newest
+    finished trial: a sweep on new data trains trials on it, yet the champion still serves the
+    old model, and the nightly retrain said "unchanged" forever. A challenger retrained on this
+    very data that lost the gate is not trained again every night: that needs ``--force``."""
+    name = registry.registered_name(dataset, category)
+    try:
+        version = client.get_model_version_by_alias(name, tracking.CHAMPION)
+    except Exception:   # no such model or alias: no champion yet
+        version = None
+    if version is not None and client.get_run(version.run_id).data.tags.get(tracking.TAG_FINGERPRINT) == fingerprint:
+        return "unchanged"
+    if version is not None:
+        lost = client.search_runs([exp_id], filter_string=(
+            f"tags.`pouta.retrain_decision` = 'kept champion' and tags.`{tracking.TAG_FINGERPRINT}` = '{fingerprint}' "
+            f"and tags.dataset = '{dataset}' and tags.category = '{category}'"), max_results=1)
+        if lost:
+            return "unchanged (a challenger on this data lost to the champion; --force trains again)"
+    return None
 
 
 def _config_from_params(params: dict[str, str], base: Config) -> dict[str, Any]:
@@ -78,14 +93,22 @@ def _config_from_params(params: dict[str, str], base: Config) -> dict[str, Any]:
 
 
 def params_for(source: str, client, exp_id: str, dataset: str, category: str, metric: str, mode: str,
-               base: Config) -> dict[str, Any]:
+               base: Config, preset: str = "paper") -> dict[str, Any]:
     """Config values for ``category`` from ``best`` (its best finished trial by ``metric``),
     ``champion`` (the run behind the champion version) or a YAML FILE (``{category: {...}}``, as
-    ``pouta sweep`` writes). Nothing known -> the base config."""
+    ``pouta sweep`` writes). Nothing known -> the base config.
+
+    ``best`` ranks only trials comparable with the command: the same ``preset`` (the
+    ``pouta.preset`` tag), the same selection split and the same validation split and ratio
+    as ``base``. Validation values on different images, or of a tiny model against the
+    paper's, do not rank one another, and a run that chose on test never wins."""
     if source == "best":
         order = f"metrics.{selection_metric(metric)} {'DESC' if mode == 'max' else 'ASC'}"
         runs = client.search_runs([exp_id], filter_string=(
             f"tags.`pouta.kind` = 'trial' and tags.dataset = '{dataset}' and tags.category = '{category}' "
+            f"and tags.`{tracking.TAG_PRESET}` = '{preset}' "
+            f"and tags.`{tracking.TAG_SELECTION}` = '{tracking.selection_tag(base.val_split)}' "
+            f"and params.val_split = '{base.val_split}' and params.val_ratio = '{base.val_ratio}' "
             "and attributes.status = 'FINISHED'"), order_by=[order], max_results=1)
         return _config_from_params(runs[0].data.params, base) if runs else {}
     if source == "champion":
@@ -142,10 +165,12 @@ def run_retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
     for category in plan.categories:
         try:
             fp = fingerprints[category] = api.fingerprint_category(plan.data.root, dataset, category)
-            if not force and last_trained_fingerprint(client, exp_id, dataset, category) == fp:
-                summary[category] = {"status": "unchanged"}
+            reason = None if force else unchanged(client, exp_id, dataset, category, fp)
+            if reason:
+                summary[category] = {"status": reason}
                 continue
-            values = {**params_for(params_from, client, exp_id, dataset, category, metric, mode, plan.base),
+            values = {**params_for(params_from, client, exp_id, dataset, category, metric, mode, plan.base,
+                                   plan.preset),
                       **(overrides or {}), **plan.per_category.get(category, {})}
             Config.from_dict({**plan.base.to_dict(), **values}, source=f"retrain [{category}]")
             per_category[category] = values

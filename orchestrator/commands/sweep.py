@@ -2,7 +2,7 @@
 RDB storage), every trial a Ray Train run, ASHA stopping weak trials on the reported
 validation metric. All categories run in one Tune experiment and share its trial slots
 (orchestrator/execution/scheduling.py). Grid spaces (``ablation.yaml``) run every grid point of every
-category instead of a study.
+category once per seed (``--num-samples`` seeds), to full length, instead of a study.
 
 :func:`run_sweep` reads top to bottom as the sweep's data flows: plan -> trial spec -> MLflow and Ray
 checked -> parent run and callback -> search -> Tune -> choice -> registry -> report."""
@@ -65,17 +65,20 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     """Search every category at once in one Tune experiment: one Optuna study (or grid) and one
     ASHA per category, all sharing ``plan.max_concurrent`` trial slots. -> summary per category."""
     multi = len(objectives) > 1
-    scheduler = scheduler or ("none" if multi else "asha")
+    # A grid is an experiment: every point trains to full length unless --scheduler asha asks.
+    scheduler = scheduler or ("none" if multi or space.has_grid else "asha")
     if multi and scheduler == "asha":
         raise ConfigError("--scheduler asha stops trials on one metric; use --scheduler none with --objectives")
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
     check_category_sets(plan, space)
     # What every trial trains with, and what the summary shows; all checked before anything starts.
-    plan.check_new_or_resumed(resume)
+    fingerprints = plan.fingerprints()
+    definition = plan.definition(fingerprints, space=yaml.safe_load(space.path.read_text()), scheduler=scheduler,
+                                 objectives=[list(o) for o in objectives])
+    plan.check_new_or_resumed(resume, definition)
     warn_about_config(plan)
     keys = both_splits([k for k, _ in objectives] + list(SUMMARY_METRICS))
-    fingerprints = plan.fingerprints()
     spec = plan.trial_spec(plan.base.replace(**space.fixed))
     configs = {c: spec.config_for(c) for c in plan.categories}
     storage_url = check_study_storage(study_storage) if study_storage else default_study_storage(plan.storage_path)
@@ -97,6 +100,7 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
         # A finished trial's process takes the next trial: no new process, no second import
         # of torch (measured: a 19 s gap between waves of 8 trials on this 2-core machine).
         reuse_actors=True)
+    plan.record_definition(definition, tracking.git_commit())
     results = tuner.run(plan, spec, search.param_space, tune_config, parent.callback, resume)
     drain(parent, plan)
     fail_dangling_optuna_trials(search)

@@ -140,13 +140,19 @@ def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: 
                  run_name: str, seed: int, num_samples: int, scheduler: str, storage_url: str,
                  resume: bool) -> SweepSearch:
     """One Optuna study per category (``<run_name>-<category>``, seeded per category), or every
-    grid point of every category for a grid space; ASHA per category on ``configs``' epochs
-    when ``scheduler`` is ``asha``."""
+    grid point of every category for a grid space, once per seed; ASHA per category on
+    ``configs``' epochs when ``scheduler`` is ``asha``.
+
+    *Decision*: for a grid, ``num_samples`` is the number of seeds (``seed``, ``seed + 1``,
+    ...): a grid point trained twice with one seed is the same trial twice, while the spread
+    over seeds is what tells two variants apart (the paper's Table 4)."""
     categories = list(configs)
     stopper = asha(configs, space) if scheduler == "asha" else None
     if space.has_grid:
-        return SweepSearch({"category": tune.grid_search(categories), SAMPLED: grid_space(space)}, num_samples,
-                           None, stopper, None, {})
+        points = grid_space(space)
+        if "seed" not in points:   # a space that searches the seed itself keeps its values
+            points["seed"] = tune.grid_search([seed + i for i in range(num_samples)])
+        return SweepSearch({"category": tune.grid_search(categories), SAMPLED: points}, 1, None, stopper, None, {})
     studies = {c: f"{run_name}-{c}" for c in categories}
     searchers = {c: optuna_search(space, objectives, storage_url, studies[c],
                                   # One seeded sampler per category: categories do not all try the same points.

@@ -34,8 +34,9 @@ def make_tuner(plan: Plan, spec: TrialSpec, param_space: dict[str, Any], tune_co
     so ``param_space``, which Tune prints and stores per trial, holds only what varies."""
     path = plan.experiment_path
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), spec.resources.trial())
-    plan.check_new_or_resumed(resume)
-    if path.exists():
+    # The command checked that an existing experiment is resumed as the same one
+    # (Plan.check_new_or_resumed) and recorded its definition in the folder before this.
+    if resume and path.exists():
         if tune.Tuner.can_restore(str(path)):
             return tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
                                       resume_unfinished=True, resume_errored=True)

@@ -35,6 +35,7 @@ DEFAULT_HOME = Path("mlflow-data")
 TAG_KIND = "pouta.kind"            # parent | trial | retrain
 TAG_KEY = "pouta.key"              # stable identity of a run, to find it again after a restart
 TAG_FINGERPRINT = "pouta.data_fingerprint"
+TAG_PRESET = "pouta.preset"        # the preset a run's config started from (paper, tiny)
 TAG_SELECTION = "pouta.selection"  # validation | test (val_split=none): the split choices were made on
 CHAMPION, CHALLENGER = "champion", "challenger"
 

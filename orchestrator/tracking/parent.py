@@ -37,13 +37,13 @@ def open_parent(plan: Plan, kind: str, spec: TrialSpec, fingerprints: Mapping[st
     key = f"{kind}:{plan.run_name}"
     commit = tracking.git_commit()
     run_id = tracking.get_or_create_run(client, exp_id, key, name=plan.run_name, tags={
-        tracking.TAG_KIND: kind, "dataset": plan.data.dataset, "git_commit": commit,
+        tracking.TAG_KIND: kind, "dataset": plan.data.dataset, "git_commit": commit, tracking.TAG_PRESET: plan.preset,
         tracking.TAG_SELECTION: tracking.selection_tag(plan.base.val_split), **(tags or {})})
     tracking.log_params(client, run_id, {"command": kind, "dataset": plan.data.dataset,
                                          "categories": ",".join(plan.categories), "name": plan.run_name,
                                          **(params or {})})
     cb = MlflowTrialCallback(tracking.resolve_tracking_uri(plan.tracking_uri), plan.mlflow_experiment, spec,
-                             run_id, key, {"git_commit": commit}, fingerprints)
+                             run_id, key, {"git_commit": commit, tracking.TAG_PRESET: plan.preset}, fingerprints)
     return Parent(client, run_id, cb)
 
 
