@@ -18,7 +18,7 @@ from ray import tune
 
 from orchestrator import tracking
 from orchestrator.execution import tuner
-from orchestrator.execution.cluster import init_ray
+from orchestrator.execution.cluster import bounded, init_ray
 from orchestrator.execution.results import choose
 from orchestrator.execution.scheduling import (
     check_study_storage,
@@ -87,6 +87,7 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     # the parent run and the Optuna studies created.
     tracking.setup(plan.tracking_uri, plan.mlflow_experiment)
     init_ray(plan)
+    plan = bounded(plan)
     parent = open_parent(plan, "sweep", spec, fingerprints, tags={"search_space": space.path.name}, params={
         "search_space": space.path.name, "num_samples": num_samples, "scheduler": scheduler,
         "objectives": ",".join(f"{k}:{m}" for k, m in objectives)})

@@ -47,12 +47,15 @@ class CategorySearch(_PickledState, Searcher):
     each. The next trial goes to the category with the fewest trials started so far, so the
     studies advance together and none waits for another to finish."""
 
-    def __init__(self, searchers: dict[str, Searcher], budget: dict[str, int], metric: Any, mode: Any) -> None:
+    def __init__(self, searchers: dict[str, Searcher], budget: dict[str, int], metric: Any, mode: Any,
+                 epochs: Mapping[str, int] | None = None) -> None:
         super().__init__(metric=metric, mode=mode)
         self.searchers = searchers
         self.budget = dict(budget)
         self.started = dict.fromkeys(budget, 0)
         self.category_of: dict[str, str] = {}   # Tune trial id -> category
+        self.epochs = dict(epochs or {})        # category -> its config's epochs (unless sampled)
+        self.epochs_of: dict[str, int] = {}     # Tune trial id -> the epochs it was to train
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True   # every per-category searcher was built with its metric, mode and space
@@ -70,6 +73,8 @@ class CategorySearch(_PickledState, Searcher):
                 continue
             self.started[category] += 1
             self.category_of[trial_id] = category
+            if category in self.epochs:
+                self.epochs_of[trial_id] = int(params.get(SAMPLED, {}).get("epochs", self.epochs[category]))
             return {"category": category, **params}
         return None
 
@@ -84,8 +89,37 @@ class CategorySearch(_PickledState, Searcher):
             log.info("trial %s: its Optuna trial is already finished; result not reported again", trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self.category_of:
-            self.searchers[self.category_of[trial_id]].on_trial_complete(trial_id, result, error)
+        if trial_id not in self.category_of:
+            return
+        searcher = self.searchers[self.category_of[trial_id]]
+        if not error and result and self._stopped_early(trial_id, result) and _prune(searcher, trial_id):
+            return
+        searcher.on_trial_complete(trial_id, result, error)
+
+    def _stopped_early(self, trial_id: str, result: dict) -> bool:
+        """Ended before its own ``epochs`` without an error: ASHA stopped it."""
+        target = self.epochs_of.get(trial_id)
+        return target is not None and result.get("epoch") is not None and result["epoch"] < target
+
+
+def _prune(searcher: Searcher, trial_id: str) -> bool:
+    """Tell a single-objective Optuna study that ``trial_id`` was pruned (its intermediate values,
+    one per report, are already in the study) -> done. Ray's ``OptunaSearch`` tells every trial
+    that ends with a value COMPLETE, so an ASHA-stopped trial's early value counted as a final
+    one: TPE learned that short training scores low. *Decision*: the study and its trials are
+    ``OptunaSearch``'s own attributes (``_ot_study``, ``_ot_trials``, ``_completed_trials``) in
+    Ray 2.60; a searcher without them is told as before."""
+    from optuna.trial import TrialState
+
+    study, trials = getattr(searcher, "_ot_study", None), getattr(searcher, "_ot_trials", None)
+    if study is None or not isinstance(trials, dict) or trial_id not in trials or isinstance(searcher.metric, list):
+        return False
+    try:
+        study.tell(trials[trial_id], state=TrialState.PRUNED)
+    except UpdateFinishedTrialError:
+        pass   # told before a driver restart: the study has it already
+    searcher._completed_trials.add(trial_id)
+    return True
 
 
 class PerCategoryScheduler(_PickledState, FIFOScheduler):
@@ -157,7 +191,8 @@ def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: 
     searchers = {c: optuna_search(space, objectives, storage_url, studies[c],
                                   # One seeded sampler per category: categories do not all try the same points.
                                   zlib.crc32(f"{seed}:{c}".encode()), resume) for c in categories}
-    search = CategorySearch(searchers, dict.fromkeys(categories, num_samples), **metric_and_mode(objectives))
+    search = CategorySearch(searchers, dict.fromkeys(categories, num_samples), **metric_and_mode(objectives),
+                            epochs={c: configs[c].epochs for c in categories} if scheduler == "asha" else None)
     return SweepSearch({}, num_samples * len(categories), search, stopper, storage_url, studies)
 
 
@@ -258,7 +293,10 @@ def optuna_search(space: SearchSpace, objectives, storage_url: str, study_name: 
         raise ConfigError(f"optuna study '{study_name}' already exists in {storage_url}; pass --resume to "
                           "continue it or --name to start another")
     return OptunaSearch(space=optuna_space(space), **metric_and_mode(objectives),
-                        sampler=optuna.samplers.TPESampler(seed=seed), storage=storage, study_name=study_name)
+                        # constant_liar (Optuna 5's default, said here): trials running at once
+                        # count as bad guesses at their points, so TPE does not propose them again.
+                        sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True), storage=storage,
+                        study_name=study_name)
 
 
 def fail_dangling_optuna_trials(search: SweepSearch) -> None:
