@@ -100,9 +100,10 @@ class Plan:
     def definition(self, fingerprints: Mapping[str, str], **extra: Any) -> dict[str, Any]:
         """What defines this experiment's results: the base config (preset, --config, --set),
         the per-category values, the categories, the dataset and each one's data fingerprint,
-        workers per trial (the DDP batch), and ``extra`` (a sweep's space, scheduler and
-        objectives). Not in it: what only runs it (--max-concurrent, timeouts, -v, the
-        tracking URI, GPUs per worker, --num-samples), which a resume may change."""
+        workers per trial (the DDP batch), and ``extra`` (a sweep's space, scheduler,
+        objectives and trials per category). Not in it: what only runs it (--max-concurrent,
+        timeouts, --max-failures, -v, the tracking URI, GPUs per worker), which a resume may
+        change (:func:`orchestrator.execution.tuner.make_tuner` applies them)."""
         return {"config": self.base.to_dict(), "per_category": {c: dict(v) for c, v in self.per_category.items()},
                 "categories": list(self.categories), "dataset": self.data.dataset,
                 "data_fingerprints": dict(fingerprints), "workers_per_trial": self.resources.workers,
@@ -132,8 +133,9 @@ class Plan:
         changed = differences(recorded, json.loads(json.dumps(definition, default=str)))
         if changed:
             shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-            raise ConfigError(f"--resume of '{self.run_name}': not the same experiment, it differs in {shown}; "
-                              "rerun the command it started with, or use another --name for a new one")
+            hint = ("rerun the command it started with, or use another --name for a new one" +
+                    ("; a sweep cannot be extended yet" if any(c.startswith("num_samples ") for c in changed) else ""))
+            raise ConfigError(f"--resume of '{self.run_name}': not the same experiment, it differs in {shown}; {hint}")
 
     def record_definition(self, definition: Mapping[str, Any], code: str) -> None:
         """Written once, when the experiment starts (``code``, the commit, for information only:

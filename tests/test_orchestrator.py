@@ -227,7 +227,12 @@ def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_pa
     assert "pass --resume" in capsys.readouterr().err
     assert cli.main([*args, "--resume", "--set", "focal_gamma=1.5"]) == 2   # not the experiment it started
     assert "config.focal_gamma (2.0 -> 1.5)" in capsys.readouterr().err
-    assert cli.main([*args, "--resume"]) == 0
+    assert cli.main([*args, "--resume", "--num-samples", "3"]) == 2         # no silent extension
+    assert "num_samples (2 -> 3)" in capsys.readouterr().err
+    # A setting that only runs it: taken on the resume, and said (Tune restores its own from tuner.pkl).
+    assert cli.main([*args, "--resume", "--max-concurrent", "1", "--pending-timeout", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: --max-concurrent 2 -> 1" in out and "resume: --pending-timeout 600 -> 300" in out
     for category in ("tiles", "pills"):
         assert len(optuna.load_study(study_name=f"sweep-r-{category}", storage=storage).trials) == 2
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())

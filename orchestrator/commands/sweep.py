@@ -75,7 +75,7 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     # What every trial trains with, and what the summary shows; all checked before anything starts.
     fingerprints = plan.fingerprints()
     definition = plan.definition(fingerprints, space=yaml.safe_load(space.path.read_text()), scheduler=scheduler,
-                                 objectives=[list(o) for o in objectives])
+                                 objectives=[list(o) for o in objectives], num_samples=num_samples)
     plan.check_new_or_resumed(resume, definition)
     warn_about_config(plan)
     keys = both_splits([k for k, _ in objectives] + list(SUMMARY_METRICS))

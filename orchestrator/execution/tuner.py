@@ -4,6 +4,7 @@ stopped by Ctrl-C/SIGTERM and letting a stalled cluster's message through."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
@@ -34,27 +35,58 @@ def make_tuner(plan: Plan, spec: TrialSpec, param_space: dict[str, Any], tune_co
     so ``param_space``, which Tune prints and stores per trial, holds only what varies."""
     path = plan.experiment_path
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), spec.resources.trial())
-    # The command checked that an existing experiment is resumed as the same one
-    # (Plan.check_new_or_resumed) and recorded its definition in the folder before this.
-    if resume and path.exists():
-        if tune.Tuner.can_restore(str(path)):
-            return tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
-                                      resume_unfinished=True, resume_errored=True)
     watchdog = StallWatchdog(plan.pending_timeout, spec.resources.worker(), spec.resources.workers)
     callbacks: list[Any] = [cb, watchdog]
     if not plan.verbose:
         callbacks.append(ProgressPrinter(plan.metric, plan.mode, plan.categories))
-    return tune.Tuner(
-        trainable, param_space=param_space, tune_config=tune_config,
-        run_config=tune.RunConfig(name=plan.run_name, storage_path=plan.storage_path,
-                                  callbacks=callbacks,
-                                  # --max-failures, for every trial: Tune reruns an errored trial
-                                  # from its last checkpoint (a multi-worker trial's run also
-                                  # restarts its worker group that often within each attempt).
-                                  failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                  verbose=None if plan.verbose else 0),
-    )
+    run_config = tune.RunConfig(name=plan.run_name, storage_path=plan.storage_path, callbacks=callbacks,
+                                # --max-failures, for every trial: Tune reruns an errored trial
+                                # from its last checkpoint (a multi-worker trial's run also
+                                # restarts its worker group that often within each attempt).
+                                failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                verbose=None if plan.verbose else 0)
+    # The command checked that an existing experiment is resumed as the same one
+    # (Plan.check_new_or_resumed) and recorded its definition in the folder before this.
+    if resume and path.exists() and tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
+                                   resume_unfinished=True, resume_errored=True)
+        take_new_settings(tuner, tune_config, run_config)
+        return tuner
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def take_new_settings(tuner: tune.Tuner, tune_config: tune.TuneConfig, run_config: tune.RunConfig) -> list[str]:
+    """A restored Tuner runs with the settings of *this* command, and says which changed ->
+    those lines. Tune restores its ``TuneConfig`` and ``RunConfig`` from ``tuner.pkl``, so a
+    resume ignored a new --max-concurrent, --pending-timeout, --max-failures, -v or tracking
+    URI (trials kept logging to the old server). The searcher and scheduler stay the restored
+    ones: they carry the studies' and rungs' state. *Decision*: ``Tuner.restore`` takes no
+    configs, so they are set on the Tuner's ``TunerInternal`` (``_tune_config``,
+    ``_run_config``, Ray 2.60), before ``fit`` builds the controller from them."""
+    internal = tuner._local_tuner
+    old_tc, old_rc = internal._tune_config, internal._run_config
+
+    def first(callbacks, kind):
+        return next((c for c in callbacks or [] if type(c).__name__ == kind), None)
+
+    said = []
+    if (old_tc.max_concurrent_trials or 0) != (tune_config.max_concurrent_trials or 0):
+        said.append(f"--max-concurrent {old_tc.max_concurrent_trials or 0} -> {tune_config.max_concurrent_trials or 0}")
+    old_cb, new_cb = first(old_rc.callbacks, "MlflowTrialCallback"), first(run_config.callbacks, "MlflowTrialCallback")
+    if old_cb is not None and new_cb is not None and old_cb.tracking_uri != new_cb.tracking_uri:
+        said.append(f"tracking URI {old_cb.tracking_uri} -> {new_cb.tracking_uri}")
+    old_wd, new_wd = first(old_rc.callbacks, "StallWatchdog"), first(run_config.callbacks, "StallWatchdog")
+    if old_wd is not None and new_wd is not None and old_wd.timeout_s != new_wd.timeout_s:
+        said.append(f"--pending-timeout {old_wd.timeout_s:g} -> {new_wd.timeout_s:g}")
+    if old_rc.failure_config and old_rc.failure_config.max_failures != run_config.failure_config.max_failures:
+        said.append(f"--max-failures {old_rc.failure_config.max_failures} -> {run_config.failure_config.max_failures}")
+    internal._tune_config = dataclasses.replace(old_tc, max_concurrent_trials=tune_config.max_concurrent_trials)
+    for key in ("callbacks", "failure_config", "verbose"):
+        setattr(old_rc, key, getattr(run_config, key))
+    for line in said:
+        print(f"resume: {line}", flush=True)
+    return said
 
 
 def fit(tuner: tune.Tuner):
