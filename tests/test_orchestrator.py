@@ -204,6 +204,11 @@ def test_a_grid_trains_each_point_once_per_seed_to_full_length_and_prints_mean_a
         mean, spread = (float(x) for x in row[column].split("±"))
         assert mean == pytest.approx(np.mean(by_seed[variant]), abs=1e-4)
         assert spread == pytest.approx(np.std(by_seed[variant], ddof=1), abs=1e-4)
+    # The chosen model: the best seed of the variant with the best mean, not the luckiest seed.
+    best_mean = max(by_seed, key=lambda v: np.mean(by_seed[v]))
+    assert f"best tiles: variant={best_mean}" in out
+    chosen = env["client"].get_model_version_by_alias("pouta-mvtec-tiles", "challenger")
+    assert env["client"].get_run(chosen.run_id).data.tags["variant"] == best_mean
 
 
 def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_path, capsys):

@@ -38,7 +38,7 @@ def test_an_asha_stopped_trial_is_pruned_in_its_study_and_a_full_one_complete(tm
 
 
 def test_trials_of_several_workers_are_bounded_by_what_the_cluster_holds():
-    from orchestrator.execution.cluster import trials_at_once
+    from orchestrator.execution.scheduling import trials_at_once
     from orchestrator.spec import Resources
 
     cluster = {"CPU": 16.0, "GPU": 8.0}

@@ -9,8 +9,9 @@ from ray import tune
 
 from orchestrator import tracking
 from orchestrator.execution import tuner
-from orchestrator.execution.cluster import bounded, init_ray
+from orchestrator.execution.cluster import init_ray
 from orchestrator.execution.results import trial_rows
+from orchestrator.execution.scheduling import trial_slots
 from orchestrator.plan import SUMMARY_METRICS, Plan, both_splits, warn_about_config
 from orchestrator.tracking import report
 from orchestrator.tracking.parent import drain, open_parent
@@ -31,11 +32,10 @@ def run_launch(plan: Plan, *, resume: bool, per_category: dict[str, dict[str, An
     spec = plan.trial_spec(category_values=per_category)
     tracking.setup(plan.tracking_uri, plan.mlflow_experiment)   # MLflow answers, Ray can hold a trial: see sweep.py
     init_ray(plan)
-    plan = bounded(plan)
     parent = open_parent(plan, kind, spec, fingerprints)
     client, parent_id, cb = parent.client, parent.run_id, parent.callback
     param_space = {"category": tune.grid_search(plan.categories)}
-    tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.max_concurrent or None,
+    tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=trial_slots(plan.resources, plan.max_concurrent),
                                   reuse_actors=True)   # see sweep.py
     plan.record_definition(definition, tracking.git_commit())
     results = tuner.run(plan, spec, param_space, tune_config, cb, resume)

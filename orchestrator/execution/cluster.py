@@ -13,12 +13,10 @@ and in the job's ``runtime_env``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import socket
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -28,7 +26,6 @@ from orchestrator.execution.watchdog import check_feasible
 
 if TYPE_CHECKING:
     from orchestrator.plan import Plan
-    from orchestrator.spec import Resources
 
 log = logging.getLogger(__name__)
 
@@ -143,24 +140,3 @@ def init_ray(plan: Plan | None = None) -> str:
         check_feasible(plan.resources.worker(), plan.resources.workers)
     return address
 
-
-def trials_at_once(resources: Resources, cluster: Mapping[str, float]) -> int:
-    """How many trials of ``resources.workers`` workers the ``cluster`` resources hold at once
-    (at least one: a trial that fits nowhere is the watchdog's to report)."""
-    need = {k: v * resources.workers for k, v in resources.worker().items() if v > 0}
-    return max(1, min(int(cluster.get(k, 0.0) // v) for k, v in need.items()))
-
-
-def bounded(plan: Plan) -> Plan:
-    """The plan with a trial bound when its trials have several workers and --max-concurrent
-    is not set. *Decision* (issue 27): such a trial reserves no CPU for itself (the workers do,
-    once started), so Tune started every trial at once: Optuna proposed all of them before any
-    result and queued Train runs failed on worker-group start timeouts. The bound is what the
-    cluster holds now (GPUs, else CPUs, over workers x per-worker need); an autoscaling cluster
-    that will grow should pass --max-concurrent."""
-    if plan.resources.workers == 1 or plan.max_concurrent:
-        return plan
-    n = trials_at_once(plan.resources, ray.cluster_resources())
-    log.warning("--max-concurrent not set for trials of %d workers: %d trial(s) at once, what the cluster "
-                "holds now", plan.resources.workers, n)
-    return dataclasses.replace(plan, max_concurrent=n)

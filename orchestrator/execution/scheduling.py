@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 from optuna.exceptions import UpdateFinishedTrialError
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from orchestrator.spec import SAMPLED
+from orchestrator.spec import SAMPLED, Resources
 from pouta_core.config import Config, ConfigError
 from search_spaces import SearchSpace
 
@@ -222,6 +223,14 @@ def optuna_space(space: SearchSpace) -> dict[str, Any]:
     return out
 
 
+def grid_point(space: SearchSpace) -> Callable[[dict[str, Any]], str]:
+    """A trial's row -> its grid point (the grid's values, not the seed), as a string."""
+    import json
+
+    keys = [d.key for d in space.dimensions if d.distribution == "grid" and d.key != "seed"]
+    return lambda row: json.dumps([row["config"].get(SAMPLED, {}).get(k) for k in keys], default=str)
+
+
 def grid_space(space: SearchSpace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for d in space.dimensions:
@@ -314,3 +323,30 @@ def fail_dangling_optuna_trials(search: SweepSearch) -> None:
             log.warning("optuna study %s: trial %d was left RUNNING by an interrupted driver; marked FAIL",
                         name, trial.number)
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def trials_at_once(resources: Resources, cluster: Mapping[str, float]) -> int:
+    """How many trials of ``resources.workers`` workers the ``cluster`` resources hold at once
+    (at least one: a trial that fits nowhere is the watchdog's to report)."""
+    per_worker = {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker}
+    need = {k: v * resources.workers for k, v in per_worker.items() if v > 0}
+    return max(1, min(int(cluster.get(k, 0.0) // v) for k, v in need.items()))
+
+
+def trial_slots(resources: Resources, max_concurrent: int) -> int | None:
+    """Tune's ``max_concurrent_trials``: ``--max-concurrent``; else, for trials of several
+    workers, what the cluster holds now; else None (as the trials' resources allow).
+
+    *Decision* (issue 27): a trial of several workers reserves nothing for itself (its
+    workers do, once started), so Tune started every trial at once: Optuna proposed all of
+    them before any result and queued Train runs failed on worker-group start timeouts. The
+    bound counts GPUs, else CPUs, over workers x per-worker need; on an autoscaling cluster
+    that will grow, pass --max-concurrent."""
+    if max_concurrent:
+        return max_concurrent
+    if resources.workers == 1:
+        return None
+    n = trials_at_once(resources, ray.cluster_resources())
+    log.warning("--max-concurrent not set for trials of %d workers: %d trial(s) at once, what the cluster "
+                "holds now", resources.workers, n)
+    return n
