@@ -76,22 +76,24 @@ def mlflow_hint(args: argparse.Namespace) -> None:
 def print_grid(summary: dict, space, keys: list[str]) -> None:
     """The paper's Table 4 layout: one row per category and grid point, each metric as the mean
     ± sample standard deviation over the point's seeds (``seeds``: how many finished)."""
-    import json
     import statistics
 
-    from orchestrator.spec import SAMPLED
+    from orchestrator.execution.scheduling import grid_point
 
     dims = [d for d in space.dimensions if d.distribution == "grid" and d.key != "seed"]
+    point_of = grid_point(space)   # the grouping the choice by mean uses: a JSON list of the dims' values
+
+    def grid_order(point: str) -> list[int]:
+        return [list(d.values).index(v) for d, v in zip(dims, json.loads(point), strict=True)]
+
     print("  ".join(f"{d:>12}" for d in ["category", *(d.key for d in dims)]) + f"{'seeds':>7}"
           + "".join(f"{k:>19}" for k in keys))
     for category, e in summary.items():
-        points: dict[tuple[str, ...], list[dict]] = {}
+        points: dict[str, list[dict]] = {}
         for row in e.get("trials", []):
             if "error" not in row:
-                sampled = row["config"].get(SAMPLED, {})
-                points.setdefault(tuple(json.dumps(sampled.get(d.key)) for d in dims), []).append(row)
-        order = [[json.dumps(v) for v in d.values] for d in dims]   # the grid's own order
-        for point in sorted(points, key=lambda p: [o.index(v) for o, v in zip(order, p, strict=True)]):
+                points.setdefault(point_of(row), []).append(row)
+        for point in sorted(points, key=grid_order):
             rows = points[point]
             cells = []
             for k in keys:
@@ -102,5 +104,5 @@ def print_grid(summary: dict, space, keys: list[str]) -> None:
                     cells.append(f"{values[0]:.4f}")
                 else:
                     cells.append(f"{statistics.mean(values):.4f}±{statistics.stdev(values):.4f}")
-            print("  ".join(f"{v:>12}" for v in [category, *(str(json.loads(p)) for p in point)])
+            print("  ".join(f"{v:>12}" for v in [category, *(str(v) for v in json.loads(point))])
                   + f"{len(rows):>7}" + "".join(f"{c:>19}" for c in cells))

@@ -62,6 +62,14 @@ class Gate:
         return result.delta > self.margin and result.p_better >= self.confidence
 
 
+def champion_version(client, dataset: str, category: str):
+    """The model version ``champion`` names for ``category``, or None (no model or no alias yet)."""
+    try:
+        return client.get_model_version_by_alias(registry.registered_name(dataset, category), tracking.CHAMPION)
+    except Exception:   # MlflowException: no such model or alias
+        return None
+
+
 def unchanged(client, exp_id: str, dataset: str, category: str, fingerprint: str) -> str | None:
     """Why ``category`` needs no retraining on ``fingerprint``, or None when it does.
 
@@ -69,11 +77,7 @@ def unchanged(client, exp_id: str, dataset: str, category: str, fingerprint: str
     finished trial: a sweep on new data trains trials on it, yet the champion still serves the
     old model, and the nightly retrain said "unchanged" forever. A challenger retrained on this
     very data that lost the gate is not trained again every night: that needs ``--force``."""
-    name = registry.registered_name(dataset, category)
-    try:
-        version = client.get_model_version_by_alias(name, tracking.CHAMPION)
-    except Exception:   # no such model or alias: no champion yet
-        version = None
+    version = champion_version(client, dataset, category)
     if version is not None and client.get_run(version.run_id).data.tags.get(tracking.TAG_FINGERPRINT) == fingerprint:
         return "unchanged"
     if version is not None:
@@ -112,12 +116,8 @@ def params_for(source: str, client, exp_id: str, dataset: str, category: str, me
             "and attributes.status = 'FINISHED'"), order_by=[order], max_results=1)
         return _config_from_params(runs[0].data.params, base) if runs else {}
     if source == "champion":
-        name = registry.registered_name(dataset, category)
-        try:
-            version = client.get_model_version_by_alias(name, tracking.CHAMPION)
-        except Exception:
-            return {}
-        return _config_from_params(client.get_run(version.run_id).data.params, base)
+        version = champion_version(client, dataset, category)
+        return _config_from_params(client.get_run(version.run_id).data.params, base) if version else {}
     path = Path(source)
     try:
         data = yaml.safe_load(path.read_text())
@@ -140,10 +140,8 @@ def _latest_version(client, dataset: str, category: str) -> int:
 
 def champion_checkpoint(client, dataset: str, category: str, dest: Path) -> tuple[str, Path] | None:
     """Download the champion's checkpoint.pt -> (version, local path), or None."""
-    name = registry.registered_name(dataset, category)
-    try:
-        version = client.get_model_version_by_alias(name, tracking.CHAMPION)
-    except Exception:
+    version = champion_version(client, dataset, category)
+    if version is None:
         return None
     local = client.download_artifacts(version.run_id, "checkpoint/checkpoint.pt", str(dest))
     return version.version, Path(local)

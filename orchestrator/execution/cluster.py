@@ -139,4 +139,3 @@ def init_ray(plan: Plan | None = None) -> str:
         # now, not after --pending-timeout.
         check_feasible(plan.resources.worker(), plan.resources.workers)
     return address
-
