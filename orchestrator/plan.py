@@ -101,7 +101,8 @@ class Plan:
         """What defines this experiment's results: the base config (preset, --config, --set),
         the per-category values, the categories, the dataset and each one's data fingerprint,
         workers per trial (the DDP batch), and ``extra`` (a sweep's space, scheduler,
-        objectives and trials per category). Not in it: what only runs it (--max-concurrent,
+        objectives, a grid's seeds). Not in it: a study sweep's trial count, which a resume
+        may raise (:meth:`recorded_trials`); what only runs it (--max-concurrent,
         timeouts, --max-failures, -v, the tracking URI, GPUs per worker), which a resume may
         change (:func:`orchestrator.execution.tuner.make_tuner` applies them)."""
         return {"config": self.base.to_dict(), "per_category": {c: dict(v) for c, v in self.per_category.items()},
@@ -113,6 +114,20 @@ class Plan:
     def definition_path(self) -> Path:
         return self.experiment_path / DEFINITION_FILE
 
+    def recorded(self) -> dict[str, Any] | None:
+        """What the experiment's folder records of it (its definition, the code that started it,
+        trials per category), or None for an experiment older than the file."""
+        if not self.definition_path.is_file():
+            return None
+        try:
+            recorded = json.loads(self.definition_path.read_text())
+            if not isinstance(recorded.get("definition"), dict):
+                raise ValueError
+            return recorded
+        except (OSError, ValueError, AttributeError):
+            raise ConfigError(f"{self.definition_path}: unreadable experiment definition; move it away to "
+                              "resume without the check") from None
+
     def check_new_or_resumed(self, resume: bool, definition: Mapping[str, Any] | None = None) -> None:
         """An experiment that exists is only continued with ``resume``, and only as the same
         experiment: a ``definition`` that differs from the one recorded when it started is
@@ -123,26 +138,36 @@ class Plan:
         if not resume:
             raise ConfigError(f"{self.experiment_path}: experiment '{self.run_name}' already exists; pass --resume "
                               "to continue it or --name to start another")
-        if definition is None or not self.definition_path.is_file():
+        recorded = self.recorded()
+        if definition is None or recorded is None:
             return   # an experiment older than its definition file: nothing to compare with
-        try:
-            recorded = json.loads(self.definition_path.read_text())["definition"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ConfigError(f"{self.definition_path}: unreadable experiment definition; move it away to "
-                              "resume without the check") from None
-        changed = differences(recorded, json.loads(json.dumps(definition, default=str)))
+        old = dict(recorded["definition"])
+        if "num_samples" not in definition:
+            old.pop("num_samples", None)   # a study's trial count is not its definition (see sweep.py)
+        changed = differences(old, json.loads(json.dumps(definition, default=str)))
         if changed:
             shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
             hint = ("rerun the command it started with, or use another --name for a new one" +
-                    ("; a sweep cannot be extended yet" if any(c.startswith("num_samples ") for c in changed) else ""))
+                    ("; a grid's seeds are part of it" if any(c.startswith("num_samples ") for c in changed) else ""))
             raise ConfigError(f"--resume of '{self.run_name}': not the same experiment, it differs in {shown}; {hint}")
 
-    def record_definition(self, definition: Mapping[str, Any], code: str) -> None:
+    def recorded_trials(self) -> int | None:
+        """Trials per category the experiment was last run with (a study sweep), if recorded."""
+        recorded = self.recorded() or {}
+        n = recorded.get("num_samples", recorded.get("definition", {}).get("num_samples"))
+        return int(n) if n is not None else None
+
+    def record_definition(self, definition: Mapping[str, Any], code: str, num_samples: int | None = None) -> None:
         """Written once, when the experiment starts (``code``, the commit, for information only:
-        a resume on newer code is allowed)."""
-        if self.definition_path.is_file():
+        a resume on newer code is allowed); ``num_samples``, a study sweep's trials per
+        category, is rewritten when a resume extends it."""
+        recorded = self.recorded() if self.definition_path.is_file() else None
+        if recorded is not None and (num_samples is None or recorded.get("num_samples") == num_samples):
             return
-        text = json.dumps({"definition": definition, "code": code}, indent=1, sort_keys=True, default=str)
+        recorded = recorded or {"definition": definition, "code": code}
+        if num_samples is not None:
+            recorded["num_samples"] = num_samples
+        text = json.dumps(recorded, indent=1, sort_keys=True, default=str)
         self.experiment_path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.definition_path, lambda fh: fh.write(text.encode()))
 

@@ -232,29 +232,44 @@ def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_pa
     assert "pass --resume" in capsys.readouterr().err
     assert cli.main([*args, "--resume", "--set", "focal_gamma=1.5"]) == 2   # not the experiment it started
     assert "config.focal_gamma (2.0 -> 1.5)" in capsys.readouterr().err
-    assert cli.main([*args, "--resume", "--num-samples", "3"]) == 2         # no silent extension
-    assert "num_samples (2 -> 3)" in capsys.readouterr().err
-    # A setting that only runs it: taken on the resume, and said (Tune restores its own from tuner.pkl).
-    assert cli.main([*args, "--resume", "--max-concurrent", "1", "--pending-timeout", "300"]) == 0
+    # Extended: one more trial per category in the same studies and Tune experiment. Settings
+    # that only run it are taken, and said: Tune restores its own (tuner.pkl, the saved
+    # limiter), so the new trials running one at a time shows --max-concurrent 1 took effect.
+    extend = [*args, "--resume", "--num-samples", "3", "--max-concurrent", "1", "--pending-timeout", "300"]
+    assert cli.main(extend) == 0
     out = capsys.readouterr().out
+    assert "resume: --num-samples 2 -> 3: 1 more trial(s) for each of 2 categories" in out
     assert "resume: --max-concurrent 2 -> 1" in out and "resume: --pending-timeout 600 -> 300" in out
     for category in ("tiles", "pills"):
-        assert len(optuna.load_study(study_name=f"sweep-r-{category}", storage=storage).trials) == 2
+        study = optuna.load_study(study_name=f"sweep-r-{category}", storage=storage)
+        assert len(study.trials) == 3 and all(t.state.is_finished() for t in study.trials)
+    old_ids = {r.info.run_id for r in trials}
+    added = [r for r in runs(env, **{"pouta.kind": "trial"})
+             if r.data.tags[tracking.TAG_KEY].startswith("sweep:sweep-r/") and r.info.run_id not in old_ids]
+    assert sorted(r.data.tags["category"] for r in added) == ["pills", "tiles"]
+    first, second = sorted(added, key=lambda r: r.info.start_time)
+    assert first.info.end_time <= second.info.start_time        # one slot: not at once
+    assert cli.main([*args, "--resume"]) == 2                    # 2 < 3: never shrunk
+    assert "has 3 trials per category; it can be extended (--num-samples 3 or more), not shrunk" in \
+        capsys.readouterr().err
+    assert cli.main(extend) == 0                                 # the extended sweep resumed: nothing to do
+    assert "more trial(s)" not in capsys.readouterr().out
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())
     assert set(best) == {"tiles", "pills"} and "lambda_1" in best["pills"]
     assert best["pills"]["foreground_threshold"] == 0.3 and best["tiles"]["foreground_threshold"] is None
     pills_trials = [r for r in trials if r.data.tags["category"] == "pills"]
     assert len(pills_trials) == 2 and {r.data.params["foreground_threshold"] for r in pills_trials} == {"0.3"}
     assert len([r for r in runs(env, **{"pouta.kind": "trial"})
-                if r.data.tags[tracking.TAG_KEY].startswith("sweep:sweep-r/")]) == 4
-    # The report: on the parent run and beside best.yaml.
+                if r.data.tags[tracking.TAG_KEY].startswith("sweep:sweep-r/")]) == 6
+    # The report covers every trial of the extended sweep: on the parent run and beside best.yaml.
     report = tmp_path / "sweep-r-report"
     assert {"trials.csv", "trials.md", "tiles-history.png", "tiles-parallel.png"} <= {p.name for p in report.iterdir()}
     table = (report / "trials.csv").read_text().splitlines()
-    assert len(table) == 5 and "lambda_1" in table[0] and "val_pixel_ap" in table[0] and "test_pixel_ap" in table[0]
+    assert len(table) == 7 and "lambda_1" in table[0] and "val_pixel_ap" in table[0] and "test_pixel_ap" in table[0]
     assert sum(",yes," in row for row in table) == 2            # one chosen trial per category
     parent = next(r for r in runs(env, **{"pouta.kind": "sweep"}) if r.info.run_name == "sweep-r")
     assert {"best_val_pixel_ap.tiles", "best_test_pixel_ap.pills"} <= set(parent.data.metrics)
+    assert parent.data.params["num_samples"] == "2" and parent.data.tags["num_samples"] == "3"   # started 2, now 3
     logged = {f.path for f in env["client"].list_artifacts(parent.info.run_id, "report")}
     assert {"report/trials.md", "report/tiles-history.png"} <= logged
     # The registered version says what it is and why it was chosen.

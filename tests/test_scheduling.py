@@ -1,6 +1,7 @@
 """What a sweep tells its Optuna studies (no Ray cluster: the searcher Tune would drive)."""
 
 import optuna
+import pytest
 from conftest import small_config
 from optuna.trial import TrialState
 
@@ -46,3 +47,130 @@ def test_trials_of_several_workers_are_bounded_by_what_the_cluster_holds():
     assert trials_at_once(Resources(workers=4, cpus_per_worker=2, gpus_per_worker=1), cluster) == 2
     assert trials_at_once(Resources(workers=2, cpus_per_worker=3), cluster) == 2     # CPUs only
     assert trials_at_once(Resources(workers=4, gpus_per_worker=1), {"CPU": 2.0}) == 1   # fits nowhere: the watchdog's
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_asha_rungs_are_rebuilt_from_a_restored_experiment(local_ray, tmp_path):
+    """Tune saves the searcher, not the scheduler: a resumed sweep's ASHA started with empty
+    rungs and let the next weak trial through. Rebuilt from the restored trials' results, a
+    weak new trial is stopped at the first rung, as it would have been without the restart."""
+    from ray import tune
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from orchestrator.execution.scheduling import PerCategoryScheduler
+
+    def make(category):
+        return ASHAScheduler(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)
+
+    def scripted(config):
+        for epoch in range(1, 5):
+            tune.report({"epoch": epoch, "val_pixel_ap": config["value"] * epoch})
+
+    live = PerCategoryScheduler(make, ["tiles"])
+    tune.Tuner(scripted, param_space={"category": "tiles", "value": tune.grid_search([0.4, 0.3, 0.2, 0.1])},
+               tune_config=tune.TuneConfig(metric="val_pixel_ap", mode="max", scheduler=live, max_concurrent_trials=1),
+               run_config=tune.RunConfig(name="asha", storage_path=str(tmp_path), verbose=0)).fit()
+    trials = ExperimentAnalysis(str(tmp_path / "asha")).trials
+    assert sorted(t.last_result["epoch"] for t in trials) == [1, 1, 1, 4]   # ASHA stopped three
+
+    def rungs(scheduler):
+        return [(m, sorted(r.values())) for m, r in scheduler.schedulers["tiles"]._brackets[0]._rungs]
+
+    def first_rung_decision(scheduler):
+        new = Trial("scripted", config={"category": "tiles", "value": 0.05}, trial_id="new", stub=True)
+        scheduler.on_trial_add(None, new)
+        return scheduler.on_trial_result(None, new, {"epoch": 1, "val_pixel_ap": 0.05})
+
+    restored, empty = PerCategoryScheduler(make, ["tiles"]), PerCategoryScheduler(make, ["tiles"])
+    for scheduler in (restored, empty):
+        scheduler.set_search_properties("val_pixel_ap", "max")
+    for t in trials:
+        restored.on_trial_add(None, t)
+    assert rungs(restored)[-1] == (1, [0.1, 0.2, 0.3, 0.4])   # every trial's epoch-1 value
+    assert first_rung_decision(restored) == TrialScheduler.STOP
+    assert first_rung_decision(empty) == TrialScheduler.CONTINUE   # what a resume did before
+
+
+def test_a_restored_trial_whose_checkpoint_is_gone_continues_from_the_newest_on_disk(local_ray, tmp_path, capsys):
+    """The kill window: the saved experiment names a checkpoint that Tune deleted since
+    (num_to_keep). Tune refused to restore the trial and it ended ERROR; it now continues from
+    the newest checkpoint left in its folder, and says so."""
+    import shutil
+
+    from ray import tune
+
+    from orchestrator.execution.scheduling import ResumingScheduler
+
+    def counting(config):
+        """Reports epochs 1-4 with a checkpoint each, from its checkpoint's epoch; fails at epoch 3
+        while ``config["fail"]`` exists (a driver killed there, as far as Tune can tell)."""
+        import tempfile
+        from pathlib import Path
+
+        from ray import tune
+
+        start, checkpoint = 0, tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                start = int(Path(d, "epoch").read_text())
+        for epoch in range(start + 1, 5):
+            if epoch == 3 and Path(config["fail"]).exists():
+                raise RuntimeError("interrupted")
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "epoch").write_text(str(epoch))
+                tune.report({"epoch": epoch, "start": start}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    fail = tmp_path / "fail"
+    fail.touch()
+    first = tune.Tuner(counting, param_space={"fail": str(fail)},
+                       tune_config=tune.TuneConfig(scheduler=ResumingScheduler()),
+                       run_config=tune.RunConfig(name="gone", storage_path=str(tmp_path), verbose=0)).fit()
+    recorded = first[0].checkpoint.path
+    assert first[0].error is not None and recorded.endswith("checkpoint_000001")
+    shutil.rmtree(recorded)                      # removed after the state naming it was saved
+    fail.unlink()
+    again = tune.Tuner.restore(str(tmp_path / "gone"), trainable=counting, resume_errored=True).fit()
+    assert again[0].error is None
+    assert again[0].metrics["epoch"] == 4 and again[0].metrics["start"] == 1   # from checkpoint_000000 (epoch 1)
+    assert "its recorded checkpoint checkpoint_000001 is gone; continuing from checkpoint_000000" in \
+        capsys.readouterr().out
+
+
+def test_a_trial_restores_the_newest_checkpoint_that_loads(tmp_path):
+    """The worker's side of the same window (and Ray Train's checkpoints of a DDP trial): the
+    recorded folder lacks checkpoint.pt, the newest other one was cut by the kill."""
+    import ray.train
+    import torch
+
+    from orchestrator.execution.worker import restore_into
+    from pouta_core import checkpoint as ckpt
+    from pouta_core.training import new_state, save
+
+    trial = tmp_path / "trial"
+    config = small_config(epochs=1)
+    state = new_state(config, torch.device("cpu"))
+    state.epoch = 1
+    save(state, trial / "checkpoint_000001", config, {"epoch": 1})
+    (trial / "checkpoint_000002").mkdir()
+    (trial / "checkpoint_000002" / ckpt.CHECKPOINT).write_bytes(b"cut")   # torn by the kill
+    (trial / "checkpoint_000003").mkdir()                                    # recorded; its file is gone
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    note = restore_into(run_dir, ray.train.Checkpoint(str(trial / "checkpoint_000003")))
+    assert note == "its checkpoint checkpoint_000003 is gone; continuing from checkpoint_000001, the newest on disk"
+    assert ckpt.load_state(run_dir)["epoch"] == 1
+    for name in ("checkpoint_000001", "checkpoint_000002"):
+        (trial / name / ckpt.CHECKPOINT).unlink()
+    note = restore_into(run_dir, ray.train.Checkpoint(str(trial / "checkpoint_000003")))
+    assert note == "its checkpoint checkpoint_000003 is gone and no other loads; starting over"
+    assert not any(run_dir.iterdir())

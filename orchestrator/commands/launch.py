@@ -11,7 +11,7 @@ from orchestrator import tracking
 from orchestrator.execution import tuner
 from orchestrator.execution.cluster import init_ray
 from orchestrator.execution.results import trial_rows
-from orchestrator.execution.scheduling import trial_slots
+from orchestrator.execution.scheduling import ResumingScheduler, trial_generator, trial_slots
 from orchestrator.plan import SUMMARY_METRICS, Plan, both_splits, warn_about_config
 from orchestrator.tracking import report
 from orchestrator.tracking.parent import drain, open_parent
@@ -35,8 +35,9 @@ def run_launch(plan: Plan, *, resume: bool, per_category: dict[str, dict[str, An
     parent = open_parent(plan, kind, spec, fingerprints)
     client, parent_id, cb = parent.client, parent.run_id, parent.callback
     param_space = {"category": tune.grid_search(plan.categories)}
-    tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=trial_slots(plan.resources, plan.max_concurrent),
-                                  reuse_actors=True)   # see sweep.py
+    tune_config = tune.TuneConfig(num_samples=1, reuse_actors=True,   # see sweep.py
+                                  search_alg=trial_generator(None, trial_slots(plan.resources, plan.max_concurrent)),
+                                  scheduler=ResumingScheduler())
     plan.record_definition(definition, tracking.git_commit())
     results = tuner.run(plan, spec, param_space, tune_config, cb, resume)
     drain(parent, plan)

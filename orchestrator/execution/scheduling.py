@@ -22,7 +22,7 @@ import yaml
 from optuna.exceptions import UpdateFinishedTrialError
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher, SearchGenerator
 
 from orchestrator.spec import SAMPLED, Resources
 from pouta_core.config import Config, ConfigError
@@ -97,6 +97,17 @@ class CategorySearch(_PickledState, Searcher):
             return
         searcher.on_trial_complete(trial_id, result, error)
 
+    def extend(self, budget: Mapping[str, int]) -> int:
+        """Raise each category's budget to ``budget`` (never lower it) -> trials added."""
+        added = 0
+        for category, n in budget.items():
+            more = max(0, n - self.budget.get(category, 0))
+            if more:
+                self.budget[category] = n
+                self.started.setdefault(category, 0)
+                added += more
+        return added
+
     def _stopped_early(self, trial_id: str, result: dict) -> bool:
         """Ended before its own ``epochs`` without an error: ASHA stopped it."""
         target = self.epochs_of.get(trial_id)
@@ -123,7 +134,129 @@ def _prune(searcher: Searcher, trial_id: str) -> bool:
     return True
 
 
-class PerCategoryScheduler(_PickledState, FIFOScheduler):
+class SlotLimiter(ConcurrencyLimiter):
+    """Tune's ``ConcurrencyLimiter`` that also forwards the results of trials it did not start:
+    those of an experiment restored from a state saved without a limiter (or by an older
+    version), which Tune requeues as they were. Ray's drops them, and the study never learns."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.live_trials or not self._limit_concurrency:
+            super().on_trial_result(trial_id, result)
+        else:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials or not self._limit_concurrency:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+
+class StudyTrials(SearchGenerator):
+    """The sweep's trials for Tune: :class:`CategorySearch` (behind a :class:`SlotLimiter` when
+    ``max_concurrent``), whose restore keeps what *this* command asks for.
+
+    Tune restores a searcher's wrappers and counters from the experiment's folder, so on
+    ``--resume`` a new ``--max-concurrent`` was overwritten by the saved limiter's and a
+    larger ``--num-samples`` by the saved trial count (the generator then said "finished").
+    *Decision*: the command's budget per category and slot count are re-applied after the
+    restore: a larger budget extends the same studies in the same Tune experiment (the
+    summary covers every trial); a smaller one is refused by the command before this."""
+
+    def __init__(self, search: CategorySearch, max_concurrent: int | None) -> None:
+        super().__init__(SlotLimiter(search, max_concurrent) if max_concurrent else search)
+        self.search, self.max_concurrent = search, max_concurrent or 0
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        budget, slots = dict(self.search.budget), self.max_concurrent
+        super().restore_from_dir(dirpath)     # the saved counters, studies, budget and slots
+        self.max_concurrent = slots
+        if isinstance(self.searcher, ConcurrencyLimiter):
+            self.searcher.max_concurrent = slots
+        added = self.search.extend(budget)
+        self._total_samples = sum(self.search.budget.values())
+        if added:
+            self._finished = False
+            log.info("resume: %d more trial(s) added to the studies", added)
+
+
+class GridTrials(BasicVariantGenerator):
+    """Tune's generator of grid (and launch) trials, whose restore keeps this command's
+    ``--max-concurrent`` (Tune's restores the saved one)."""
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        slots = self.max_concurrent
+        super().restore_from_dir(dirpath)
+        self.max_concurrent = slots
+
+
+def trial_generator(search: Searcher | None, max_concurrent: int | None) -> SearchAlgorithm:
+    """What a command hands Tune as ``search_alg`` (with ``max_concurrent_trials`` unset: the
+    bound lives here, where a resume can change it)."""
+    if search is None:
+        return GridTrials(max_concurrent=max_concurrent or 0)
+    assert isinstance(search, CategorySearch), search
+    return StudyTrials(search, max_concurrent)
+
+
+def slots_of(search_alg: Any) -> int:
+    """The trial bound a (restored) Tune search algorithm holds; 0 for none."""
+    return int(getattr(search_alg, "max_concurrent", 0) or 0)
+
+
+def restored(trial) -> bool:
+    """A trial of a restored experiment that had reported before (a new one has not)."""
+    return "training_iteration" in trial.run_metadata.last_result
+
+
+def repair_checkpoint(trial) -> str | None:
+    """Point a restored ``trial`` at a checkpoint that exists -> what was done, or None.
+
+    Tune removes a trial's checkpoints beyond ``num_to_keep`` as new ones are registered, and
+    saves the experiment state naming the latest only every few seconds: a driver killed in
+    between restored a trial whose recorded checkpoint was gone, Tune refused to restore it,
+    and every retry failed the same way (the trial ended ERROR). *Decision*: the trial
+    continues from the newest checkpoint in its folder (Ray numbers them), or, when there is
+    none, starts over; either way the driver says so. The checkpoint manager's
+    ``_latest_checkpoint_result`` and ``_checkpoint_results`` are Ray 2.60's attributes."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+    from ray.train._internal.session import _TrainingResult
+
+    manager = trial.run_metadata.checkpoint_manager
+    latest = manager.latest_checkpoint_result
+    if latest is None:
+        return None
+    fs, recorded = latest.checkpoint.filesystem, latest.checkpoint.path.rstrip("/")
+    if fs.get_file_info(recorded).type == pafs.FileType.Directory:
+        return None
+    folder, name = posixpath.split(recorded)
+    on_disk = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    manager._checkpoint_results = [_TrainingResult(checkpoint=Checkpoint(p, filesystem=fs), metrics=latest.metrics)
+                                   for p in on_disk]
+    manager._latest_checkpoint_result = manager._checkpoint_results[-1] if on_disk else None
+    if on_disk:
+        return f"its recorded checkpoint {name} is gone; continuing from {posixpath.basename(on_disk[-1])}"
+    return f"its recorded checkpoint {name} is gone and none is left; starting over"
+
+
+class ResumingScheduler(FIFOScheduler):
+    """Tune's FIFO scheduler that repairs a restored trial's checkpoint as Tune adds it
+    (:func:`repair_checkpoint`). Every command's Tune experiment has one."""
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if restored(trial):
+            note = repair_checkpoint(trial)
+            if note:
+                log.warning("trial %s: %s", trial.trial_id, note)
+                print(f"resume: trial {trial.trial_id}: {note}", flush=True)
+        super().on_trial_add(tune_controller, trial)
+
+
+class PerCategoryScheduler(_PickledState, ResumingScheduler):
     """A scheduler per category (``make(category)``, e.g. ASHA), fed only that category's
     trials: a weak trial is stopped against its own category's rungs. Trials start in FIFO
     order, as the per-category searchers proposed them."""
@@ -140,7 +273,11 @@ class PerCategoryScheduler(_PickledState, FIFOScheduler):
         return all(ok)
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        self._of(trial).on_trial_add(tune_controller, trial)
+        super().on_trial_add(tune_controller, trial)
+        scheduler = self._of(trial)
+        scheduler.on_trial_add(tune_controller, trial)
+        if restored(trial):
+            replay_rungs(scheduler, trial, trial_history(trial))
 
     def on_trial_error(self, tune_controller, trial) -> None:
         self._of(trial).on_trial_error(tune_controller, trial)
@@ -158,6 +295,44 @@ class PerCategoryScheduler(_PickledState, FIFOScheduler):
         return "\n".join(f"{c}: {s.debug_string()}" for c, s in self.schedulers.items())
 
 
+def trial_history(trial) -> list[dict]:
+    """Every result ``trial`` reported, in order, from its ``result.json`` in the experiment's
+    storage (local or remote, through the trial's storage filesystem); [] when unreadable."""
+    import json
+    import posixpath
+
+    try:
+        with trial.storage.storage_filesystem.open_input_stream(posixpath.join(trial.path, "result.json")) as fh:
+            text = fh.readall().decode()
+    except (OSError, RuntimeError, AttributeError, TypeError):   # RuntimeError: a trial without a folder
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue   # a line cut by a driver killed while writing it
+    return rows
+
+
+def replay_rungs(scheduler: TrialScheduler, trial, history: list[dict]) -> None:
+    """Record a restored trial's past results in its ASHA bracket, as they were when reported.
+
+    *Decision*: Tune 2.60 saves the searcher, never the scheduler; a resumed sweep's ASHA
+    started with empty rungs, so every trial reaching a rung first after the resume continued,
+    however weak. Rebuilt here from each restored trial's results: ASHA's bracket
+    (``_trial_info``, ``_metric``, ``_metric_op``, ``_time_attr``, Ray 2.60's attributes) records
+    the first value at or past each milestone; its decisions are not replayed (the trial's
+    status is what the saved experiment says)."""
+    info = getattr(scheduler, "_trial_info", None)
+    if not isinstance(info, dict) or trial.trial_id not in info:
+        return
+    bracket, time_attr, metric, op = info[trial.trial_id], scheduler._time_attr, scheduler._metric, scheduler._metric_op
+    for row in history:
+        if row.get(time_attr) is not None and row.get(metric) is not None:
+            bracket.on_result(trial, row[time_attr], op * row[metric])
+
+
 @dataclass(frozen=True)
 class SweepSearch:
     """What a sweep hands Tune: the param space, how many trials, the searcher and scheduler,
@@ -166,7 +341,7 @@ class SweepSearch:
     param_space: dict[str, Any]
     num_samples: int
     search_alg: Searcher | None
-    scheduler: TrialScheduler | None
+    scheduler: TrialScheduler
     storage_url: str | None
     studies: dict[str, str]
 
@@ -182,7 +357,7 @@ def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: 
     ...): a grid point trained twice with one seed is the same trial twice, while the spread
     over seeds is what tells two variants apart (the paper's Table 4)."""
     categories = list(configs)
-    stopper = asha(configs, space) if scheduler == "asha" else None
+    stopper = asha(configs, space) if scheduler == "asha" else ResumingScheduler()
     if space.has_grid:
         points = grid_space(space)
         if "seed" not in points:   # a space that searches the seed itself keeps its values

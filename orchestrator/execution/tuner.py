@@ -12,6 +12,7 @@ from ray import tune
 from orchestrator.errors import ClusterStalled
 from orchestrator.execution import interrupts
 from orchestrator.execution.progress import ProgressPrinter
+from orchestrator.execution.scheduling import slots_of
 from orchestrator.execution.trial import run_trial
 from orchestrator.execution.watchdog import StallWatchdog
 from orchestrator.plan import Plan
@@ -59,10 +60,14 @@ def make_tuner(plan: Plan, spec: TrialSpec, param_space: dict[str, Any], tune_co
 def take_new_settings(tuner: tune.Tuner, tune_config: tune.TuneConfig, run_config: tune.RunConfig) -> list[str]:
     """A restored Tuner runs with the settings of *this* command, and says which changed ->
     those lines. Tune restores its ``TuneConfig`` and ``RunConfig`` from ``tuner.pkl``, so a
-    resume ignored a new --max-concurrent, --pending-timeout, --max-failures, -v or tracking
-    URI (trials kept logging to the old server). The searcher and scheduler stay the restored
-    ones: they carry the studies' and rungs' state. *Decision*: ``Tuner.restore`` takes no
-    configs, so they are set on the Tuner's ``TunerInternal`` (``_tune_config``,
+    resume ignored a new --max-concurrent, --num-samples, --pending-timeout, --max-failures, -v
+    or tracking URI (trials kept logging to the old server). The search algorithm is this
+    command's: its restore from the experiment folder keeps the studies' state and takes this
+    command's trial budget and bound (:class:`orchestrator.execution.scheduling.StudyTrials`).
+    So is the scheduler (Tune never saves one): it rebuilds ASHA's rungs and repairs
+    checkpoints as the restored trials are added
+    (:class:`orchestrator.execution.scheduling.ResumingScheduler`). *Decision*: ``Tuner.restore``
+    takes no configs, so they are set on the Tuner's ``TunerInternal`` (``_tune_config``,
     ``_run_config``, Ray 2.60), before ``fit`` builds the controller from them."""
     internal = tuner._local_tuner
     old_tc, old_rc = internal._tune_config, internal._run_config
@@ -71,8 +76,11 @@ def take_new_settings(tuner: tune.Tuner, tune_config: tune.TuneConfig, run_confi
         return next((c for c in callbacks or [] if type(c).__name__ == kind), None)
 
     said = []
-    if (old_tc.max_concurrent_trials or 0) != (tune_config.max_concurrent_trials or 0):
-        said.append(f"--max-concurrent {old_tc.max_concurrent_trials or 0} -> {tune_config.max_concurrent_trials or 0}")
+    # Older experiments kept the bound in TuneConfig; this version keeps it in the search algorithm.
+    old_slots = slots_of(old_tc.search_alg) or old_tc.max_concurrent_trials or 0
+    new_slots = slots_of(tune_config.search_alg) or tune_config.max_concurrent_trials or 0
+    if old_slots != new_slots:
+        said.append(f"--max-concurrent {old_slots} -> {new_slots}")
     old_cb, new_cb = first(old_rc.callbacks, "MlflowTrialCallback"), first(run_config.callbacks, "MlflowTrialCallback")
     if old_cb is not None and new_cb is not None and old_cb.tracking_uri != new_cb.tracking_uri:
         said.append(f"tracking URI {old_cb.tracking_uri} -> {new_cb.tracking_uri}")
@@ -81,7 +89,8 @@ def take_new_settings(tuner: tune.Tuner, tune_config: tune.TuneConfig, run_confi
         said.append(f"--pending-timeout {old_wd.timeout_s:g} -> {new_wd.timeout_s:g}")
     if old_rc.failure_config and old_rc.failure_config.max_failures != run_config.failure_config.max_failures:
         said.append(f"--max-failures {old_rc.failure_config.max_failures} -> {run_config.failure_config.max_failures}")
-    internal._tune_config = dataclasses.replace(old_tc, max_concurrent_trials=tune_config.max_concurrent_trials)
+    internal._tune_config = dataclasses.replace(old_tc, max_concurrent_trials=tune_config.max_concurrent_trials,
+                                                search_alg=tune_config.search_alg, scheduler=tune_config.scheduler)
     for key in ("callbacks", "failure_config", "verbose"):
         setattr(old_rc, key, getattr(run_config, key))
     for line in said:

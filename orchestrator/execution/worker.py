@@ -26,7 +26,7 @@ from orchestrator.spec import WorkerTask
 from pouta_core import checkpoint as ckpt
 from pouta_core.api import load_category
 from pouta_core.benchmark import latency_ms
-from pouta_core.config import Config
+from pouta_core.config import Config, ConfigError
 from pouta_core.data.images import set_max_image_pixels
 from pouta_core.inference import predict
 from pouta_core.model import build_model
@@ -137,10 +137,9 @@ def train_worker(task: WorkerTask, session: TrainSession | TuneSession | None = 
 
     remove_stale_run_dirs()
     run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-{task.category}-rank{rank}-"))
-    restored = session.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            shutil.copytree(d, run_dir, dirs_exist_ok=True)
+    note = restore_into(run_dir, session.get_checkpoint())
+    if note:
+        print(f"trial {task.category}: {note}", flush=True)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         metrics = {**metrics, "latency_ms": latency}
@@ -163,6 +162,47 @@ def train_worker(task: WorkerTask, session: TrainSession | TuneSession | None = 
             sidecars={ckpt.VAL_FILES: data.selection_record()})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def restore_into(run_dir: Path, checkpoint: ray.train.Checkpoint | None) -> str | None:
+    """Copy the trial's latest ``checkpoint`` (Tune's or Ray Train's) into ``run_dir`` -> a note
+    when another one had to be used, else None.
+
+    Tune removes checkpoints beyond ``num_to_keep`` as new ones are reported, and saves the
+    experiment state that names the latest only every few seconds: a driver killed in between
+    restores a trial whose recorded checkpoint is gone, and every retry failed the same way.
+    *Decision*: the trial then continues from the newest checkpoint in the same folder that
+    loads (Ray numbers them ``checkpoint_000007``), or starts over when none does; either way
+    it says so (the trial's log line reaches the driver's output)."""
+    if checkpoint is None:
+        return None
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    fs, recorded = checkpoint.filesystem, checkpoint.path
+    if fs.get_file_info(posixpath.join(recorded, ckpt.CHECKPOINT)).type == pafs.FileType.File:
+        with checkpoint.as_directory() as d:
+            shutil.copytree(d, run_dir, dirs_exist_ok=True)
+        return None
+    folder, name = posixpath.split(recorded.rstrip("/"))
+    siblings = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+                       if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
+    for candidate in siblings:
+        if fs.get_file_info(posixpath.join(candidate, ckpt.CHECKPOINT)).type != pafs.FileType.File:
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        try:
+            with ray.train.Checkpoint(candidate, filesystem=fs).as_directory() as d:
+                shutil.copytree(d, run_dir, dirs_exist_ok=True)
+            ckpt.load_state(run_dir / ckpt.CHECKPOINT)   # one cut by the kill does not load
+        except (OSError, ConfigError):   # unreadable (cut by the kill): try the next older one
+            continue
+        return f"its checkpoint {name} is gone; continuing from {posixpath.basename(candidate)}, the newest on disk"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    return f"its checkpoint {name} is gone and no other loads; starting over"
 
 
 def _reportable(v: Any) -> bool:
