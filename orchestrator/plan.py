@@ -102,7 +102,7 @@ class Plan:
         the per-category values, the categories, the dataset and each one's data fingerprint,
         workers per trial (the DDP batch), and ``extra`` (a sweep's space, scheduler,
         objectives, a grid's seeds). Not in it: a study sweep's trial count, which a resume
-        may raise (:meth:`recorded_trials`); what only runs it (--max-concurrent,
+        may raise (:meth:`check_new_or_resumed`); what only runs it (--max-concurrent,
         timeouts, --max-failures, -v, the tracking URI, GPUs per worker), which a resume may
         change (:func:`orchestrator.execution.tuner.make_tuner` applies them)."""
         return {"config": self.base.to_dict(), "per_category": {c: dict(v) for c, v in self.per_category.items()},
@@ -128,11 +128,13 @@ class Plan:
             raise ConfigError(f"{self.definition_path}: unreadable experiment definition; move it away to "
                               "resume without the check") from None
 
-    def check_new_or_resumed(self, resume: bool, definition: Mapping[str, Any] | None = None) -> None:
+    def check_new_or_resumed(self, resume: bool, definition: Mapping[str, Any] | None = None,
+                             num_samples: int | None = None) -> None:
         """An experiment that exists is only continued with ``resume``, and only as the same
         experiment: a ``definition`` that differs from the one recorded when it started is
-        refused, naming the fields. Checked before anything starts, so a refused command leaves
-        no Ray, no MLflow run behind."""
+        refused, naming the fields. A study sweep's ``num_samples`` may grow it (the same
+        studies get the new trials, in the same Tune experiment), never shrink it. Checked
+        before anything starts, so a refused command leaves no Ray, no MLflow run behind."""
         if not self.experiment_path.exists():
             return
         if not resume:
@@ -150,12 +152,14 @@ class Plan:
             hint = ("rerun the command it started with, or use another --name for a new one" +
                     ("; a grid's seeds are part of it" if any(c.startswith("num_samples ") for c in changed) else ""))
             raise ConfigError(f"--resume of '{self.run_name}': not the same experiment, it differs in {shown}; {hint}")
-
-    def recorded_trials(self) -> int | None:
-        """Trials per category the experiment was last run with (a study sweep), if recorded."""
-        recorded = self.recorded() or {}
-        n = recorded.get("num_samples", recorded.get("definition", {}).get("num_samples"))
-        return int(n) if n is not None else None
+        before = recorded.get("num_samples", recorded["definition"].get("num_samples"))
+        if num_samples is None or before is None or num_samples == int(before):
+            return
+        if num_samples < int(before):
+            raise ConfigError(f"--num-samples {num_samples}: sweep '{self.run_name}' has {before} trials per "
+                              f"category; it can be extended (--num-samples {before} or more), not shrunk")
+        print(f"resume: --num-samples {before} -> {num_samples}: {num_samples - int(before)} more trial(s) for "
+              f"each of {len(self.categories)} categories, in the same studies", flush=True)
 
     def record_definition(self, definition: Mapping[str, Any], code: str, num_samples: int | None = None) -> None:
         """Written once, when the experiment starts (``code``, the commit, for information only:

@@ -20,6 +20,16 @@ VAL_FILES = "val_files.json"   # the validation split the run was chosen on (pou
 FORMAT = 1
 
 
+# What only resuming training needs: with Adam, about twice the weights again.
+TRAINING_STATE = ("optimizer", "scheduler", "scaler")
+
+
+def inference_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` as a model to use, not to resume: without :data:`TRAINING_STATE`.
+    :func:`load_model` reads it as it reads a full checkpoint."""
+    return {k: v for k, v in state.items() if k not in TRAINING_STATE}
+
+
 def save_checkpoint(out_dir: Path, state: dict[str, Any], *, before_replace=None) -> Path:
     path = Path(out_dir) / CHECKPOINT
     atomic_write(path, lambda fh: torch.save({"format": FORMAT, **state}, fh), before_replace=before_replace)

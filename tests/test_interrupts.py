@@ -92,7 +92,7 @@ def resume_and_check(data: Path, root: Path) -> None:
     for run in trials:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_pixel_ap")]
         assert steps == list(range(1, EPOCHS + 1)), steps      # no duplicate, no missing last epoch
-    storage = optuna.storages.RDBStorage(f"sqlite:///{root / 'ray' / 'optuna.db'}")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{root / 'ray' / 'stop' / 'optuna.db'}")
     for category in CATEGORIES:
         study = optuna.load_study(study_name=f"stop-{category}", storage=storage)
         assert not study.get_trials(states=(TrialState.RUNNING,))

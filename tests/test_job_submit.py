@@ -116,13 +116,13 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
         assert {"loss_total", "loss_rec", "val_pixel_ap", "test_pixel_ap", "val_image_auroc"} <= set(child.data.metrics)
         assert child.info.status == "FINISHED"
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"config.yaml", "metrics.json", "checkpoint"} <= artifacts
+        assert {"config.yaml", "metrics.json"} <= artifacts and child.data.tags["pouta.checkpoint"]
     for category in ("tiles", "pills"):
         model = client.get_registered_model(f"pouta-mvtec-{category}")
         assert str(model.aliases.get("challenger")) == "1"
         version = client.get_model_version_by_alias(f"pouta-mvtec-{category}", "challenger")
         assert version.run_id in {c.info.run_id for c in children}
-        assert "heatmaps.png" in {a.path for a in client.list_artifacts(version.run_id)}
+        assert {"heatmaps.png", "checkpoint"} <= {a.path for a in client.list_artifacts(version.run_id)}
         steps = [m.step for m in client.get_metric_history(version.run_id, "val_pixel_ap")]
         assert steps == list(range(1, len(steps) + 1))   # epochs as steps, no duplicates (ASHA may stop at 1)
 

@@ -4,6 +4,7 @@ runs on the same machine."""
 
 import json
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -211,14 +212,19 @@ def test_a_grid_trains_each_point_once_per_seed_to_full_length_and_prints_mean_a
     assert env["client"].get_run(chosen.run_id).data.tags["variant"] == best_mean
 
 
-def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_path, capsys):
+def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_path, capsys, monkeypatch):
     import optuna
 
+    searched = []   # run keys looked up by a tag search: never a trial's (issue 28)
+    find_run = tracking.find_run
+    monkeypatch.setattr(tracking, "find_run", lambda client, exp_id, key: searched.append(key) or
+                        find_run(client, exp_id, key))
     args = ["sweep", "--space", "mss_lambdas", "--categories", "tiles,pills", "--num-samples", "2",
             "--max-concurrent", "2", *common(env, "sweep-r"), "--best-out", str(tmp_path / "best.yaml"),
             *PILLS_ON_OBJECT]
     assert cli.main(args) == 0
-    storage = f"sqlite:///{env['root'] / 'ray' / 'optuna.db'}"
+    assert searched == ["sweep:sweep-r"]     # the parent run; each trial's run is created, then known
+    storage = f"sqlite:///{env['root'] / 'ray' / 'sweep-r' / 'optuna.db'}"
     for category in ("tiles", "pills"):
         study = optuna.load_study(study_name=f"sweep-r-{category}", storage=storage)
         assert len(study.trials) == 2 and all(t.state.is_finished() for t in study.trials)
@@ -236,8 +242,10 @@ def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_pa
     # that only run it are taken, and said: Tune restores its own (tuner.pkl, the saved
     # limiter), so the new trials running one at a time shows --max-concurrent 1 took effect.
     extend = [*args, "--resume", "--num-samples", "3", "--max-concurrent", "1", "--pending-timeout", "300"]
+    searched.clear()
     assert cli.main(extend) == 0
     out = capsys.readouterr().out
+    assert searched == ["sweep:sweep-r"]     # restored trials' run ids come back with Tune's state
     assert "resume: --num-samples 2 -> 3: 1 more trial(s) for each of 2 categories" in out
     assert "resume: --max-concurrent 2 -> 1" in out and "resume: --pending-timeout 600 -> 300" in out
     for category in ("tiles", "pills"):
@@ -272,8 +280,23 @@ def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_pa
     assert parent.data.params["num_samples"] == "2" and parent.data.tags["num_samples"] == "3"   # started 2, now 3
     logged = {f.path for f in env["client"].list_artifacts(parent.info.run_id, "report")}
     assert {"report/trials.md", "report/tiles-history.png"} <= logged
-    # The registered version says what it is and why it was chosen.
+    # Weights by need (issue 28): only the registered version's run has them, without the
+    # optimizer state; every other trial's run names its checkpoint in Ray's storage.
     version = env["client"].get_model_version_by_alias("pouta-mvtec-pills", "challenger")
+    registered = {env["client"].get_model_version_by_alias(f"pouta-mvtec-{c}", "challenger").run_id
+                  for c in ("tiles", "pills")}
+    for run in trials:
+        logged = {a.path for a in env["client"].list_artifacts(run.info.run_id)}
+        assert ("checkpoint" in logged) == (run.info.run_id in registered)
+        assert {"config.yaml", "metrics.json", "val_files.json"} <= logged
+        assert Path(env["client"].get_run(run.info.run_id).data.tags["pouta.checkpoint"], "checkpoint.pt").is_file()
+    weights = env["client"].download_artifacts(version.run_id, "checkpoint/checkpoint.pt", str(tmp_path / "w"))
+    assert not {"optimizer", "scheduler", "scaler"} & set(torch.load(weights, weights_only=True))
+    other = next(r for r in trials if r.info.run_id not in registered)
+    assert cli.main(["predict", "--model", f"runs:/{other.info.run_id}", str(env["data"] / "tiles" / "test"),
+                     "--out", str(tmp_path / "p"), "--tracking-uri", env["uri"]]) == 2
+    assert "this trial's are in Ray's storage: --model " in capsys.readouterr().err
+    # The registered version says what it is and why it was chosen.
     assert version.tags["category"] == "pills" and version.tags["source"] == "sweep sweep-r"
     assert "val_pixel_ap" in version.tags and "test_pixel_ap" in version.tags and "searched.lambda_1" in version.tags
     assert "validation (chosen on)" in version.description and parent.info.run_id in version.description
@@ -420,6 +443,22 @@ def test_a_demand_the_cluster_never_frees_stops_after_the_pending_timeout(env, c
     assert "waited 10 s for resources (--pending-timeout): a trial needs {'CPU': 1.0} x 1 worker(s)" in err
     (parent,) = runs(env, **{tracking.TAG_KEY: "launch:launch-stall"})
     assert parent.info.status == "KILLED"
+
+
+def test_a_trial_waiting_its_turn_while_another_trains_is_not_a_stall(env, capsys):
+    # Each trial needs both CPUs: pills waits while tiles trains, longer than --pending-timeout,
+    # and tiles reports nothing meanwhile (one evaluation, at its last epoch). Before, the
+    # watchdog stopped the command (exit 3); a saturated cluster is not a stuck one. (The
+    # timeout is above a trial's start-up here, when no trial is RUNNING yet.)
+    code = cli.main(["launch", "--categories", "all", "--cpus-per-worker", "2", "--pending-timeout", "12",
+                     *common(env, "launch-turns"), "--set", "epochs=200", "--set", "eval_every=200"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert "pouta-mvtec-pills" in out and "pouta-mvtec-tiles" in out
+    trials = [r for r in runs(env, **{"pouta.kind": "trial"})
+              if r.data.tags[tracking.TAG_KEY].startswith("launch:launch-turns/")]
+    first, second = sorted(trials, key=lambda r: r.info.start_time)
+    assert (second.info.start_time - first.info.start_time) / 1000 > 12   # it waited longer than the timeout
 
 
 def test_tracking_uri_falls_back_to_the_embedded_sqlite(monkeypatch, tmp_path):

@@ -20,7 +20,7 @@ def report(search, trial_id: str, values: list[float]) -> dict:
 def test_an_asha_stopped_trial_is_pruned_in_its_study_and_a_full_one_complete(tmp_path):
     """ASHA stops a trial by ending it with a value: Ray's OptunaSearch told it COMPLETE, so its
     early value ranked with finished ones. It is PRUNED, its values per epoch kept."""
-    storage = default_study_storage(str(tmp_path))
+    storage = default_study_storage(str(tmp_path), "p")
     configs = {"tiles": small_config(epochs=4)}
     sweep = sweep_search(search_spaces.load("mss_lambdas"), configs, [("val_pixel_ap", "max")], run_name="p", seed=0,
                          num_samples=3, scheduler="asha", storage_url=storage, resume=False)
@@ -39,7 +39,7 @@ def test_an_asha_stopped_trial_is_pruned_in_its_study_and_a_full_one_complete(tm
 
 
 def test_trials_of_several_workers_are_bounded_by_what_the_cluster_holds():
-    from orchestrator.execution.scheduling import trials_at_once
+    from orchestrator.execution.tune_parts import trials_at_once
     from orchestrator.spec import Resources
 
     cluster = {"CPU": 16.0, "GPU": 8.0}
@@ -67,7 +67,7 @@ def test_asha_rungs_are_rebuilt_from_a_restored_experiment(local_ray, tmp_path):
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from orchestrator.execution.scheduling import PerCategoryScheduler
+    from orchestrator.execution.tune_parts import PerCategoryScheduler
 
     def make(category):
         return ASHAScheduler(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)
@@ -106,10 +106,11 @@ def test_a_restored_trial_whose_checkpoint_is_gone_continues_from_the_newest_on_
     (num_to_keep). Tune refused to restore the trial and it ended ERROR; it now continues from
     the newest checkpoint left in its folder, and says so."""
     import shutil
+    from pathlib import Path
 
     from ray import tune
 
-    from orchestrator.execution.scheduling import ResumingScheduler
+    from orchestrator.execution.tune_parts import ResumingScheduler
 
     def counting(config):
         """Reports epochs 1-4 with a checkpoint each, from its checkpoint's epoch; fails at epoch 3
@@ -134,16 +135,24 @@ def test_a_restored_trial_whose_checkpoint_is_gone_continues_from_the_newest_on_
     fail.touch()
     first = tune.Tuner(counting, param_space={"fail": str(fail)},
                        tune_config=tune.TuneConfig(scheduler=ResumingScheduler()),
-                       run_config=tune.RunConfig(name="gone", storage_path=str(tmp_path), verbose=0)).fit()
-    recorded = first[0].checkpoint.path
-    assert first[0].error is not None and recorded.endswith("checkpoint_000001")
-    shutil.rmtree(recorded)                      # removed after the state naming it was saved
+                       run_config=tune.RunConfig(name="gone", storage_path=str(tmp_path), verbose=0,
+                                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2))).fit()
+    recorded = Path(first[0].checkpoint.path)
+    assert first[0].error is not None and recorded.name == "checkpoint_000001"
+    # The window: the state names checkpoint_000001, which Tune removed since, and the trial
+    # had persisted a newer one (its epoch 2) that the state never heard of.
+    shutil.copytree(recorded.parent / "checkpoint_000000", recorded.parent / "checkpoint_000002")
+    (recorded.parent / "checkpoint_000002" / "epoch").write_text("2")
+    shutil.rmtree(recorded)
     fail.unlink()
     again = tune.Tuner.restore(str(tmp_path / "gone"), trainable=counting, resume_errored=True).fit()
     assert again[0].error is None
-    assert again[0].metrics["epoch"] == 4 and again[0].metrics["start"] == 1   # from checkpoint_000000 (epoch 1)
-    assert "its recorded checkpoint checkpoint_000001 is gone; continuing from checkpoint_000000" in \
+    assert again[0].metrics["epoch"] == 4 and again[0].metrics["start"] == 2   # from checkpoint_000002
+    assert "its recorded checkpoint checkpoint_000001 is gone; continuing from checkpoint_000002" in \
         capsys.readouterr().out
+    # Its next checkpoints are numbered after the newest on disk (before: it wrote into
+    # checkpoint_000002 again, and Tune deleted it as an old one).
+    assert Path(again[0].checkpoint.path).name == "checkpoint_000004" and Path(again[0].checkpoint.path).is_dir()
 
 
 def test_a_trial_restores_the_newest_checkpoint_that_loads(tmp_path):

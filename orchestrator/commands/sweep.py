@@ -26,9 +26,8 @@ from orchestrator.execution.scheduling import (
     fail_dangling_optuna_trials,
     grid_point,
     sweep_search,
-    trial_generator,
-    trial_slots,
 )
+from orchestrator.execution.tune_parts import scheduler_for, trial_generator, trial_slots
 from orchestrator.plan import SUMMARY_METRICS, Plan, both_splits, selection_metric, warn_about_config
 from orchestrator.tracking import report
 from orchestrator.tracking.parent import drain, open_parent
@@ -62,19 +61,6 @@ def check_category_sets(plan: Plan, space: SearchSpace) -> None:
             raise ConfigError(f"--category-set {category}:{searched[0]}: {space.path.name} searches this key")
 
 
-def check_extension(plan: Plan, num_samples: int) -> None:
-    """On a resume, ``--num-samples`` may grow a sweep (the same studies get the new trials, in
-    the same Tune experiment) but never shrink it: refused in one line, before anything starts."""
-    before = plan.recorded_trials() if plan.experiment_path.exists() else None
-    if before is None or num_samples == before:
-        return
-    if num_samples < before:
-        raise ConfigError(f"--num-samples {num_samples}: sweep '{plan.run_name}' has {before} trials per category; "
-                          f"it can be extended (--num-samples {before} or more), not shrunk")
-    print(f"resume: --num-samples {before} -> {num_samples}: {num_samples - before} more trial(s) for each of "
-          f"{len(plan.categories)} categories, in the same studies", flush=True)
-
-
 def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: str | None,
               study_storage: str | None, resume: bool, objectives: list[tuple[str, str]],
               best_out: str | None = None) -> dict[str, Any]:
@@ -94,14 +80,12 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     definition = plan.definition(fingerprints, space=yaml.safe_load(space.path.read_text()), scheduler=scheduler,
                                  objectives=[list(o) for o in objectives],
                                  **({"num_samples": num_samples} if space.has_grid else {}))
-    plan.check_new_or_resumed(resume, definition)
-    if not space.has_grid:
-        check_extension(plan, num_samples)
+    plan.check_new_or_resumed(resume, definition, num_samples=None if space.has_grid else num_samples)
     warn_about_config(plan)
     keys = both_splits([k for k, _ in objectives] + list(SUMMARY_METRICS))
     spec = plan.trial_spec(plan.base.replace(**space.fixed))
     configs = {c: spec.config_for(c) for c in plan.categories}
-    storage_url = check_study_storage(study_storage) if study_storage else default_study_storage(plan.storage_path)
+    storage_url = check_study_storage(study_storage) if study_storage else None
     # Checked before anything starts: MLflow answers us (a server that refuses the host name or
     # the user stops the command here, in one line), then Ray can hold a trial; only then are
     # the parent run and the Optuna studies created.
@@ -112,13 +96,15 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
         "objectives": ",".join(f"{k}:{m}" for k, m in objectives)})
     # Also a tag, kept current: the param stays what the sweep started with; an extended one has more.
     parent.client.set_tag(parent.run_id, "num_samples", str(num_samples))
+    if storage_url is None and not space.has_grid:
+        storage_url = default_study_storage(plan.storage_path, plan.run_name)
     search = sweep_search(space, configs, objectives, run_name=plan.run_name, seed=plan.base.seed,
                           num_samples=num_samples, scheduler=scheduler, resume=resume, storage_url=storage_url)
     metric, mode = objectives[0]
     tune_config = tune.TuneConfig(
         metric=None if multi else metric, mode=None if multi else mode,
         search_alg=trial_generator(search.search_alg, trial_slots(plan.resources, plan.max_concurrent)),
-        scheduler=search.scheduler, num_samples=search.num_samples,
+        scheduler=scheduler_for(scheduler, configs, space), num_samples=search.num_samples,
         # A finished trial's process takes the next trial: no new process, no second import
         # of torch (measured: a 19 s gap between waves of 8 trials on this 2-core machine).
         reuse_actors=True)

@@ -1,10 +1,11 @@
-"""What a sweep tries and what it stops: the search space turned into Optuna distributions (or
-a Tune grid), one seeded Optuna study per category in RDB storage, and ASHA per category.
+"""What a sweep tries: the search space turned into Optuna distributions (or a Tune grid), one
+seeded Optuna study per category in RDB storage.
 
-All categories run in one Tune experiment: one search and one early-stopping scheduler per
-category behind a single searcher and scheduler, so the studies of every category share the
-cluster's trial slots (a slot freed by one category goes to whichever study has work left)
-while no category's trials are ever compared with another's.
+All categories run in one Tune experiment: one search per category behind a single searcher
+(and one ASHA per category behind a single scheduler, :mod:`orchestrator.execution.tune_parts`),
+so the studies of every category share the cluster's trial slots (a slot freed by one category
+goes to whichever study has work left) while no category's trials are ever compared with
+another's.
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import yaml
 from optuna.exceptions import UpdateFinishedTrialError
 from ray import tune
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher, SearchGenerator
+from ray.tune.search import Searcher
 
-from orchestrator.spec import SAMPLED, Resources
+from orchestrator.spec import SAMPLED
 from pouta_core.config import Config, ConfigError
 from search_spaces import SearchSpace
 
@@ -134,242 +133,41 @@ def _prune(searcher: Searcher, trial_id: str) -> bool:
     return True
 
 
-class SlotLimiter(ConcurrencyLimiter):
-    """Tune's ``ConcurrencyLimiter`` that also forwards the results of trials it did not start:
-    those of an experiment restored from a state saved without a limiter (or by an older
-    version), which Tune requeues as they were. Ray's drops them, and the study never learns."""
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self.live_trials or not self._limit_concurrency:
-            super().on_trial_result(trial_id, result)
-        else:
-            self.searcher.on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self.live_trials or not self._limit_concurrency:
-            super().on_trial_complete(trial_id, result=result, error=error)
-        else:
-            self.searcher.on_trial_complete(trial_id, result=result, error=error)
-
-
-class StudyTrials(SearchGenerator):
-    """The sweep's trials for Tune: :class:`CategorySearch` (behind a :class:`SlotLimiter` when
-    ``max_concurrent``), whose restore keeps what *this* command asks for.
-
-    Tune restores a searcher's wrappers and counters from the experiment's folder, so on
-    ``--resume`` a new ``--max-concurrent`` was overwritten by the saved limiter's and a
-    larger ``--num-samples`` by the saved trial count (the generator then said "finished").
-    *Decision*: the command's budget per category and slot count are re-applied after the
-    restore: a larger budget extends the same studies in the same Tune experiment (the
-    summary covers every trial); a smaller one is refused by the command before this."""
-
-    def __init__(self, search: CategorySearch, max_concurrent: int | None) -> None:
-        super().__init__(SlotLimiter(search, max_concurrent) if max_concurrent else search)
-        self.search, self.max_concurrent = search, max_concurrent or 0
-
-    def restore_from_dir(self, dirpath: str) -> None:
-        budget, slots = dict(self.search.budget), self.max_concurrent
-        super().restore_from_dir(dirpath)     # the saved counters, studies, budget and slots
-        self.max_concurrent = slots
-        if isinstance(self.searcher, ConcurrencyLimiter):
-            self.searcher.max_concurrent = slots
-        added = self.search.extend(budget)
-        self._total_samples = sum(self.search.budget.values())
-        if added:
-            self._finished = False
-            log.info("resume: %d more trial(s) added to the studies", added)
-
-
-class GridTrials(BasicVariantGenerator):
-    """Tune's generator of grid (and launch) trials, whose restore keeps this command's
-    ``--max-concurrent`` (Tune's restores the saved one)."""
-
-    def restore_from_dir(self, dirpath: str) -> None:
-        slots = self.max_concurrent
-        super().restore_from_dir(dirpath)
-        self.max_concurrent = slots
-
-
-def trial_generator(search: Searcher | None, max_concurrent: int | None) -> SearchAlgorithm:
-    """What a command hands Tune as ``search_alg`` (with ``max_concurrent_trials`` unset: the
-    bound lives here, where a resume can change it)."""
-    if search is None:
-        return GridTrials(max_concurrent=max_concurrent or 0)
-    assert isinstance(search, CategorySearch), search
-    return StudyTrials(search, max_concurrent)
-
-
-def slots_of(search_alg: Any) -> int:
-    """The trial bound a (restored) Tune search algorithm holds; 0 for none."""
-    return int(getattr(search_alg, "max_concurrent", 0) or 0)
-
-
-def restored(trial) -> bool:
-    """A trial of a restored experiment that had reported before (a new one has not)."""
-    return "training_iteration" in trial.run_metadata.last_result
-
-
-def repair_checkpoint(trial) -> str | None:
-    """Point a restored ``trial`` at a checkpoint that exists -> what was done, or None.
-
-    Tune removes a trial's checkpoints beyond ``num_to_keep`` as new ones are registered, and
-    saves the experiment state naming the latest only every few seconds: a driver killed in
-    between restored a trial whose recorded checkpoint was gone, Tune refused to restore it,
-    and every retry failed the same way (the trial ended ERROR). *Decision*: the trial
-    continues from the newest checkpoint in its folder (Ray numbers them), or, when there is
-    none, starts over; either way the driver says so. The checkpoint manager's
-    ``_latest_checkpoint_result`` and ``_checkpoint_results`` are Ray 2.60's attributes."""
-    import posixpath
-
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
-    from ray.train._internal.session import _TrainingResult
-
-    manager = trial.run_metadata.checkpoint_manager
-    latest = manager.latest_checkpoint_result
-    if latest is None:
-        return None
-    fs, recorded = latest.checkpoint.filesystem, latest.checkpoint.path.rstrip("/")
-    if fs.get_file_info(recorded).type == pafs.FileType.Directory:
-        return None
-    folder, name = posixpath.split(recorded)
-    on_disk = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    manager._checkpoint_results = [_TrainingResult(checkpoint=Checkpoint(p, filesystem=fs), metrics=latest.metrics)
-                                   for p in on_disk]
-    manager._latest_checkpoint_result = manager._checkpoint_results[-1] if on_disk else None
-    if on_disk:
-        return f"its recorded checkpoint {name} is gone; continuing from {posixpath.basename(on_disk[-1])}"
-    return f"its recorded checkpoint {name} is gone and none is left; starting over"
-
-
-class ResumingScheduler(FIFOScheduler):
-    """Tune's FIFO scheduler that repairs a restored trial's checkpoint as Tune adds it
-    (:func:`repair_checkpoint`). Every command's Tune experiment has one."""
-
-    def on_trial_add(self, tune_controller, trial) -> None:
-        if restored(trial):
-            note = repair_checkpoint(trial)
-            if note:
-                log.warning("trial %s: %s", trial.trial_id, note)
-                print(f"resume: trial {trial.trial_id}: {note}", flush=True)
-        super().on_trial_add(tune_controller, trial)
-
-
-class PerCategoryScheduler(_PickledState, ResumingScheduler):
-    """A scheduler per category (``make(category)``, e.g. ASHA), fed only that category's
-    trials: a weak trial is stopped against its own category's rungs. Trials start in FIFO
-    order, as the per-category searchers proposed them."""
-
-    def __init__(self, make: Callable[[str], TrialScheduler], categories: list[str]) -> None:
-        super().__init__()
-        self.schedulers = {c: make(c) for c in categories}
-
-    def _of(self, trial) -> TrialScheduler:
-        return self.schedulers[trial.config["category"]]
-
-    def set_search_properties(self, metric, mode, **spec) -> bool:
-        ok = [s.set_search_properties(metric, mode, **spec) for s in self.schedulers.values()]
-        return all(ok)
-
-    def on_trial_add(self, tune_controller, trial) -> None:
-        super().on_trial_add(tune_controller, trial)
-        scheduler = self._of(trial)
-        scheduler.on_trial_add(tune_controller, trial)
-        if restored(trial):
-            replay_rungs(scheduler, trial, trial_history(trial))
-
-    def on_trial_error(self, tune_controller, trial) -> None:
-        self._of(trial).on_trial_error(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return self._of(trial).on_trial_result(tune_controller, trial, result)
-
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        self._of(trial).on_trial_complete(tune_controller, trial, result)
-
-    def on_trial_remove(self, tune_controller, trial) -> None:
-        self._of(trial).on_trial_remove(tune_controller, trial)
-
-    def debug_string(self) -> str:
-        return "\n".join(f"{c}: {s.debug_string()}" for c, s in self.schedulers.items())
-
-
-def trial_history(trial) -> list[dict]:
-    """Every result ``trial`` reported, in order, from its ``result.json`` in the experiment's
-    storage (local or remote, through the trial's storage filesystem); [] when unreadable."""
-    import json
-    import posixpath
-
-    try:
-        with trial.storage.storage_filesystem.open_input_stream(posixpath.join(trial.path, "result.json")) as fh:
-            text = fh.readall().decode()
-    except (OSError, RuntimeError, AttributeError, TypeError):   # RuntimeError: a trial without a folder
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue   # a line cut by a driver killed while writing it
-    return rows
-
-
-def replay_rungs(scheduler: TrialScheduler, trial, history: list[dict]) -> None:
-    """Record a restored trial's past results in its ASHA bracket, as they were when reported.
-
-    *Decision*: Tune 2.60 saves the searcher, never the scheduler; a resumed sweep's ASHA
-    started with empty rungs, so every trial reaching a rung first after the resume continued,
-    however weak. Rebuilt here from each restored trial's results: ASHA's bracket
-    (``_trial_info``, ``_metric``, ``_metric_op``, ``_time_attr``, Ray 2.60's attributes) records
-    the first value at or past each milestone; its decisions are not replayed (the trial's
-    status is what the saved experiment says)."""
-    info = getattr(scheduler, "_trial_info", None)
-    if not isinstance(info, dict) or trial.trial_id not in info:
-        return
-    bracket, time_attr, metric, op = info[trial.trial_id], scheduler._time_attr, scheduler._metric, scheduler._metric_op
-    for row in history:
-        if row.get(time_attr) is not None and row.get(metric) is not None:
-            bracket.on_result(trial, row[time_attr], op * row[metric])
-
-
 @dataclass(frozen=True)
 class SweepSearch:
-    """What a sweep hands Tune: the param space, how many trials, the searcher and scheduler,
-    and the Optuna study of each category (none for a grid)."""
+    """What a sweep hands Tune: the param space, how many trials, the searcher, and the Optuna
+    study of each category (none for a grid)."""
 
     param_space: dict[str, Any]
     num_samples: int
     search_alg: Searcher | None
-    scheduler: TrialScheduler
     storage_url: str | None
     studies: dict[str, str]
 
 
 def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: list[tuple[str, str]], *,
-                 run_name: str, seed: int, num_samples: int, scheduler: str, storage_url: str,
+                 run_name: str, seed: int, num_samples: int, scheduler: str, storage_url: str | None,
                  resume: bool) -> SweepSearch:
     """One Optuna study per category (``<run_name>-<category>``, seeded per category), or every
-    grid point of every category for a grid space, once per seed; ASHA per category on
-    ``configs``' epochs when ``scheduler`` is ``asha``.
+    grid point of every category for a grid space, once per seed. With ``scheduler`` ``asha``
+    the searcher knows each category's epochs, to tell a trial ASHA stopped from a finished one.
 
     *Decision*: for a grid, ``num_samples`` is the number of seeds (``seed``, ``seed + 1``,
     ...): a grid point trained twice with one seed is the same trial twice, while the spread
     over seeds is what tells two variants apart (the paper's Table 4)."""
     categories = list(configs)
-    stopper = asha(configs, space) if scheduler == "asha" else ResumingScheduler()
     if space.has_grid:
         points = grid_space(space)
         if "seed" not in points:   # a space that searches the seed itself keeps its values
             points["seed"] = tune.grid_search([seed + i for i in range(num_samples)])
-        return SweepSearch({"category": tune.grid_search(categories), SAMPLED: points}, 1, None, stopper, None, {})
+        return SweepSearch({"category": tune.grid_search(categories), SAMPLED: points}, 1, None, None, {})
     studies = {c: f"{run_name}-{c}" for c in categories}
     searchers = {c: optuna_search(space, objectives, storage_url, studies[c],
                                   # One seeded sampler per category: categories do not all try the same points.
                                   zlib.crc32(f"{seed}:{c}".encode()), resume) for c in categories}
     search = CategorySearch(searchers, dict.fromkeys(categories, num_samples), **metric_and_mode(objectives),
                             epochs={c: configs[c].epochs for c in categories} if scheduler == "asha" else None)
-    return SweepSearch({}, num_samples * len(categories), search, stopper, storage_url, studies)
+    return SweepSearch({}, num_samples * len(categories), search, storage_url, studies)
 
 
 def metric_and_mode(objectives: list[tuple[str, str]]) -> dict[str, Any]:
@@ -434,37 +232,25 @@ def check_study_storage(url: str) -> str:
     return url
 
 
-def default_study_storage(storage_path: str) -> str:
-    path = Path(storage_path).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'optuna.db'}"
+def default_study_storage(storage_path: str, run_name: str) -> str:
+    """The Optuna storage of experiment ``run_name``: sqlite in its own folder.
 
+    *Decision* (issue 28): one file per experiment, not one for the whole ``--storage-path``:
+    only the driver writes its studies, so two sweeps (two RayJobs' head pods over NFS) never
+    write one sqlite file, and an experiment's folder holds everything it is. An experiment
+    started before this (its studies in the shared ``optuna.db``) keeps that file."""
+    root = Path(storage_path).resolve()
+    shared = root / "optuna.db"
+    if shared.is_file():
+        import optuna
 
-def epoch_range(space: SearchSpace, config: Config) -> tuple[int, int]:
-    """The fewest and the most epochs a trial of ``config`` can train: ``config.epochs``, or the
-    range of ``epochs`` when the space searches it."""
-    searched = next((d for d in space.dimensions if d.key == "epochs"), None)
-    if searched is None:
-        return config.epochs, config.epochs
-    values = [int(v) for v in searched.extremes()]
-    return min(values), max(values)
-
-
-def asha(configs: Mapping[str, Config], space: SearchSpace) -> PerCategoryScheduler:
-    """ASHA per category (a pills trial is never stopped for being worse than a tiles trial),
-    its rungs on each category's own epochs. When the space searches ``epochs``, ``max_t`` is
-    the most it can sample, so no trial is cut at the base config's length (a 800-epoch trial
-    of ``full.yaml`` was stopped at the paper preset's 600 while ``-best.yaml`` said 800), and
-    the grace period is a quarter of the fewest."""
-    from ray.tune.schedulers import ASHAScheduler
-
-    def make(category: str) -> ASHAScheduler:
-        fewest, most = epoch_range(space, configs[category])
-        eval_every = configs[category].eval_every
-        return ASHAScheduler(time_attr="epoch", max_t=most, grace_period=min(fewest, max(eval_every, fewest // 4)),
-                             reduction_factor=2)
-
-    return PerCategoryScheduler(make, list(configs))
+        names = optuna.study.get_all_study_names(optuna.storages.RDBStorage(f"sqlite:///{shared}"))
+        if any(n.startswith(f"{run_name}-") for n in names):
+            log.info("experiment %s: its studies are in %s (started before per-experiment storage)", run_name, shared)
+            return f"sqlite:///{shared}"
+    folder = root / run_name
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
 
 
 def optuna_search(space: SearchSpace, objectives, storage_url: str, study_name: str, seed: int, resume: bool):
@@ -500,28 +286,3 @@ def fail_dangling_optuna_trials(search: SweepSearch) -> None:
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
-def trials_at_once(resources: Resources, cluster: Mapping[str, float]) -> int:
-    """How many trials of ``resources.workers`` workers the ``cluster`` resources hold at once
-    (at least one: a trial that fits nowhere is the watchdog's to report)."""
-    per_worker = {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker}
-    need = {k: v * resources.workers for k, v in per_worker.items() if v > 0}
-    return max(1, min(int(cluster.get(k, 0.0) // v) for k, v in need.items()))
-
-
-def trial_slots(resources: Resources, max_concurrent: int) -> int | None:
-    """Tune's ``max_concurrent_trials``: ``--max-concurrent``; else, for trials of several
-    workers, what the cluster holds now; else None (as the trials' resources allow).
-
-    *Decision* (issue 27): a trial of several workers reserves nothing for itself (its
-    workers do, once started), so Tune started every trial at once: Optuna proposed all of
-    them before any result and queued Train runs failed on worker-group start timeouts. The
-    bound counts GPUs, else CPUs, over workers x per-worker need; on an autoscaling cluster
-    that will grow, pass --max-concurrent."""
-    if max_concurrent:
-        return max_concurrent
-    if resources.workers == 1:
-        return None
-    n = trials_at_once(resources, ray.cluster_resources())
-    log.warning("--max-concurrent not set for trials of %d workers: %d trial(s) at once, what the cluster "
-                "holds now", resources.workers, n)
-    return n

@@ -12,7 +12,6 @@ from ray import tune
 from orchestrator.errors import ClusterStalled
 from orchestrator.execution import interrupts
 from orchestrator.execution.progress import ProgressPrinter
-from orchestrator.execution.scheduling import slots_of
 from orchestrator.execution.trial import run_trial
 from orchestrator.execution.watchdog import StallWatchdog
 from orchestrator.plan import Plan
@@ -63,10 +62,10 @@ def take_new_settings(tuner: tune.Tuner, tune_config: tune.TuneConfig, run_confi
     resume ignored a new --max-concurrent, --num-samples, --pending-timeout, --max-failures, -v
     or tracking URI (trials kept logging to the old server). The search algorithm is this
     command's: its restore from the experiment folder keeps the studies' state and takes this
-    command's trial budget and bound (:class:`orchestrator.execution.scheduling.StudyTrials`).
+    command's trial budget and bound (:class:`orchestrator.execution.tune_parts.StudyTrials`).
     So is the scheduler (Tune never saves one): it rebuilds ASHA's rungs and repairs
     checkpoints as the restored trials are added
-    (:class:`orchestrator.execution.scheduling.ResumingScheduler`). *Decision*: ``Tuner.restore``
+    (:class:`orchestrator.execution.tune_parts.ResumingScheduler`). *Decision*: ``Tuner.restore``
     takes no configs, so they are set on the Tuner's ``TunerInternal`` (``_tune_config``,
     ``_run_config``, Ray 2.60), before ``fit`` builds the controller from them."""
     internal = tuner._local_tuner
@@ -77,8 +76,8 @@ def take_new_settings(tuner: tune.Tuner, tune_config: tune.TuneConfig, run_confi
 
     said = []
     # Older experiments kept the bound in TuneConfig; this version keeps it in the search algorithm.
-    old_slots = slots_of(old_tc.search_alg) or old_tc.max_concurrent_trials or 0
-    new_slots = slots_of(tune_config.search_alg) or tune_config.max_concurrent_trials or 0
+    old_slots = getattr(old_tc.search_alg, "max_concurrent", 0) or old_tc.max_concurrent_trials or 0
+    new_slots = getattr(tune_config.search_alg, "max_concurrent", 0) or tune_config.max_concurrent_trials or 0
     if old_slots != new_slots:
         said.append(f"--max-concurrent {old_slots} -> {new_slots}")
     old_cb, new_cb = first(old_rc.callbacks, "MlflowTrialCallback"), first(run_config.callbacks, "MlflowTrialCallback")

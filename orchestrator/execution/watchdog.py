@@ -2,9 +2,10 @@
 
 Two checks: before anything runs, a worker that no node of an in-process cluster could ever
 hold (a GPU on a CPU machine) fails at once; while Tune runs, a Tune callback watches Ray's
-placement groups and stops the command when a Train worker group has waited for resources
-for ``--pending-timeout`` seconds without any trial reporting meanwhile. (A joined cluster may
-autoscale, so there only the timeout decides.)
+placement groups and stops the command when a trial or Train worker group has waited for
+resources for ``--pending-timeout`` seconds while nothing moved: no trial reported, none was
+training, and the autoscaler was adding no node. Waiting is normal on a saturated or
+autoscaling cluster; only waiting with nothing else happening is a stall.
 """
 
 from __future__ import annotations
@@ -54,9 +55,49 @@ def _waiting_worker_groups() -> int:
     return pending
 
 
+def pending_nodes() -> int:
+    """Nodes the autoscaler is launching or that are starting (0 without an autoscaler, or when
+    its status cannot be read). Read as ``ray status`` reads it: the v2 autoscaler's status
+    from the GCS, else the v1 monitor's report in the GCS key-value store."""
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
+        n = len(status.pending_launches) + len(status.pending_nodes)
+        if n:
+            return n
+    except Exception:   # noqa: BLE001 - no v2 autoscaler, or an older GCS: try the v1 report
+        pass
+    try:
+        import json
+
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        report = json.loads(raw).get("autoscaler_report", {}) if raw else {}
+        return len(report.get("pending_nodes") or []) + sum((report.get("pending_launches") or {}).values())
+    except Exception:   # noqa: BLE001 - no autoscaler: nothing is on its way
+        return 0
+
+
+def training_trials(trials, waiting_groups: int, workers: int) -> int:
+    """Trials that are training now. A RUNNING one-worker trial trains (its resources are its
+    own placement group's); a RUNNING trial of several workers may itself be waiting for its
+    worker group, so the groups waiting are taken off."""
+    running = sum(1 for t in trials if t.status == "RUNNING")
+    return max(0, running - (waiting_groups if workers > 1 else 0))
+
+
 class StallWatchdog(Callback):
-    """Raises :class:`ClusterStalled` from Tune's loop when a worker group has been waiting for
-    ``timeout_s`` while no trial reported (checked every few seconds)."""
+    """Raises :class:`ClusterStalled` from Tune's loop when a placement group has been waiting
+    for ``timeout_s`` while no trial reported, none trained and no node was on its way (checked
+    every few seconds).
+
+    *Decision* (issue 28): before, a trial waiting while others trained between two reports
+    (a paper-preset epoch block on a big category), or while the autoscaler brought up a cold
+    node pulling a 10 GB image, stopped a saturated sweep after ``--pending-timeout``. Now each
+    of these resets the wait."""
 
     def __init__(self, timeout_s: float, per_worker: dict[str, float], workers: int) -> None:
         self.timeout_s = timeout_s
@@ -77,7 +118,10 @@ class StallWatchdog(Callback):
         if now - self._last_check < CHECK_EVERY_S:
             return
         self._last_check = now
-        if _waiting_worker_groups():
+        waiting = _waiting_worker_groups()
+        if waiting and (training_trials(trials, waiting, self.workers) or pending_nodes()):
+            self._waiting_since, self._clear_checks = None, 0   # waiting for a turn, not stuck
+        elif waiting:
             self._clear_checks = 0
             self._waiting_since = self._waiting_since or now
         else:

@@ -32,7 +32,7 @@ from pouta_core.inference import predict
 from pouta_core.model import build_model
 from pouta_core.synthesis import TextureFolder
 from pouta_core.training import fit
-from pouta_core.visualize import heatmap_grid, select_examples
+from pouta_core.visualize import heatmap_grid, save_grid, select_examples
 
 HEATMAPS = "heatmaps.png"
 # Local run folders are named after their worker's PID: a worker killed by ASHA or a lost
@@ -75,7 +75,7 @@ def write_heatmaps(run_dir: Path, test_set, device: torch.device) -> None:
     labels = test_set.labels.numpy()
     idx = select_examples(labels, scores)
     grid = heatmap_grid(test_set.images[idx].numpy(), maps[idx], test_set.masks[idx, 0].numpy(), scores[idx])
-    ckpt.atomic_write(run_dir / HEATMAPS, lambda fh: grid.save(fh, format="PNG"))
+    ckpt.atomic_write(run_dir / HEATMAPS, lambda fh: save_grid(grid, fh))
 
 
 class TrainSession:
@@ -143,8 +143,9 @@ def train_worker(task: WorkerTask, session: TrainSession | TuneSession | None = 
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         metrics = {**metrics, "latency_ms": latency}
-        if checkpoint_dir is not None:
-            # Every checkpoint carries its grid: ASHA may stop a trial before its last epoch.
+        if checkpoint_dir is not None and metrics.get("epoch", 0) >= config.epochs:
+            # The final checkpoint only (issue 28): a grid is a second pass over the test images,
+            # and a trial ASHA stops is not one anybody registers.
             write_heatmaps(checkpoint_dir, shown, device)
         session.report({k: v for k, v in metrics.items() if _reportable(v)}, checkpoint_dir)
 

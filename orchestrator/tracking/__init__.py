@@ -120,12 +120,25 @@ def get_or_create_run(client: MlflowClient, exp_id: str, key: str, *, name: str,
     logs into the same run: no duplicates), else a new one."""
     run_id = find_run(client, exp_id, key)
     if run_id is not None:
-        client.update_run(run_id, status="RUNNING")
-    else:
-        all_tags = {TAG_KEY: key, **tags}
-        if parent_id:
-            all_tags["mlflow.parentRunId"] = parent_id
-        run_id = client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+        return reopen_run(client, run_id)
+    return create_run(client, exp_id, key, name=name, tags=tags, parent_id=parent_id)
+
+
+def create_run(client: MlflowClient, exp_id: str, key: str, *, name: str, tags: dict[str, str],
+               parent_id: str | None = None) -> str:
+    """A new run tagged ``key`` (the caller knows none exists), open."""
+    all_tags = {TAG_KEY: key, **tags}
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id
+    run_id = client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+    _open_runs[run_id] = client
+    _ended.discard(run_id)
+    return run_id
+
+
+def reopen_run(client: MlflowClient, run_id: str) -> str:
+    """A known run set RUNNING again (a restarted trial or a resumed command) -> its id."""
+    client.update_run(run_id, status="RUNNING")
     _open_runs[run_id] = client
     _ended.discard(run_id)
     return run_id

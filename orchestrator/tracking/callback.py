@@ -18,7 +18,15 @@ from orchestrator.spec import SAMPLED, TrialSpec
 from orchestrator.tracking.outbox import Outbox
 
 log = logging.getLogger(__name__)
-ARTIFACTS = ("config.yaml", "checkpoint.pt", "metrics.json", "heatmaps.png", "val_files.json")
+# What every trial's run gets (a few hundred kB). Its checkpoint stays in Ray's storage, named by
+# the run's pouta.checkpoint tag; only the registered version's run gets weights (registry.py).
+ARTIFACTS = ("config.yaml", "metrics.json", "heatmaps.png", "val_files.json")
+TAG_CHECKPOINT = "pouta.checkpoint"
+
+
+def trial_artifacts(checkpoint_dir: Path) -> list[Path]:
+    """The files of a trial's final checkpoint folder that its MLflow run gets."""
+    return [checkpoint_dir / name for name in ARTIFACTS if (checkpoint_dir / name).is_file()]
 
 
 class MlflowTrialCallback(Callback):
@@ -38,13 +46,27 @@ class MlflowTrialCallback(Callback):
         self.opened: set[str] = set()          # trial ids whose run is asked for
         self.last_epoch: dict[str, int] = {}   # trial id -> last epoch put in the outbox
         self.checkpoints: dict[str, str] = {}  # trial id -> latest checkpoint path
+        self.run_ids: dict[str, str] = {}      # trial key -> its MLflow run id (saved with Tune's state)
+        self._at_start: set[str] | None = None  # trials this driver restored, not started
         self._client = None
         self._outbox: Outbox | None = None
 
-    # Tune pickles callbacks into its experiment state; the client and the outbox (a thread)
-    # are rebuilt on demand.
+    # Tune pickles callbacks into tuner.pkl; the client and the outbox (a thread) are rebuilt
+    # on demand.
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_outbox": None}
+        return {**self.__dict__, "_client": None, "_outbox": None, "_at_start": None}
+
+    # What Tune saves with its experiment state and gives back on --resume: each trial's run id,
+    # so a restored trial's run is found without a search.
+    def get_state(self) -> dict[str, Any]:
+        return {"run_ids": dict(self.run_ids)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.run_ids.update(state.get("run_ids", {}))
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self._at_start is None:   # the first step of this driver: no trial of its own yet
+            self._at_start = {t.trial_id for t in trials}
 
     @property
     def client(self):
@@ -83,11 +105,23 @@ class MlflowTrialCallback(Callback):
                 tracking.TAG_FINGERPRINT: self.fingerprints.get(category, "unknown")}
         params = {**config.to_dict(), "category": category, "dataset": dataset}
         name, parent = f"{category}-{trial.trial_id}", self.parent_run_id
+        known = self.run_ids.get(key)
+        # Only a trial this driver did not start can have a run it does not know (a driver killed
+        # between creating the run and Tune saving its state): only then is the run searched for.
+        # A new trial's run is created at once: no search across an ever-growing experiment.
+        restored = self._at_start is None or trial.trial_id in self._at_start
 
         def deliver(client, state) -> None:
-            run_id = tracking.get_or_create_run(client, state["exp_id"], key, name=name, tags=tags, parent_id=parent)
+            if known:
+                run_id = tracking.reopen_run(client, known)
+            elif restored:
+                run_id = tracking.get_or_create_run(client, state["exp_id"], key, name=name, tags=tags,
+                                                    parent_id=parent)
+            else:
+                run_id = tracking.create_run(client, state["exp_id"], key, name=name, tags=tags, parent_id=parent)
+            self.run_ids[key] = run_id
             tracking.log_params(client, run_id, params)
-            state["steps"][run_id] = tracking.last_step(client, run_id)
+            state["steps"][run_id] = tracking.last_step(client, run_id) if known or restored else -1
             state["runs"][key] = run_id
 
         self.outbox.put(deliver, f"the run of trial {trial.trial_id}")
@@ -96,7 +130,7 @@ class MlflowTrialCallback(Callback):
     def run_id_for(self, category: str, trial_id: str) -> str:
         """The child run of a trial, also one this process did not see start (a restored sweep)."""
         key = self.key_of(category, trial_id)
-        known = self.outbox.state["runs"].get(key)
+        known = self.outbox.state["runs"].get(key) or self.run_ids.get(key)
         if known:
             return known
         self.client  # noqa: B018 - sets the experiment id
@@ -133,17 +167,18 @@ class MlflowTrialCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         key = self._open(trial)
         path = (trial.checkpoint.path if trial.checkpoint else None) or self.checkpoints.get(trial.trial_id)
-        files: list[tuple[str, str | None]] = []
+        files: list[Path] = []
         if path and Path(path).is_dir():
-            files = [(str(Path(path) / name), "checkpoint" if name == "checkpoint.pt" else None)
-                     for name in ARTIFACTS if (Path(path) / name).is_file()]
+            files = trial_artifacts(Path(path))
         elif path:
             log.warning("checkpoint %s is not on a local or mounted filesystem; artifacts not logged", path)
 
         def deliver(client, state) -> None:
             run_id = state["runs"][key]
-            for file, folder in files:
-                client.log_artifact(run_id, file, artifact_path=folder)
+            if path:
+                client.set_tag(run_id, TAG_CHECKPOINT, path)
+            for file in files:
+                client.log_artifact(run_id, str(file))
             tracking.finish(client, run_id, ok=True)
 
         self.outbox.put(deliver, f"the artifacts of trial {trial.trial_id}")

@@ -100,7 +100,23 @@ def resolved(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
                                                         tracking_uri=store)
         except (MlflowException, OSError) as exc:
             raise ConfigError(f"{ref}: run {run_id} in {store} has no '{path}' artifact "
-                              f"({str(exc).splitlines()[0]})") from None
+                              f"({str(exc).splitlines()[0]}){_weights_hint(run_id, store)}") from None
         yield local_checkpoint(Path(local))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _weights_hint(run_id: str, store: str) -> str:
+    """Where a trial run's weights are when MLflow has none: only registered versions get them
+    (issue 28); every trial's run names its checkpoint in Ray's storage."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.callback import TAG_CHECKPOINT
+
+    try:
+        where = MlflowClient(store).get_run(run_id).data.tags.get(TAG_CHECKPOINT)
+    except MlflowException:
+        return ""
+    return f"; only registered versions keep weights in MLflow, this trial's are in Ray's storage: --model {where}" \
+        if where else ""

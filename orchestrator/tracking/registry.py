@@ -5,6 +5,7 @@ says what it is and why it was chosen."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -82,6 +83,19 @@ def describe_version(client, name: str, version: str, *, category: str, fingerpr
     client.update_model_version(name, version, description=description)
 
 
+def log_weights(client, run_id: str, state: dict[str, Any]) -> None:
+    """The registered version's weights as the run's ``checkpoint/checkpoint.pt`` (what
+    ``--model models:/...`` loads): the model, its config, threshold and metrics, not the
+    optimizer state only a resume needs (:func:`pouta_core.checkpoint.inference_state`)."""
+    import tempfile
+
+    from pouta_core import checkpoint as ckpt
+
+    with tempfile.TemporaryDirectory(prefix="pouta-weights-") as tmp:
+        ckpt.save_checkpoint(Path(tmp), ckpt.inference_state(state))
+        client.log_artifact(run_id, str(Path(tmp) / ckpt.CHECKPOINT), artifact_path="checkpoint")
+
+
 def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: str, checkpoint: str,
                   searched: dict[str, Any] | None = None, kind: str = "launch") -> tuple[str, str]:
     """Log the checkpoint's model into its trial's MLflow run with ``mlflow.pytorch.log_model``
@@ -117,6 +131,7 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
             info = mlflow.pytorch.log_model(module, name=artifact, signature=infer_signature(example, output),
                                             input_example=example, pip_requirements=model_requirements(),
                                             registered_model_name=name if artifact == "model" else None)
+        log_weights(client, run_id, state)
     version = str(info.registered_model_version)
     client.set_tag(run_id, "pouta.registered_version", version)
     client.set_registered_model_alias(name, tracking.CHALLENGER, version)

@@ -1,0 +1,291 @@
+"""What a command hands Tune besides its trainable: the trial generator (``search_alg``) with
+the bound on trials at once, and the scheduler (ASHA per category, or FIFO), each keeping what
+a ``--resume`` needs that Tune forgets: the command's trial budget and bound (Tune restores its
+own from the experiment folder), ASHA's rungs (Tune never saves a scheduler), and a checkpoint
+to restore each trial from (Tune may have deleted the one its state names).
+
+Each rule is stated where it is applied, with the Ray 2.60 attributes it reads or sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Callable, Mapping
+
+import ray
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher, SearchGenerator
+
+from orchestrator.spec import Resources
+from pouta_core.config import Config
+from search_spaces import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+class SlotLimiter(ConcurrencyLimiter):
+    """Tune's ``ConcurrencyLimiter`` that also forwards the results of trials it did not start:
+    those of an experiment restored from a state saved without a limiter (or by an older
+    version), which Tune requeues as they were. Ray's drops them, and the study never learns."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.live_trials or not self._limit_concurrency:
+            super().on_trial_result(trial_id, result)
+        else:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials or not self._limit_concurrency:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+
+class StudyTrials(SearchGenerator):
+    """The sweep's trials for Tune: the sweep's ``CategorySearch`` (behind a :class:`SlotLimiter`
+    when ``max_concurrent``), whose restore keeps what *this* command asks for.
+
+    Tune restores a searcher's wrappers and counters from the experiment's folder, so on
+    ``--resume`` a new ``--max-concurrent`` was overwritten by the saved limiter's and a
+    larger ``--num-samples`` by the saved trial count (the generator then said "finished").
+    *Decision*: the command's budget per category and slot count are re-applied after the
+    restore: a larger budget extends the same studies in the same Tune experiment (the
+    summary covers every trial); a smaller one is refused by the command before this."""
+
+    def __init__(self, search: Searcher, max_concurrent: int | None) -> None:
+        super().__init__(SlotLimiter(search, max_concurrent) if max_concurrent else search)
+        self.search, self.max_concurrent = search, max_concurrent or 0
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        budget, slots = dict(self.search.budget), self.max_concurrent
+        super().restore_from_dir(dirpath)     # the saved counters, studies, budget and slots
+        self.max_concurrent = slots
+        if isinstance(self.searcher, ConcurrencyLimiter):
+            self.searcher.max_concurrent = slots
+        added = self.search.extend(budget)
+        self._total_samples = sum(self.search.budget.values())
+        if added:
+            self._finished = False
+            log.info("resume: %d more trial(s) added to the studies", added)
+
+
+class GridTrials(BasicVariantGenerator):
+    """Tune's generator of grid (and launch) trials, whose restore keeps this command's
+    ``--max-concurrent`` (Tune's restores the saved one)."""
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        slots = self.max_concurrent
+        super().restore_from_dir(dirpath)
+        self.max_concurrent = slots
+
+
+def scheduler_for(name: str, configs: Mapping[str, Config], space: SearchSpace) -> TrialScheduler:
+    """``--scheduler``: ``asha`` (per category, :func:`asha`) or ``none`` (trials in order)."""
+    return asha(configs, space) if name == "asha" else ResumingScheduler()
+
+
+def trial_generator(search: Searcher | None, max_concurrent: int | None) -> SearchAlgorithm:
+    """What a command hands Tune as ``search_alg`` (with ``max_concurrent_trials`` unset: the
+    bound lives here, where a resume can change it)."""
+    if search is None:
+        return GridTrials(max_concurrent=max_concurrent or 0)
+    return StudyTrials(search, max_concurrent)
+
+
+def restored(trial) -> bool:
+    """A trial of a restored experiment that had reported before (a new one has not)."""
+    return "training_iteration" in trial.run_metadata.last_result
+
+
+def repair_checkpoint(trial) -> str | None:
+    """Point a restored ``trial`` at a checkpoint that exists -> what was done, or None.
+
+    Tune removes a trial's checkpoints beyond ``num_to_keep`` as new ones are registered, and
+    saves the experiment state naming the latest only every few seconds: a driver killed in
+    between restored a trial whose recorded checkpoint was gone, Tune refused to restore it,
+    and every retry failed the same way (the trial ended ERROR). *Decision*: the trial
+    continues from the newest checkpoint in its folder (Ray numbers them), or, when there is
+    none, starts over; either way the driver says so. The checkpoint manager's
+    ``_latest_checkpoint_result`` and ``_checkpoint_results`` and the storage context's
+    ``current_checkpoint_index`` are Ray 2.60's attributes."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+    from ray.train._internal.session import _TrainingResult
+
+    manager = trial.run_metadata.checkpoint_manager
+    latest = manager.latest_checkpoint_result
+    if latest is None:
+        return None
+    fs, recorded = latest.checkpoint.filesystem, latest.checkpoint.path.rstrip("/")
+    if fs.get_file_info(recorded).type == pafs.FileType.Directory:
+        return None
+    folder, name = posixpath.split(recorded)
+    on_disk = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    manager._checkpoint_results = [_TrainingResult(checkpoint=Checkpoint(p, filesystem=fs), metrics=latest.metrics)
+                                   for p in on_disk]
+    manager._latest_checkpoint_result = manager._checkpoint_results[-1] if on_disk else None
+    # The trial's next checkpoint is numbered after the newest on disk, not after the one its
+    # state named: the next one would have overwritten a checkpoint it restores from, which Tune
+    # then deleted as an old one (seen when the test of this window was run 5 times).
+    numbers = [int(n) for n in (posixpath.basename(p).rpartition("_")[2] for p in on_disk) if n.isdigit()]
+    trial.storage.current_checkpoint_index = max([trial.storage.current_checkpoint_index, *numbers])
+    if on_disk:
+        return f"its recorded checkpoint {name} is gone; continuing from {posixpath.basename(on_disk[-1])}"
+    return f"its recorded checkpoint {name} is gone and none is left; starting over"
+
+
+class ResumingScheduler(FIFOScheduler):
+    """Tune's FIFO scheduler that repairs a restored trial's checkpoint as Tune adds it
+    (:func:`repair_checkpoint`). Every command's Tune experiment has one."""
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if restored(trial):
+            note = repair_checkpoint(trial)
+            if note:
+                log.warning("trial %s: %s", trial.trial_id, note)
+                print(f"resume: trial {trial.trial_id}: {note}", flush=True)
+        super().on_trial_add(tune_controller, trial)
+
+
+def trial_history(trial) -> list[dict]:
+    """Every result ``trial`` reported, in order, from its ``result.json`` in the experiment's
+    storage (local or remote, through the trial's storage filesystem); [] when unreadable."""
+    import json
+    import posixpath
+
+    try:
+        with trial.storage.storage_filesystem.open_input_stream(posixpath.join(trial.path, "result.json")) as fh:
+            text = fh.readall().decode()
+    except (OSError, RuntimeError, AttributeError, TypeError):   # RuntimeError: a trial without a folder
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue   # a line cut by a driver killed while writing it
+    return rows
+
+
+def replay_rungs(scheduler: TrialScheduler, trial, history: list[dict]) -> None:
+    """Record a restored trial's past results in its ASHA bracket, as they were when reported.
+
+    *Decision*: Tune 2.60 saves the searcher, never the scheduler; a resumed sweep's ASHA
+    started with empty rungs, so every trial reaching a rung first after the resume continued,
+    however weak. Rebuilt here from each restored trial's results: ASHA's bracket
+    (``_trial_info``, ``_metric``, ``_metric_op``, ``_time_attr``, Ray 2.60's attributes) records
+    the first value at or past each milestone; its decisions are not replayed (the trial's
+    status is what the saved experiment says)."""
+    info = getattr(scheduler, "_trial_info", None)
+    if not isinstance(info, dict) or trial.trial_id not in info:
+        return
+    bracket, time_attr, metric, op = info[trial.trial_id], scheduler._time_attr, scheduler._metric, scheduler._metric_op
+    for row in history:
+        if row.get(time_attr) is not None and row.get(metric) is not None:
+            bracket.on_result(trial, row[time_attr], op * row[metric])
+
+
+class PerCategoryScheduler(ResumingScheduler):
+    """A scheduler per category (``make(category)``, e.g. ASHA), fed only that category's
+    trials: a weak trial is stopped against its own category's rungs. Trials start in FIFO
+    order, as the per-category searchers proposed them."""
+
+    def __init__(self, make: Callable[[str], TrialScheduler], categories: list[str]) -> None:
+        super().__init__()
+        self.schedulers = {c: make(c) for c in categories}
+
+    # Tune pickles a scheduler into tuner.pkl, and saves none with its state (see replay_rungs).
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__, fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))
+
+    def _of(self, trial) -> TrialScheduler:
+        return self.schedulers[trial.config["category"]]
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        ok = [s.set_search_properties(metric, mode, **spec) for s in self.schedulers.values()]
+        return all(ok)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        scheduler = self._of(trial)
+        scheduler.on_trial_add(tune_controller, trial)
+        if restored(trial):
+            replay_rungs(scheduler, trial, trial_history(trial))
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{c}: {s.debug_string()}" for c, s in self.schedulers.items())
+
+
+def epoch_range(space: SearchSpace, config: Config) -> tuple[int, int]:
+    """The fewest and the most epochs a trial of ``config`` can train: ``config.epochs``, or the
+    range of ``epochs`` when the space searches it."""
+    searched = next((d for d in space.dimensions if d.key == "epochs"), None)
+    if searched is None:
+        return config.epochs, config.epochs
+    values = [int(v) for v in searched.extremes()]
+    return min(values), max(values)
+
+
+def asha(configs: Mapping[str, Config], space: SearchSpace) -> PerCategoryScheduler:
+    """ASHA per category (a pills trial is never stopped for being worse than a tiles trial),
+    its rungs on each category's own epochs. When the space searches ``epochs``, ``max_t`` is
+    the most it can sample, so no trial is cut at the base config's length (a 800-epoch trial
+    of ``full.yaml`` was stopped at the paper preset's 600 while ``-best.yaml`` said 800), and
+    the grace period is a quarter of the fewest."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    def make(category: str) -> ASHAScheduler:
+        fewest, most = epoch_range(space, configs[category])
+        eval_every = configs[category].eval_every
+        return ASHAScheduler(time_attr="epoch", max_t=most, grace_period=min(fewest, max(eval_every, fewest // 4)),
+                             reduction_factor=2)
+
+    return PerCategoryScheduler(make, list(configs))
+
+
+def trials_at_once(resources: Resources, cluster: Mapping[str, float]) -> int:
+    """How many trials of ``resources.workers`` workers the ``cluster`` resources hold at once
+    (at least one: a trial that fits nowhere is the watchdog's to report)."""
+    per_worker = {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker}
+    need = {k: v * resources.workers for k, v in per_worker.items() if v > 0}
+    return max(1, min(int(cluster.get(k, 0.0) // v) for k, v in need.items()))
+
+
+def trial_slots(resources: Resources, max_concurrent: int) -> int | None:
+    """Tune's ``max_concurrent_trials``: ``--max-concurrent``; else, for trials of several
+    workers, what the cluster holds now; else None (as the trials' resources allow).
+
+    *Decision* (issue 27): a trial of several workers reserves nothing for itself (its
+    workers do, once started), so Tune started every trial at once: Optuna proposed all of
+    them before any result and queued Train runs failed on worker-group start timeouts. The
+    bound counts GPUs, else CPUs, over workers x per-worker need; on an autoscaling cluster
+    that will grow, pass --max-concurrent."""
+    if max_concurrent:
+        return max_concurrent
+    if resources.workers == 1:
+        return None
+    n = trials_at_once(resources, ray.cluster_resources())
+    log.warning("--max-concurrent not set for trials of %d workers: %d trial(s) at once, what the cluster "
+                "holds now", resources.workers, n)
+    return n
