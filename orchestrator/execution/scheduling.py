@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class _PickledState:
-    """Tune saves searchers and schedulers with its experiment state: the whole object, pickled."""
+    """Tune saves a searcher with its experiment state (never a scheduler): the whole object, pickled."""
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as fh:

@@ -10,7 +10,6 @@ Each rule is stated where it is applied, with the Ray 2.60 attributes it reads o
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Callable, Mapping
 
 import ray
@@ -197,15 +196,6 @@ class PerCategoryScheduler(ResumingScheduler):
     def __init__(self, make: Callable[[str], TrialScheduler], categories: list[str]) -> None:
         super().__init__()
         self.schedulers = {c: make(c) for c in categories}
-
-    # Tune pickles a scheduler into tuner.pkl, and saves none with its state (see replay_rungs).
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__, fh)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))
 
     def _of(self, trial) -> TrialScheduler:
         return self.schedulers[trial.config["category"]]
