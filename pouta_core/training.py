@@ -158,11 +158,28 @@ def restore(state: TrainState, path: Path, config: Config, device: torch.device)
         raise ConfigError(f"{path}: was trained with a different config ({', '.join(changed)}); "
                           "use another --out or remove it")
     ckpt.load_weights(state.model, saved["model"], path)
-    for name in ("optimizer", "scheduler", "scaler"):
+    for name in ("optimizer", "scheduler"):
         getattr(state, name).load_state_dict(saved[name])
+    load_scaler(state.scaler, saved.get("scaler") or {}, path)
     state.epoch, state.threshold = int(saved["epoch"]), saved.get("threshold")
     state.metrics = dict(saved.get("metrics", {}))
     log.info("resuming %s after epoch %d", path, state.epoch)
+
+
+def load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], path: Path) -> None:
+    """The loss scale of a resumed run, when it was saved and is wanted.
+
+    ``amp``/``amp_dtype`` may change on a resume (``Config.RUNTIME_KEYS``), and a run saved
+    without loss scaling (on a CPU, with ``amp=false`` or bfloat16) holds ``{}``, which an
+    enabled scaler refuses ("the source state dict is empty"): a CPU checkpoint resumed with
+    float16 on a GPU crashed. *Decision*: an enabled scaler without a saved scale starts from
+    its default (as a new run does, finding its scale within a few steps); a disabled one
+    ignores a saved scale (``GradScaler.load_state_dict`` does nothing when disabled)."""
+    if saved:
+        scaler.load_state_dict(saved)
+    elif scaler.is_enabled():
+        log.info("%s: saved without loss scaling; float16 starts from the default scale %g", path,
+                 scaler.get_scale())
 
 
 def train_step(state: TrainState, net: nn.Module, batch: dict[str, torch.Tensor], config: Config,

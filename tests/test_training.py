@@ -140,6 +140,32 @@ def test_a_resume_may_change_how_a_run_computes_but_not_what_it_learns(tmp_path,
     fit(later.replace(epochs=2), images, tmp_path / "run", val_set=test, progress=False)
 
 
+@pytest.mark.parametrize("saved_with_scaling", [False, True])
+def test_a_resume_across_devices_and_precisions_restores_the_loss_scale_only_when_saved_and_wanted(
+        tmp_path, saved_with_scaling):
+    """A CPU (or bfloat16, or amp=false) checkpoint resumed with float16 loss scaling, and a
+    float16 GPU checkpoint resumed without. No CUDA here: the scalers are CPU ones in the state
+    CUDA's would be in (``GradScaler("cpu")`` shares ``load_state_dict`` with CUDA's)."""
+    from pouta_core.training import new_state, restore, save
+
+    cpu = torch.device("cpu")
+    cfg = CFG.replace(epochs=2, lr_milestones=[])
+    before = new_state(cfg, cpu)
+    if saved_with_scaling:
+        before.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
+    before.epoch = 1
+    save(before, tmp_path / "run", cfg, {"epoch": 1})
+    saved = ckpt.load_state(tmp_path / "run")["scaler"]
+    assert bool(saved) == saved_with_scaling        # {} from a run without loss scaling
+    for enabled in (True, False):
+        after = new_state(cfg, cpu)
+        after.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=enabled)
+        restore(after, tmp_path / "run" / ckpt.CHECKPOINT, cfg, cpu)
+        assert after.epoch == 1
+        if enabled:   # the saved scale when there was one, else the default
+            assert after.scaler.get_scale() == (1024.0 if saved_with_scaling else 2.0**16)
+
+
 def test_channels_last_trains_in_that_format(tmp_path, data):
     from pouta_core.training import new_state, train_step, training_net
 
