@@ -268,11 +268,30 @@ def write_run(out_dir: str | Path, saved: dict[str, Any], config: Config) -> Pat
     return out_dir
 
 
+FEW_STEPS = 4
+
+
 def _batch_size(config: Config, n: int, world: int) -> int:
+    """``batch_size`` per worker (capped by the images a worker has); what the workers make of
+    the recipe is said once: the global batch and the optimiser steps per epoch.
+
+    *Decision* (issue 29): ``batch_size`` is per worker, with the same lr, epochs and
+    milestones, so ``world`` workers take ``world`` times fewer Adam steps per epoch on a
+    ``world`` times larger batch: another recipe (8 workers on toothbrush: one step of 7 images
+    per epoch). Not rescaled silently; said, with a warning below a few steps per epoch."""
     size = min(config.batch_size, max(1, n // world))
     if size < config.batch_size:
         log.warning("batch_size %d is more than the %d training images per rank: using %d",
                     config.batch_size, n // world, size)
+    steps = max(1, (n // world) // size)   # per rank, last partial batch dropped
+    if world > 1:
+        log.info("batch_size %d per worker x %d workers: global batch %d, %d optimiser step(s) per epoch "
+                 "over %d images", size, world, size * world, steps, n)
+        if steps < FEW_STEPS:
+            log.warning("%d worker(s) leave %d optimiser step(s) per epoch over %d images (one worker: %d): the "
+                        "schedule (epochs, lr_milestones) was set for more steps; use fewer workers per "
+                        "category (one category per GPU) or a smaller batch_size", world, steps, n,
+                        max(1, n // min(config.batch_size, n)))
     return size
 
 

@@ -166,6 +166,23 @@ def test_a_resume_across_devices_and_precisions_restores_the_loss_scale_only_whe
             assert after.scaler.get_scale() == (1024.0 if saved_with_scaling else 2.0**16)
 
 
+def test_workers_say_what_they_do_to_the_recipe(caplog):
+    """batch_size is per worker: 8 workers on 60 images (toothbrush) leave one step per epoch."""
+    import logging
+
+    from pouta_core.training import _batch_size
+
+    with caplog.at_level(logging.INFO, logger="pouta_core.training"):
+        assert _batch_size(CFG.replace(batch_size=8), 60, 8) == 7
+    text = caplog.text
+    assert "batch_size 7 per worker x 8 workers: global batch 56, 1 optimiser step(s) per epoch over 60 images" in text
+    assert "8 worker(s) leave 1 optimiser step(s) per epoch over 60 images (one worker: 7)" in text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pouta_core.training"):
+        assert _batch_size(CFG.replace(batch_size=8), 60, 1) == 8
+    assert caplog.text == ""                              # one worker: the recipe as written
+
+
 def test_channels_last_trains_in_that_format(tmp_path, data):
     from pouta_core.training import new_state, train_step, training_net
 
