@@ -101,11 +101,13 @@ class Plan:
         """What defines this experiment's results: the base config (preset, --config, --set),
         the per-category values, the categories, the dataset and each one's data fingerprint,
         workers per trial (the DDP batch), and ``extra`` (a sweep's space, scheduler,
-        objectives, a grid's seeds). Not in it: a study sweep's trial count, which a resume
+        objectives, a grid's seeds). Not in it: the config keys of how steps compute
+        (``Config.RUNTIME_KEYS``: amp, amp_dtype, channels_last, compile); a study sweep's trial count, which a resume
         may raise (:meth:`check_new_or_resumed`); what only runs it (--max-concurrent,
         timeouts, --max-failures, -v, the tracking URI, GPUs per worker), which a resume may
         change (:func:`orchestrator.execution.tuner.make_tuner` applies them)."""
-        return {"config": self.base.to_dict(), "per_category": {c: dict(v) for c, v in self.per_category.items()},
+        config = {k: v for k, v in self.base.to_dict().items() if k not in Config.RUNTIME_KEYS}
+        return {"config": config, "per_category": {c: dict(v) for c, v in self.per_category.items()},
                 "categories": list(self.categories), "dataset": self.data.dataset,
                 "data_fingerprints": dict(fingerprints), "workers_per_trial": self.resources.workers,
                 **extra}
@@ -144,6 +146,9 @@ class Plan:
         if definition is None or recorded is None:
             return   # an experiment older than its definition file: nothing to compare with
         old = dict(recorded["definition"])
+        # How steps compute (amp, amp_dtype, channels_last, compile) may change on a resume;
+        # definitions recorded before they were left out still hold them.
+        old["config"] = {k: v for k, v in old.get("config", {}).items() if k not in Config.RUNTIME_KEYS}
         if "num_samples" not in definition:
             old.pop("num_samples", None)   # a study's trial count is not its definition (see sweep.py)
         changed = differences(old, json.loads(json.dumps(definition, default=str)))

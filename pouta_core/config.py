@@ -199,9 +199,10 @@ class Config:
     )
     amp: bool = field(default=True, metadata=_spec(help="mixed precision on CUDA (ignored on CPU)"))
     amp_dtype: str = field(
-        default="float16",
-        metadata=_spec(choices=("float16", "bfloat16"),
-                       help="autocast type when amp is on; bfloat16 (Ampere and later) needs no loss scaling"),
+        default="auto",
+        metadata=_spec(choices=("auto", "float16", "bfloat16"),
+                       help="autocast type when amp is on: auto is bfloat16 where the GPU supports it (Ampere "
+                       "and later; no loss scaling), else float16 with loss scaling"),
     )
     channels_last: bool = field(
         default=False,

@@ -136,8 +136,17 @@ def new_state(config: Config, device: torch.device) -> TrainState:
 
 
 def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast type of training steps: ``amp_dtype`` with ``amp`` on CUDA, else None."""
-    return getattr(torch, config.amp_dtype) if config.amp and device.type == "cuda" else None
+    """The autocast type of training steps: ``amp_dtype`` with ``amp`` on CUDA, else None.
+
+    *Decision* (issue 29): ``auto`` (the default) is bfloat16 where the GPU supports it: it has
+    float32's range, so one overflowing step cannot make an epoch's loss non-finite, and it
+    needs no loss scaling; float16 (with the scaler) on older GPUs. Before, float16 was the
+    default everywhere, and had never run."""
+    if not (config.amp and device.type == "cuda"):
+        return None
+    if config.amp_dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, config.amp_dtype)
 
 
 def training_net(state: TrainState, config: Config, wrap_model: Callable[[nn.Module], nn.Module] | None = None

@@ -166,6 +166,19 @@ def test_a_resume_across_devices_and_precisions_restores_the_loss_scale_only_whe
             assert after.scaler.get_scale() == (1024.0 if saved_with_scaling else 2.0**16)
 
 
+def test_amp_dtype_auto_is_bfloat16_where_the_gpu_has_it(monkeypatch):
+    """No GPU here: what CUDA says of bfloat16 is stood in for; the choice is ours."""
+    from pouta_core.training import autocast_dtype
+
+    cuda, cfg = torch.device("cuda"), CFG.replace(amp=True)
+    assert cfg.amp_dtype == "auto"                                           # the default
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, s=supported, **k: s)
+        assert autocast_dtype(cfg, cuda) == expected
+    assert autocast_dtype(cfg.replace(amp_dtype="float16"), cuda) == torch.float16   # asked for
+    assert autocast_dtype(cfg, torch.device("cpu")) is None and autocast_dtype(cfg.replace(amp=False), cuda) is None
+
+
 def test_workers_say_what_they_do_to_the_recipe(caplog):
     """batch_size is per worker: 8 workers on 60 images (toothbrush) leave one step per epoch."""
     import logging
