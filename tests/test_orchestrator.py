@@ -450,8 +450,10 @@ def test_a_trial_waiting_its_turn_while_another_trains_is_not_a_stall(env, capsy
     # and tiles reports nothing meanwhile (one evaluation, at its last epoch). Before, the
     # watchdog stopped the command (exit 3); a saturated cluster is not a stuck one. (The
     # timeout is above a trial's start-up here, when no trial is RUNNING yet.)
+    # pills (the grid's first trial) trains long; tiles, which waits for it, briefly.
     code = cli.main(["launch", "--categories", "all", "--cpus-per-worker", "2", "--pending-timeout", "12",
-                     *common(env, "launch-turns"), "--set", "epochs=200", "--set", "eval_every=200"])
+                     *common(env, "launch-turns"), "--category-set", "pills:epochs=200",
+                     "--category-set", "pills:eval_every=200"])
     out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
     assert "pouta-mvtec-pills" in out and "pouta-mvtec-tiles" in out
