@@ -1,6 +1,7 @@
 """The stall watchdog tells waiting from stuck (issue 28): a placement group waiting while the
-autoscaler adds nodes is not a stall. No autoscaler runs here: its report is written where Ray's
-v1 monitor writes it (the GCS key-value store), and the watchdog reads it as ``ray status`` does."""
+autoscaler adds nodes is not a stall. No autoscaler adds nodes here: a report with pending nodes
+is written where Ray's v1 monitor writes its own (the GCS key-value store), and the watchdog
+reads it as ``ray status`` does."""
 
 import json
 import time
@@ -28,12 +29,15 @@ def test_waiting_while_the_autoscaler_adds_nodes_is_not_a_stall(local_ray, monke
     waiting = placement_group([{"CPU": 4}])            # more than this node has: it waits
     report = {"autoscaler_report": {"pending_nodes": [["10.0.0.5", "gpu-worker", "setting-up"]],
                                     "pending_launches": {"gpu-worker": 2}}}
+    # Ray's own monitor rewrites its report every few seconds (no nodes pending here): ours is
+    # written again before each check, as a monitor with nodes on their way would.
     try:
         assert watchdog.pending_nodes() == 0
         _internal_kv_put(ray_constants.DEBUG_AUTOSCALING_STATUS, json.dumps(report), overwrite=True)
         assert watchdog.pending_nodes() == 3
         dog = watchdog.StallWatchdog(0.2, {"CPU": 4.0}, 1)
         for _ in range(3):                              # nodes on their way: never a stall
+            _internal_kv_put(ray_constants.DEBUG_AUTOSCALING_STATUS, json.dumps(report), overwrite=True)
             dog.on_step_end(0, [])
             time.sleep(0.3)
         _internal_kv_del(ray_constants.DEBUG_AUTOSCALING_STATUS)
