@@ -19,6 +19,16 @@ SMALL_VALUES = {"image_size": 32, "rec_width": 4, "fcm_width": 4, "disc_width": 
                 "lr_milestones": "[]", "batch_size": 4}
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """An in-process Ray of one CPU for the tests of a module that drive Tune or Ray directly."""
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 def small_overrides(**changes) -> list[str]:
     """``SMALL_VALUES`` with ``changes`` as ``key=value`` strings (a value of None drops the key)."""
     values = {**SMALL_VALUES, **changes}

@@ -1,7 +1,6 @@
 """What a sweep tells its Optuna studies (no Ray cluster: the searcher Tune would drive)."""
 
 import optuna
-import pytest
 from conftest import small_config
 from optuna.trial import TrialState
 
@@ -47,15 +46,6 @@ def test_trials_of_several_workers_are_bounded_by_what_the_cluster_holds():
     assert trials_at_once(Resources(workers=4, cpus_per_worker=2, gpus_per_worker=1), cluster) == 2
     assert trials_at_once(Resources(workers=2, cpus_per_worker=3), cluster) == 2     # CPUs only
     assert trials_at_once(Resources(workers=4, gpus_per_worker=1), {"CPU": 2.0}) == 1   # fits nowhere: the watchdog's
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_asha_rungs_are_rebuilt_from_a_restored_experiment(local_ray, tmp_path):

@@ -7,17 +7,9 @@ import json
 import time
 
 import pytest
-import ray
 
 from orchestrator.errors import ClusterStalled
 from orchestrator.execution import watchdog
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_waiting_while_the_autoscaler_adds_nodes_is_not_a_stall(local_ray, monkeypatch):

@@ -97,6 +97,15 @@ def restored(trial) -> bool:
     return "training_iteration" in trial.run_metadata.last_result
 
 
+def checkpoint_folders(fs, folder: str) -> list[str]:
+    """The ``checkpoint_*`` folders of a trial's (or Ray Train run's) ``folder`` on its storage
+    filesystem ``fs`` (pyarrow), oldest first (Ray numbers them ``checkpoint_000007``)."""
+    import pyarrow.fs as pafs
+
+    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+
+
 def repair_checkpoint(trial) -> str | None:
     """Point a restored ``trial`` at a checkpoint that exists -> what was done, or None.
 
@@ -122,8 +131,7 @@ def repair_checkpoint(trial) -> str | None:
     if fs.get_file_info(recorded).type == pafs.FileType.Directory:
         return None
     folder, name = posixpath.split(recorded)
-    on_disk = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    on_disk = checkpoint_folders(fs, folder)
     manager._checkpoint_results = [_TrainingResult(checkpoint=Checkpoint(p, filesystem=fs), metrics=latest.metrics)
                                    for p in on_disk]
     manager._latest_checkpoint_result = manager._checkpoint_results[-1] if on_disk else None

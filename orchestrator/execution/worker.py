@@ -22,6 +22,7 @@ import ray.train.torch
 import ray.tune
 import torch
 
+from orchestrator.execution.tune_parts import checkpoint_folders
 from orchestrator.spec import WorkerTask
 from pouta_core import checkpoint as ckpt
 from pouta_core.api import load_category
@@ -187,9 +188,7 @@ def restore_into(run_dir: Path, checkpoint: ray.train.Checkpoint | None) -> str 
             shutil.copytree(d, run_dir, dirs_exist_ok=True)
         return None
     folder, name = posixpath.split(recorded.rstrip("/"))
-    siblings = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-                       if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
-    for candidate in siblings:
+    for candidate in reversed(checkpoint_folders(fs, folder)):
         if fs.get_file_info(posixpath.join(candidate, ckpt.CHECKPOINT)).type != pafs.FileType.File:
             continue
         shutil.rmtree(run_dir, ignore_errors=True)
