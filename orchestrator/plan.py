@@ -238,10 +238,12 @@ def warn_about_config(plan: Plan) -> None:
     if any(plan.config_for(c).val_split == "none" for c in plan.categories):
         log.warning("val_split=none: trials, thresholds and promotion are chosen on the test split, so the "
                     "test metrics reported are optimistic (runs tagged pouta.selection=test)")
-    asked = {(c.checkpoint_every, c.eval_every) for c in map(plan.config_for, plan.categories)}
-    if any(every != eval_every for every, eval_every in asked):
-        log.warning("checkpoint_every is set to eval_every in trials: Ray resumes from, and MLflow keeps, the "
-                    "checkpoint of each evaluation (the trial runs log the value used)")
+    for config in map(plan.config_for, plan.categories):
+        if config.checkpoint_every % config.eval_every:   # spec.checkpoint_cadence rounds it up
+            log.warning("checkpoint_every=%d is not a multiple of eval_every=%d: trials checkpoint at the next "
+                        "evaluation after each (a checkpoint travels with an evaluation's report; the trial "
+                        "runs log the value used)", config.checkpoint_every, config.eval_every)
+            break
 
 
 # Metrics computed on an image split; trials report each as val_<name> and test_<name>.

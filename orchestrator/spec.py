@@ -22,6 +22,7 @@ from typing import Any
 from pouta_core.config import Config
 
 SAMPLED = "sampled"   # param_space key holding the searched config values
+CHECKPOINT_EPOCH = "checkpoint_epoch"   # reported by every trial: the epoch of its latest checkpoint
 
 
 @dataclass(frozen=True)
@@ -100,18 +101,30 @@ class TrialSpec:
     category_values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def config_for(self, category: str, sampled: Mapping[str, Any] | None = None) -> Config:
-        """A trial's config: the base, its category's own values, then the sampled ones.
-
-        Every evaluation epoch is also a checkpoint epoch (``checkpoint_every = eval_every``):
-        each report to Ray carries the checkpoint it resumes from and the one MLflow keeps. It
-        is set here, so MLflow logs the config the checkpoint holds."""
+        """A trial's config: the base, its category's own values, then the sampled ones, with
+        ``checkpoint_every`` rounded up to a multiple of ``eval_every`` (:func:`checkpoint_cadence`).
+        Set here, so MLflow logs the config the checkpoint holds."""
         config = self.base_config.replace(**{**self.category_values.get(category, {}), **decode_sampled(sampled or {})})
-        return config.replace(checkpoint_every=config.eval_every)
+        return config.replace(checkpoint_every=checkpoint_cadence(config))
 
     def task(self, params: Mapping[str, Any]) -> WorkerTask:
         """The worker's task for Tune's ``params`` (``category`` and ``sampled``)."""
         category = params["category"]
         return WorkerTask(category, self.config_for(category, params.get(SAMPLED)), self.data, self.resources)
+
+
+def checkpoint_cadence(config: Config) -> int:
+    """Epochs between a trial's checkpoints: ``checkpoint_every`` rounded up to a multiple of
+    ``eval_every``.
+
+    *Decision* (issue 28): a trial's checkpoint reaches Ray only attached to a report, and a
+    report is an evaluation: so a checkpoint is always taken at an evaluated epoch, and the
+    metrics it holds are the ones reported with it. ``checkpoint_every`` is its own key (a
+    600-epoch trial evaluated every 10 epochs need not write 60 checkpoints of 180 MB to shared
+    storage); a trial whose last report had no checkpoint (ASHA stopped it between two) is
+    chosen and shown by the metrics of the epoch its checkpoint holds
+    (:func:`orchestrator.execution.results.trial_rows`)."""
+    return -(-config.checkpoint_every // config.eval_every) * config.eval_every
 
 
 def decode_sampled(sampled: Mapping[str, Any]) -> dict[str, Any]:

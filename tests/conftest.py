@@ -14,9 +14,9 @@ def device() -> torch.device:
 
 
 # The smallest POUTA that trains, shared by every test that trains one: 32 px, widths of 4,
-# two epochs evaluated (and checkpointed by sweeps) each, no LR steps, batches of 4.
+# two epochs, each evaluated and checkpointed, no LR steps, batches of 4.
 SMALL_VALUES = {"image_size": 32, "rec_width": 4, "fcm_width": 4, "disc_width": 4, "epochs": 2, "eval_every": 1,
-                "lr_milestones": "[]", "batch_size": 4}
+                "checkpoint_every": 1, "lr_milestones": "[]", "batch_size": 4}
 
 
 @pytest.fixture(scope="module")

@@ -173,3 +173,36 @@ def test_a_trial_restores_the_newest_checkpoint_that_loads(tmp_path):
     note = restore_into(run_dir, ray.train.Checkpoint(str(trial / "checkpoint_000003")))
     assert note == "its checkpoint checkpoint_000003 is gone and no other loads; starting over"
     assert not any(run_dir.iterdir())
+
+
+def test_a_trial_stopped_between_checkpoints_is_shown_by_the_epoch_its_checkpoint_holds(local_ray, tmp_path):
+    """checkpoint_every is its own key (issue 28): a trial evaluated every epoch and checkpointed
+    every second one, stopped after epoch 3, holds the weights of epoch 2. Its row (what the
+    choice, the registry and the summary read) is that epoch's, never epoch 3's."""
+    import json
+    from pathlib import Path
+
+    from ray import tune
+
+    from orchestrator.execution.results import trial_rows
+    from orchestrator.execution.trial import run_trial
+    from orchestrator.spec import CHECKPOINT_EPOCH, DataSpec, Resources, TrialSpec
+    from pouta_core.data.demo import generate
+
+    (category,) = generate(tmp_path / "data", categories=1, image_size=32, n_train=4, n_test_good=2,
+                           n_test_defect=2)
+    spec = TrialSpec(DataSpec.of(str(tmp_path / "data"), "mvtec"), Resources(), small_config(
+        epochs=4, checkpoint_every=2), "cadence", str(tmp_path / "ray"))
+    assert spec.config_for(category).checkpoint_every == 2
+    assert spec.config_for(category, {"eval_every": 3}).checkpoint_every == 3   # rounded up to an evaluation
+    results = tune.Tuner(tune.with_parameters(run_trial, spec=spec), param_space={"category": category},
+                         run_config=tune.RunConfig(name="cadence", storage_path=str(tmp_path / "ray"), verbose=0,
+                                                   stop={"epoch": 3})).fit()
+    last = results[0].metrics
+    assert last["epoch"] == 3 and last[CHECKPOINT_EPOCH] == 2
+    (row,) = trial_rows(results, ["val_pixel_ap", "val_image_auroc"])
+    history = results[0].metrics_dataframe.set_index("epoch")
+    assert row["epoch"] == 2 and row["val_pixel_ap"] == history.loc[2, "val_pixel_ap"]
+    assert json.loads((Path(row["checkpoint"]) / "metrics.json").read_text())["val_pixel_ap"] == row["val_pixel_ap"]
+    # Epochs 1 and 3 were evaluated and reported, without a checkpoint.
+    assert sorted(p.name for p in Path(results[0].path).glob("checkpoint_*")) == ["checkpoint_000000"]

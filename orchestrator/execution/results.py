@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.spec import CHECKPOINT_EPOCH
+
 
 def error_line(error: BaseException | str | None) -> str:
     """The line of a trial's error a user acts on: the exception's own message, which is the
@@ -24,12 +26,37 @@ def trial_rows(results, metric_keys: list[str]) -> list[dict[str, Any]]:
             trial_id = (r.metrics or {}).get("trial_id") or (Path(r.path).name if r.path else None)
             rows.append({"trial_id": trial_id, "error": error_line(r.error)})
             continue
+        metrics = at_checkpoint(r)
         # Ray Train runs name their checkpoint in the metrics; one-worker trials are Tune's own.
-        checkpoint = r.metrics.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None)
+        checkpoint = metrics.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint and metrics else None)
         rows.append({"trial_id": r.metrics.get("trial_id"), "config": r.config, "path": r.path,
                      "checkpoint": checkpoint,
-                     **{k: r.metrics.get(k) for k in ["epoch", *metric_keys]}})
+                     **{k: (metrics or r.metrics).get(k) for k in ["epoch", *metric_keys]}})
     return rows
+
+
+def at_checkpoint(result) -> dict[str, Any]:
+    """The metrics reported with the checkpoint a trial holds -> a dict ({} when no report of
+    that epoch is found).
+
+    A trial checkpoints every ``checkpoint_every`` epochs and reports every ``eval_every``: when
+    its last report had no checkpoint (ASHA stopped it between two), its last metrics are not
+    the ones of the weights it holds. *Decision* (issue 28): a trial is chosen, registered and
+    shown by the metrics of the epoch its checkpoint holds (``checkpoint_epoch``, which every
+    report carries), read from the trial's reported history."""
+    metrics = result.metrics
+    held = metrics.get(CHECKPOINT_EPOCH)
+    if held is None or held == metrics.get("epoch"):
+        return metrics
+    history = result.metrics_dataframe
+    if history is None or "epoch" not in history:
+        return {}
+    rows = history[history["epoch"] == held]
+    if "checkpoint_path" in rows:   # a Ray Train run: the report that carried the checkpoint
+        rows = rows[rows["checkpoint_path"].notna()]
+    if rows.empty:
+        return {}
+    return {k: v for k, v in rows.iloc[-1].to_dict().items() if v == v}   # NaN: a key this report had not
 
 
 def best_checkpoint_of(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ import ray.tune
 import torch
 
 from orchestrator.execution.tune_parts import checkpoint_folders
-from orchestrator.spec import WorkerTask
+from orchestrator.spec import CHECKPOINT_EPOCH, WorkerTask
 from pouta_core import checkpoint as ckpt
 from pouta_core.api import load_category
 from pouta_core.benchmark import latency_ms
@@ -141,9 +141,15 @@ def train_worker(task: WorkerTask, session: TrainSession | TuneSession | None = 
     note = restore_into(run_dir, session.get_checkpoint())
     if note:
         print(f"trial {task.category}: {note}", flush=True)
+    # The epoch of the checkpoint this trial would resume from, in every report: a report
+    # without a checkpoint (checkpoint_every > eval_every) says which one the trial holds. A
+    # restored trial's first report is the epoch of the checkpoint it restored.
+    held = {"epoch": None if (run_dir / ckpt.CHECKPOINT).exists() else 0}
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        metrics = {**metrics, "latency_ms": latency}
+        if checkpoint_dir is not None or held["epoch"] is None:
+            held["epoch"] = int(metrics.get("epoch", 0))
+        metrics = {**metrics, "latency_ms": latency, CHECKPOINT_EPOCH: held["epoch"]}
         if checkpoint_dir is not None and metrics.get("epoch", 0) >= config.epochs:
             # The final checkpoint only (issue 28): a grid is a second pass over the test images,
             # and a trial ASHA stops is not one anybody registers.

@@ -14,7 +14,7 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator import tracking
-from orchestrator.spec import SAMPLED, TrialSpec
+from orchestrator.spec import CHECKPOINT_EPOCH, SAMPLED, TrialSpec
 from orchestrator.tracking.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # the run's pouta.checkpoint tag; only the registered version's run gets weights (registry.py).
 ARTIFACTS = ("config.yaml", "metrics.json", "heatmaps.png", "val_files.json")
 TAG_CHECKPOINT = "pouta.checkpoint"
+TAG_CHECKPOINT_EPOCH = "pouta.checkpoint_epoch"   # the epoch those weights are of
 
 
 def trial_artifacts(checkpoint_dir: Path) -> list[Path]:
@@ -167,6 +168,7 @@ class MlflowTrialCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         key = self._open(trial)
         path = (trial.checkpoint.path if trial.checkpoint else None) or self.checkpoints.get(trial.trial_id)
+        held = (trial.last_result or {}).get(CHECKPOINT_EPOCH)
         files: list[Path] = []
         if path and Path(path).is_dir():
             files = trial_artifacts(Path(path))
@@ -177,6 +179,8 @@ class MlflowTrialCallback(Callback):
             run_id = state["runs"][key]
             if path:
                 client.set_tag(run_id, TAG_CHECKPOINT, path)
+                if held is not None:   # its metrics.json artifact is that epoch's
+                    client.set_tag(run_id, TAG_CHECKPOINT_EPOCH, str(held))
             for file in files:
                 client.log_artifact(run_id, str(file))
             tracking.finish(client, run_id, ok=True)
