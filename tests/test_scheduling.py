@@ -206,3 +206,61 @@ def test_a_trial_stopped_between_checkpoints_is_shown_by_the_epoch_its_checkpoin
     assert json.loads((Path(row["checkpoint"]) / "metrics.json").read_text())["val_pixel_ap"] == row["val_pixel_ap"]
     # Epochs 1 and 3 were evaluated and reported, without a checkpoint.
     assert sorted(p.name for p in Path(results[0].path).glob("checkpoint_*")) == ["checkpoint_000000"]
+
+
+def test_studies_on_a_network_filesystem_are_a_journal_and_sqlite_there_is_refused(tmp_path):
+    """Issue 28: SQLite's locks do not hold over NFS. A network filesystem cannot be mounted
+    here, so the mount table is a file naming the test's folder as NFS (the only stand-in);
+    the journal storage, its studies and their resume are real."""
+    import re
+
+    import pytest
+
+    from orchestrator.execution.scheduling import (
+        check_study_storage,
+        fail_dangling_optuna_trials,
+        open_study_storage,
+        shared_filesystem,
+    )
+    from pouta_core.config import ConfigError
+
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {shared} nfs4 rw 0 0\n"
+                      f"fuse-overlayfs {local} fuse.fuse-overlayfs rw 0 0\n")
+    assert shared_filesystem(shared / "ray" / "exp", str(mounts)) == "nfs4"
+    assert shared_filesystem(local / "ray", str(mounts)) is None
+    assert shared_filesystem(tmp_path, str(mounts)) is None
+
+    db = shared / "ray" / "optuna.db"
+    journal = str(db.with_suffix(".journal"))[1:]
+    with pytest.raises(ConfigError, match=re.escape(f"--study-storage sqlite:///{db}: {db} is on a network filesystem "
+                       f"(nfs4), where SQLite's locks do not hold; use journal:///{journal} or a postgresql:// URL")):
+        check_study_storage(f"sqlite:///{db}", str(mounts))
+    assert check_study_storage(f"sqlite:///{local / 'optuna.db'}", str(mounts))
+    assert check_study_storage(f"journal:///{db}", str(mounts))
+    with pytest.raises(ConfigError, match="expected a database URL"):
+        check_study_storage(str(db), str(mounts))
+
+    url = default_study_storage(str(shared / "ray"), "exp", str(mounts))
+    assert url == f"journal:///{str(shared / 'ray' / 'exp' / 'optuna.journal')[1:]}"
+    assert default_study_storage(str(local / "ray"), "exp", str(mounts)).startswith("sqlite:///")
+    configs = {"tiles": small_config(epochs=2)}
+    space = search_spaces.load("mss_lambdas")
+    first = sweep_search(space, configs, [("val_pixel_ap", "max")], run_name="exp", seed=0, num_samples=2,
+                         scheduler="none", storage_url=url, resume=False)
+    first.search_alg.suggest("a")
+    first.search_alg.on_trial_complete("a", report(first.search_alg, "a", [0.3, 0.5]))
+    first.search_alg.suggest("b")   # asked, never told: its driver died
+    # The experiment's journal is found again without the mount table saying NFS (a resume
+    # from a machine that mounts it otherwise keeps the studies where they are).
+    assert default_study_storage(str(shared / "ray"), "exp", str(tmp_path / "no-mounts")) == url
+    again = sweep_search(space, configs, [("val_pixel_ap", "max")], run_name="exp", seed=0, num_samples=2,
+                         scheduler="none", storage_url=url, resume=True)
+    fail_dangling_optuna_trials(again)
+    trials = optuna.load_study(study_name="exp-tiles", storage=open_study_storage(url)).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL] and trials[0].value == 0.5
+    from orchestrator.tracking.report import study_plots
+
+    plots = study_plots(open_study_storage(url), {"tiles": "exp-tiles"}, [("val_pixel_ap", "max")], tmp_path)
+    assert "tiles-history.png" in [p.name for p in plots]

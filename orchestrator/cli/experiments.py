@@ -161,8 +161,9 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("--mode", default="max", choices=["max", "min"])
     p.add_argument("--scheduler", choices=["asha", "none"],
                    help="default: asha; none with --objectives or a grid space (grid points train to full length)")
-    p.add_argument("--study-storage", help="Optuna RDB URL (default: sqlite in the experiment's folder, "
-                   "<storage-path>/<name>/optuna.db)")
+    p.add_argument("--study-storage", help="Optuna RDB URL or journal:///path (default: a file in the "
+                   "experiment's folder: <storage-path>/<name>/optuna.db, or optuna.journal on a network filesystem, "
+                   "where sqlite is refused)")
     p.add_argument("--resume", action="store_true",
                    help="continue the experiment and studies of --name (refused if its definition differs)")
     p.add_argument("--objectives", help="multi-objective, e.g. pixel_ap:max,latency_ms:min (Pareto front)")

@@ -25,6 +25,7 @@ from orchestrator.execution.scheduling import (
     default_study_storage,
     fail_dangling_optuna_trials,
     grid_point,
+    open_study_storage,
     sweep_search,
 )
 from orchestrator.execution.tune_parts import scheduler_for, trial_generator, trial_slots
@@ -116,8 +117,9 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
                     point_of=grid_point(space) if space.has_grid and not multi else None)
     summary = register_choices(plan, parent.callback, chosen, keys, kind="sweep")
     folder = report.folder(Path(best_out).parent if best_out else plan.storage_path, plan.run_name)
+    studies = open_study_storage(search.storage_url) if search.storage_url else None
     report.publish(parent.client, parent.run_id, folder, f"sweep {plan.run_name} ({space.path.name})", summary, keys,
-                   storage_url=search.storage_url, study_names=search.studies, objectives=objectives)
+                   study_storage=studies, study_names=search.studies, objectives=objectives)
     tracking.finish(parent.client, parent.run_id, ok=not any("error" in e for e in summary.values()))
     if best_out:
         best_configs = {c: e["config"] for c, e in summary.items() if "config" in e}

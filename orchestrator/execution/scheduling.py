@@ -221,24 +221,80 @@ def grid_space(space: SearchSpace) -> dict[str, Any]:
 
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+JOURNAL = "journal:///"
+MOUNTS = "/proc/mounts"
+# Filesystems other machines write too (mount types as /proc/mounts names them). SQLite's
+# locks do not hold on them (sqlite.org/howtocorrupt.html, §2.1): two drivers (two RayJobs'
+# head pods) writing one file there corrupt it. FUSE mounts are mostly object stores
+# (gcsfuse, s3fs, mountpoint-s3), save the two that are a container's own disk.
+NETWORK_FS = ("nfs", "cifs", "smb", "lustre", "gpfs", "ceph", "glusterfs", "9p", "beegfs", "afs", "fuse.")
+LOCAL_FUSE = ("fuse.fuse-overlayfs", "fuse.lxcfs")
 
 
-def check_study_storage(url: str) -> str:
-    """``--study-storage`` is a database URL Optuna's RDB storage opens (SQLAlchemy's form)."""
+def shared_filesystem(path: str | Path, mounts: str = MOUNTS) -> str | None:
+    """The type of the network filesystem ``path`` is on (``nfs4``), or None when it is a
+    local one (or the mount table cannot be read)."""
+    target = Path(path).resolve()
+    try:
+        table = [line.split() for line in Path(mounts).read_text().splitlines()]
+    except OSError:
+        return None
+    best, kind = "", None
+    for fields in table:
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (target == Path(point) or Path(point) in target.parents) and len(point) >= len(best):
+            best, kind = point, fields[2]
+    if kind and kind.startswith(NETWORK_FS) and kind not in LOCAL_FUSE:
+        return kind
+    return None
+
+
+def check_study_storage(url: str, mounts: str = MOUNTS) -> str:
+    """``--study-storage``: a database URL Optuna's RDB storage opens (SQLAlchemy's form), or
+    ``journal:///path`` (Optuna's journal file). SQLite on a network filesystem is refused."""
+    if url.startswith(JOURNAL):
+        if not url.removeprefix(JOURNAL):
+            raise ConfigError(f"--study-storage {url}: expected journal:///path/to/optuna.journal")
+        return url
     scheme = url.partition("://")[0].partition("+")[0]
     if "://" not in url or scheme not in RDB_SCHEMES:
         raise ConfigError(f"--study-storage {url}: expected a database URL (sqlite:///path.db, "
-                          "postgresql://user@host/db, mysql://...)")
+                          "postgresql://user@host/db, mysql://...) or journal:///path/to/optuna.journal")
+    file = url.partition(":///")[2].partition("?")[0]
+    kind = shared_filesystem(Path(file).parent, mounts) if scheme == "sqlite" and file else None
+    if kind:
+        journal = Path(file).resolve().with_suffix(".journal").as_posix().lstrip("/")
+        raise ConfigError(f"--study-storage {url}: {file} is on a network filesystem ({kind}), where SQLite's "
+                          f"locks do not hold; use {JOURNAL}{journal} or a postgresql:// URL")
     return url
 
 
-def default_study_storage(storage_path: str, run_name: str) -> str:
-    """The Optuna storage of experiment ``run_name``: sqlite in its own folder.
+def open_study_storage(url: str):
+    """The Optuna storage ``url`` names (see :func:`check_study_storage`).
+
+    *Decision* (issue 28): the journal's lock is ``JournalFileOpenLock`` (an ``O_EXCL`` lock
+    file), which Optuna documents for NFSv3 and later; its default symlink lock is not."""
+    import optuna
+
+    if url.startswith(JOURNAL):
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+        path = "/" + url.removeprefix(JOURNAL).lstrip("/")
+        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    return optuna.storages.RDBStorage(url)
+
+
+def default_study_storage(storage_path: str, run_name: str, mounts: str = MOUNTS) -> str:
+    """The Optuna storage of experiment ``run_name``: a file in its own folder, SQLite on a
+    local disk and Optuna's journal on a network filesystem (a multi-node cluster's shared
+    ``--storage-path``).
 
     *Decision* (issue 28): one file per experiment, not one for the whole ``--storage-path``:
     only the driver writes its studies, so two sweeps (two RayJobs' head pods over NFS) never
-    write one sqlite file, and an experiment's folder holds everything it is. An experiment
-    started before this (its studies in the shared ``optuna.db``) keeps that file."""
+    write one file, and an experiment's folder holds everything it is. An experiment started
+    before this (its studies in the shared ``optuna.db``) keeps that file."""
     root = Path(storage_path).resolve()
     shared = root / "optuna.db"
     if shared.is_file():
@@ -250,6 +306,11 @@ def default_study_storage(storage_path: str, run_name: str) -> str:
             return f"sqlite:///{shared}"
     folder = root / run_name
     folder.mkdir(parents=True, exist_ok=True)
+    kind = shared_filesystem(folder, mounts)
+    if kind or (folder / "optuna.journal").is_file():
+        if kind:
+            log.info("experiment %s: %s is on %s; its Optuna studies are a journal file there", run_name, folder, kind)
+        return f"{JOURNAL}{(folder / 'optuna.journal').as_posix().lstrip('/')}"
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
@@ -257,7 +318,7 @@ def optuna_search(space: SearchSpace, objectives, storage_url: str, study_name: 
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    storage = optuna.storages.RDBStorage(storage_url)
+    storage = open_study_storage(storage_url)
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     if study_name in existing and not resume:
         raise ConfigError(f"optuna study '{study_name}' already exists in {storage_url}; pass --resume to "
@@ -277,7 +338,7 @@ def fail_dangling_optuna_trials(search: SweepSearch) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    storage = optuna.storages.RDBStorage(search.storage_url)
+    storage = open_study_storage(search.storage_url)
     for name in search.studies.values():
         study = optuna.load_study(study_name=name, storage=storage)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

@@ -73,9 +73,10 @@ def best_metrics(summary: dict[str, dict[str, Any]], keys: list[str]) -> dict[st
     return out
 
 
-def study_plots(storage_url: str, study_names: dict[str, str], objectives: list[tuple[str, str]],
+def study_plots(storage, study_names: dict[str, str], objectives: list[tuple[str, str]],
                 folder: Path) -> list[Path]:
-    """Optuna's matplotlib plots of each category's study -> the PNG files written. A plot a
+    """Optuna's matplotlib plots of each category's study in ``storage`` (an Optuna storage or
+    its URL) -> the PNG files written. A plot a
     study cannot have yet (importances need two finished trials that differ) is skipped."""
     import matplotlib
 
@@ -96,7 +97,7 @@ def study_plots(storage_url: str, study_names: dict[str, str], objectives: list[
         plots["pareto"] = lambda s: ovm.plot_pareto_front(s, target_names=[f"val {n}" for n in names])
     written = []
     for category, study_name in study_names.items():
-        study = optuna.load_study(study_name=study_name, storage=storage_url)
+        study = optuna.load_study(study_name=study_name, storage=storage)
         for kind, plot in plots.items():
             path = folder / f"{category}-{kind}.png"
             try:
@@ -115,7 +116,7 @@ def study_plots(storage_url: str, study_names: dict[str, str], objectives: list[
 
 
 def write(folder: Path, title: str, summary: dict[str, dict[str, Any]], keys: list[str], *,
-          storage_url: str | None = None, study_names: dict[str, str] | None = None,
+          study_storage: Any = None, study_names: dict[str, str] | None = None,
           objectives: list[tuple[str, str]] | None = None) -> list[Path]:
     """Write the report into ``folder`` -> its files."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,8 +124,8 @@ def write(folder: Path, title: str, summary: dict[str, dict[str, Any]], keys: li
     atomic_write(folder / "trials.csv", lambda fh: fh.write(_csv(columns, rows).encode()))
     atomic_write(folder / "trials.md", lambda fh: fh.write(_markdown(title, columns, rows).encode()))
     files = [folder / "trials.csv", folder / "trials.md"]
-    if storage_url and study_names:
-        files += study_plots(storage_url, study_names, objectives or [], folder)
+    if study_storage is not None and study_names:
+        files += study_plots(study_storage, study_names, objectives or [], folder)
     return files
 
 
