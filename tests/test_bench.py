@@ -110,3 +110,27 @@ def test_bench_synthesis_without_the_anomalib_environment_says_how_to_make_it(tm
     assert out.returncode == 2
     assert out.stderr.strip() == (f"pouta: error: {tmp_path / 'nope' / 'python'}: no anomalib environment; "
                                   "create it with `make bench-anomalib-env`")
+
+
+def test_bench_scale_reads_the_drivers_cost_per_trial_over_the_first_and_last_tenth():
+    """``pouta bench scale`` itself takes minutes (docs/experiments.md has its figures); its
+    arithmetic is checked here: 20 trials finishing one a second, a driver spending 0.1 CPU s
+    per trial at first and 0.3 s at the end (a cost that grew with the experiment)."""
+    import math
+
+    from orchestrator.commands.scale import driver_cpu_per_trial
+
+    ends = [100.0 + i for i in range(20)]
+    cpu, samples = 0.0, []
+    for t in range(95, 125):
+        samples.append((t + 0.5, cpu, 0))
+        cpu += 0.1 if t < 110 else 0.3
+    first, last = driver_cpu_per_trial(samples, ends)
+    assert math.isclose(first, 0.1) and math.isclose(last, 0.3)
+    assert all(math.isnan(v) for v in driver_cpu_per_trial(samples, ends[:2]))
+
+
+def test_bench_scale_refuses_a_cluster_without_nodes_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "bench", "scale", "--nodes", "0"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip() == "pouta: error: --nodes must be >= 1, got 0"

@@ -11,6 +11,10 @@ from orchestrator.cli.console import print_json
 from pouta_core.config import Config, ConfigError
 
 
+def print_targets(targets: dict[str, bool]) -> None:
+    print(", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in targets.items()))
+
+
 def _bench_config(args: argparse.Namespace) -> Config:
     """The config a model or train benchmark measures (``--image-size`` over the preset), on a
     device that exists."""
@@ -48,7 +52,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
           f"input {r['input_samples_per_s']:.1f} samples/s, model step {r['model_step_samples_per_s']:.1f}, "
           f"whole step {r['train_step_samples_per_s']:.1f}; input/model x{r['input_to_model_ratio']:.1f}, "
           f"waiting for input {r['waiting_for_input_share']:.0%} of the step")
-    print(", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in r["targets"].items()))
+    print_targets(r["targets"])
     return 0
 
 
@@ -77,6 +81,32 @@ def _cmd_bench_synthesis(args: argparse.Namespace) -> int:
         print(f"anomalib PerlinAnomalyGenerator {r['anomalib_images_per_s_per_core']:.1f} images/s: batched is "
               f"x{r['batched_to_anomalib']:.1f} ({'ok' if r['targets']['batched>=3x anomalib'] else 'MISSED'}: "
               "target x3)")
+    return 0
+
+
+def _cmd_bench_scale(args: argparse.Namespace) -> int:
+    from orchestrator.commands.scale import bench_scale
+
+    for flag in ("categories", "trials", "nodes", "gpus_per_node", "epochs"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.epoch_floor_s <= 0 or args.timeout_s <= 0:
+        raise ConfigError("--epoch-floor-s and --timeout-s must be > 0")
+    r = bench_scale(args.categories, args.trials, args.nodes, args.gpus_per_node, args.epochs, args.epoch_floor_s,
+                    args.work, args.timeout_s)
+    if args.json:
+        print_json(r)
+        return 0
+    print(f"{r['categories']} categories x {r['trials_per_category']} trials on {r['nodes']} Ray nodes, "
+          f"{r['slots']} simulated GPUs: {r['trials_finished']} finished, {r['trials_errored']} errored; trials' "
+          f"wall {r['wall_s']:.0f} s = x{r['wall_to_ideal']:.2f} the ideal {r['ideal_s']:.0f} s (job "
+          f"{r['job_wall_s']:.0f} s); driver CPU per trial {r['driver_cpu_s_per_trial_first_10pct']:.2f} s (first "
+          f"10%) -> {r['driver_cpu_s_per_trial_last_10pct']:.2f} s (last 10%), RSS "
+          f"{r['driver_rss_mb_first_10pct']:.0f} -> {r['driver_rss_mb_last_trial']:.0f} MB (peak "
+          f"{r['driver_peak_rss_mb']:.0f}); MLflow {r['mlflow_requests_per_trial']:.0f} requests and "
+          f"{r['mlflow_artifact_mb_per_trial_max']:.2f} MB (max) per trial; Optuna storage "
+          f"{r['optuna_storage_kb']:.0f} kB")
+    print_targets(r["targets"])
     return 0
 
 
@@ -113,7 +143,7 @@ def _cmd_bench_orchestration(args: argparse.Namespace) -> int:
               f"training {result['training_share_of_slot_time']:.0%} of slot time; per-trial overhead "
               f"{result['trial_overhead_s_median']:.1f} s (start {result['trial_startup_overhead_s_median']:.1f}, "
               f"end {result['trial_teardown_overhead_s_median']:.1f})")
-        print(", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in result["targets"].items()))
+        print_targets(result["targets"])
     return 0
 
 
@@ -163,6 +193,21 @@ def add_bench_commands(bench: argparse.ArgumentParser) -> None:
     bo.add_argument("--work", help="folder for data, Ray results and MLflow (default: a new temp folder)")
     bo.add_argument("--json", action="store_true")
     bo.set_defaults(func=_cmd_bench_orchestration)
+    bc = bench_sub.add_parser("scale", help="an MVTec-sized sweep rehearsed here: a multi-node Ray on 127.0.0.1, a "
+                              "real mlflow server, ray job submit; driver overhead, MLflow requests and bytes per "
+                              "trial, wall time against the ideal schedule")
+    bc.add_argument("--categories", type=int, default=15, help="categories (default 15, MVTec's)")
+    bc.add_argument("--trials", type=int, default=64, help="Optuna trials per category (default 64)")
+    bc.add_argument("--nodes", type=int, default=3, help="worker nodes besides the head (default 3)")
+    bc.add_argument("--gpus-per-node", type=int, default=2, help="simulated GPUs (and CPUs) per worker node "
+                    "(default 2); one trial per GPU")
+    bc.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
+    bc.add_argument("--epoch-floor-s", type=float, default=3.0,
+                    help="simulated accelerator: each epoch lasts at least this long (default 3)")
+    bc.add_argument("--timeout-s", type=float, default=7200, help="stop the sweep job after this long (default 7200)")
+    bc.add_argument("--work", help="folder for data, Ray results, MLflow and logs (default: a new temp folder)")
+    bc.add_argument("--json", action="store_true")
+    bc.set_defaults(func=_cmd_bench_scale)
     bx = bench_sub.add_parser("metrics", help="metrics vs scikit-learn: seconds and difference")
     bx.add_argument("--pixels", type=int, default=10_000_000)
     bx.add_argument("--json", action="store_true")
