@@ -93,7 +93,7 @@ def _cmd_bench_scale(args: argparse.Namespace) -> int:
     if args.epoch_floor_s <= 0 or args.timeout_s <= 0:
         raise ConfigError("--epoch-floor-s and --timeout-s must be > 0")
     r = bench_scale(args.categories, args.trials, args.nodes, args.gpus_per_node, args.epochs, args.epoch_floor_s,
-                    args.work, args.timeout_s)
+                    args.work, args.timeout_s, args.code)
     if args.json:
         print_json(r)
         return 0
@@ -206,6 +206,8 @@ def add_bench_commands(bench: argparse.ArgumentParser) -> None:
                     help="simulated accelerator: each epoch lasts at least this long (default 3)")
     bc.add_argument("--timeout-s", type=float, default=7200, help="stop the sweep job after this long (default 7200)")
     bc.add_argument("--work", help="folder for data, Ray results, MLflow and logs (default: a new temp folder)")
+    bc.add_argument("--code", help="run the sweep from this checkout of the project (an older version, for a "
+                    "before/after comparison); default: this one")
     bc.add_argument("--json", action="store_true")
     bc.set_defaults(func=_cmd_bench_scale)
     bx = bench_sub.add_parser("metrics", help="metrics vs scikit-learn: seconds and difference")

@@ -164,8 +164,10 @@ class DriverSampler(threading.Thread):
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             with contextlib.suppress(OSError):
                 cmd = cmdline.read_bytes().split(b"\0")
-                # python .../pouta sweep ... --name NAME (not `ray job submit -- pouta sweep ...`)
-                if cmd[1:3] and cmd[1].endswith(b"/pouta") and cmd[2] == b"sweep" and self.name_arg.encode() in cmd:
+                # python .../pouta sweep ... --name NAME, or python -m orchestrator.cli sweep ...
+                # (not `ray job submit -- pouta sweep ...`, nor the shell that runs it)
+                if (b"python" in cmd[0].rsplit(b"/", 1)[-1] and b"sweep" in cmd and self.name_arg.encode() in cmd
+                        and not cmd[1].endswith(b"/ray")):
                     return int(cmdline.parent.name)
         return None
 
@@ -262,7 +264,10 @@ def _folder_bytes(path: Path) -> int:
 
 def bench_scale(categories: int = 15, trials: int = 64, nodes: int = 3, gpus_per_node: int = 2,
                 epochs: int = 3, epoch_floor_s: float = 3.0, work: str | None = None,
-                timeout_s: float = 7200) -> dict[str, Any]:
+                timeout_s: float = 7200, code: str | None = None) -> dict[str, Any]:
+    """See the module docstring. ``code``: the sweep (driver and trials) runs from that checkout
+    of the project instead of this one (``PYTHONPATH`` in the job's runtime env): the figures
+    of an older version, measured the same way, for a before/after comparison."""
     from mlflow.tracking import MlflowClient
 
     root = Path(work or tempfile.mkdtemp(prefix="pouta-bench-scale-")).resolve()
@@ -282,9 +287,11 @@ def bench_scale(categories: int = 15, trials: int = 64, nodes: int = 3, gpus_per
         cluster = start_cluster(procs, nodes, gpus_per_node)
         mlflow_url = start_mlflow(procs)
         hook = f"{simulate_accelerator.__module__}.{simulate_accelerator.__name__}"
-        runtime_env = {"env_vars": {EPOCH_FLOOR_ENV: str(epoch_floor_s)}, "worker_process_setup_hook": hook}
+        env_vars = {EPOCH_FLOOR_ENV: str(epoch_floor_s), **({"PYTHONPATH": str(Path(code).resolve())} if code else {})}
+        runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": hook}
         config = [a for kv in [*TINY, f"epochs={epochs}"] for a in ("--set", kv)]
-        entry = [str(BIN / "pouta"), "sweep", "--space", "mss_lambdas", "--data-root", str(root / "data"),
+        command = [sys.executable, "-m", "orchestrator.cli"] if code else [str(BIN / "pouta")]
+        entry = [*command, "sweep", "--space", "mss_lambdas", "--data-root", str(root / "data"),
                  "--dataset", "mvtec", "--categories", "all", "--num-samples", str(trials), "--scheduler", "none",
                  "--gpus-per-worker", "1", "--max-concurrent", str(slots), "--storage-path", str(root / "ray-results"),
                  "--tracking-uri", mlflow_url, "--experiment", EXPERIMENT, "--name", run_name, "--preset", "tiny",
