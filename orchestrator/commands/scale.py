@@ -343,6 +343,9 @@ def bench_scale(categories: int = 15, trials: int = 64, nodes: int = 3, gpus_per
         "mlflow_artifact_mb_per_trial_mean": round(sum(plain) / max(len(plain), 1) / 2**20, 3),
         "mlflow_artifact_mb_per_trial_max": round(max(plain, default=0) / 2**20, 3),
         "mlflow_artifact_mb_per_registered_max": round(max(chosen, default=0) / 2**20, 3),
+        # MLflow 3 keeps log_model's files apart from the run's, under <experiment>/models/
+        "mlflow_logged_models_mb_per_category": round(_folder_bytes(artifacts / "models") / categories / 2**20, 3),
+        "mlflow_artifact_mb_total": round(_folder_bytes(artifacts) / 2**20, 1),
         "optuna_storage_kb": round(sum(_folder_bytes(p) if p.is_dir() else p.stat().st_size
                                        for p in studies.glob("optuna.*")) / 1024, 1),
         "job_wall_s": round(wall, 1), "wall_s": round(span, 1), "ideal_s": round(ideal, 1),
