@@ -147,8 +147,10 @@ class Plan:
             return   # an experiment older than its definition file: nothing to compare with
         old = dict(recorded["definition"])
         # How steps compute (amp, amp_dtype, channels_last, compile) may change on a resume;
-        # definitions recorded before they were left out still hold them.
-        old["config"] = {k: v for k, v in old.get("config", {}).items() if k not in Config.RUNTIME_KEYS}
+        # definitions recorded before they were left out still hold them. A key added to
+        # Config since the experiment started had its default then: an upgrade is no change.
+        added = json.loads(json.dumps({k: v for k, v in Config().to_dict().items() if k not in old.get("config", {})}))
+        old["config"] = {k: v for k, v in {**added, **old.get("config", {})}.items() if k not in Config.RUNTIME_KEYS}
         if "num_samples" not in definition:
             old.pop("num_samples", None)   # a study's trial count is not its definition (see sweep.py)
         changed = differences(old, json.loads(json.dumps(definition, default=str)))

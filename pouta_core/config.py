@@ -179,6 +179,12 @@ class Config:
     )
     # --- optimisation ------------------------------------------------------------------
     lr: float = field(default=2e-4, metadata=_spec(gt=0.0, le=1.0, help="Adam learning rate"))
+    scale_lr: str = field(
+        default="none",
+        metadata=_spec(choices=("none", "linear"),
+                       help="with several workers (DDP): none keeps lr; linear multiplies it by the number of "
+                       "workers (the global batch grows as much)"),
+    )
     batch_size: int = field(default=8, metadata=_spec(ge=1, le=4096, help="images per step"))
     epochs: int = field(default=600, metadata=_spec(ge=1, le=100_000, help="training epochs"))
     lr_milestones: tuple[int, ...] = field(

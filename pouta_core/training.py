@@ -121,11 +121,12 @@ class TrainState:
                 "metrics": {k: float(v) for k, v in metrics.items()}}
 
 
-def new_state(config: Config, device: torch.device) -> TrainState:
-    """Model, Adam and MultiStepLR (per epoch), and the AMP scaler (on CUDA only), seeded."""
+def new_state(config: Config, device: torch.device, world: int = 1) -> TrainState:
+    """Model, Adam and MultiStepLR (per epoch), and the AMP scaler (on CUDA only), seeded;
+    Adam's learning rate is :func:`worker_lr` for ``world`` workers."""
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=worker_lr(config, world))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones),
                                                      gamma=config.lr_factor)
     if config.channels_last:
@@ -133,6 +134,18 @@ def new_state(config: Config, device: torch.device) -> TrainState:
     # Loss scaling only for float16: bfloat16 has float32's range.
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(config, device) == torch.float16)
     return TrainState(model, optimizer, scheduler, scaler)
+
+
+def worker_lr(config: Config, world: int) -> float:
+    """The learning rate ``world`` workers train with: ``lr``, times ``world`` with
+    ``scale_lr: linear``.
+
+    *Decision* (issue 29): ``none`` by default. Linear scaling (Goyal et al., 2017) is a rule
+    for SGD at large batches; Adam's steps do not grow with the gradient's scale, and POUTA's
+    recipe was set for one worker, so the rule is offered, said at start, and never applied
+    silently. A resumed run keeps the rate its checkpoint holds (Adam's and the scheduler's
+    state), whatever the workers now."""
+    return config.lr * world if config.scale_lr == "linear" and world > 1 else config.lr
 
 
 def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -295,7 +308,8 @@ def _batch_size(config: Config, n: int, world: int) -> int:
     steps = max(1, (n // world) // size)   # per rank, last partial batch dropped
     if world > 1:
         log.info("batch_size %d per worker x %d workers: global batch %d, %d optimiser step(s) per epoch "
-                 "over %d images", size, world, size * world, steps, n)
+                 "over %d images, lr %g (scale_lr %s)", size, world, size * world, steps, n, worker_lr(config, world),
+                 config.scale_lr)
         if steps < FEW_STEPS:
             log.warning("%d worker(s) leave %d optimiser step(s) per epoch over %d images (one worker: %d): the "
                         "schedule (epochs, lr_milestones) was set for more steps; use fewer workers per "
@@ -332,7 +346,7 @@ def fit(
         raise ConfigError(f"need at least 2 training images, got {len(train_images)}")
     if is_main:
         check_scoring_data(config, val_set)
-    state = new_state(config, device)
+    state = new_state(config, device, world=shard[1])
     if resume and (out_dir / ckpt.CHECKPOINT).exists():
         restore(state, out_dir / ckpt.CHECKPOINT, config, device)
         if report is not None and state.metrics:

@@ -264,3 +264,33 @@ def test_studies_on_a_network_filesystem_are_a_journal_and_sqlite_there_is_refus
 
     plots = study_plots(open_study_storage(url), {"tiles": "exp-tiles"}, [("val_pixel_ap", "max")], tmp_path)
     assert "tiles-history.png" in [p.name for p in plots]
+
+
+def test_an_experiment_started_before_a_config_key_existed_resumes_as_the_same_one(tmp_path):
+    """Upgrading POUTA adds config keys (scale_lr, issue 29): the experiment's recorded
+    definition lacks them, and had their defaults. A resume on the new code is the same
+    experiment; a value other than the default is a change, and is refused."""
+    import json
+
+    import pytest
+
+    from orchestrator.plan import DEFINITION_FILE, Plan
+    from orchestrator.spec import DataSpec
+    from pouta_core.config import ConfigError
+
+    def plan(**changes):
+        return Plan(data=DataSpec.of(str(tmp_path), "mvtec"), categories=["tiles"], base=small_config(**changes),
+                    run_name="old", storage_path=str(tmp_path / "ray"), tracking_uri="sqlite:///x.db",
+                    mlflow_experiment="x")
+
+    new = plan()
+    definition = new.definition({"tiles": "f"})
+    new.record_definition(definition, "abc")
+    path = new.experiment_path / DEFINITION_FILE
+    recorded = json.loads(path.read_text())
+    del recorded["definition"]["config"]["scale_lr"]   # written by a version without the key
+    path.write_text(json.dumps(recorded))
+    new.check_new_or_resumed(True, definition)
+    changed = plan(scale_lr="linear")
+    with pytest.raises(ConfigError, match="it differs in config.scale_lr"):
+        changed.check_new_or_resumed(True, changed.definition({"tiles": "f"}))

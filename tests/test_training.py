@@ -196,6 +196,33 @@ def test_workers_say_what_they_do_to_the_recipe(caplog):
     assert caplog.text == ""                              # one worker: the recipe as written
 
 
+def test_scale_lr_linear_multiplies_the_rate_by_the_workers_and_a_resume_keeps_its_own(tmp_path, data, caplog):
+    import logging
+
+    from pouta_core.training import new_state
+
+    cpu = torch.device("cpu")
+    lr_of = lambda state: state.optimizer.param_groups[0]["lr"]   # noqa: E731
+    assert lr_of(new_state(CFG, cpu, world=4)) == CFG.lr                          # none: the default
+    linear = CFG.replace(scale_lr="linear", epochs=2, eval_every=1, checkpoint_every=1, lr_milestones=[])
+    assert lr_of(new_state(linear, cpu, world=4)) == 4 * CFG.lr
+    assert lr_of(new_state(linear, cpu, world=1)) == CFG.lr
+    images, test = data
+
+    def stop(metrics, checkpoint_dir):
+        raise Interrupt
+
+    with caplog.at_level(logging.INFO, logger="pouta_core.training"), pytest.raises(Interrupt):
+        fit(linear, images, tmp_path / "run", val_set=test, progress=False, shard=(0, 2), report=stop)
+    assert f"lr {2 * CFG.lr:g} (scale_lr linear)" in caplog.text
+    saved = ckpt.load_state(tmp_path / "run")
+    assert saved["epoch"] == 1 and saved["optimizer"]["param_groups"][0]["lr"] == 2 * CFG.lr
+    # Resumed by one worker: the rate is the checkpoint's (Adam's and the schedule's state).
+    fit(linear, images, tmp_path / "run", val_set=test, progress=False)
+    saved = ckpt.load_state(tmp_path / "run")
+    assert saved["epoch"] == 2 and saved["optimizer"]["param_groups"][0]["lr"] == 2 * CFG.lr
+
+
 def test_channels_last_trains_in_that_format(tmp_path, data):
     from pouta_core.training import new_state, train_step, training_net
 
