@@ -203,6 +203,7 @@ def test_a_trial_stopped_between_checkpoints_is_shown_by_the_epoch_its_checkpoin
     (row,) = trial_rows(results, ["val_pixel_ap", "val_image_auroc"])
     history = results[0].metrics_dataframe.set_index("epoch")
     assert row["epoch"] == 2 and row["val_pixel_ap"] == history.loc[2, "val_pixel_ap"]
+    assert type(row["epoch"]) is int and type(row["val_pixel_ap"]) is float   # not numpy's: rows become YAML
     assert json.loads((Path(row["checkpoint"]) / "metrics.json").read_text())["val_pixel_ap"] == row["val_pixel_ap"]
     # Epochs 1 and 3 were evaluated and reported, without a checkpoint.
     assert sorted(p.name for p in Path(results[0].path).glob("checkpoint_*")) == ["checkpoint_000000"]
