@@ -303,3 +303,26 @@ def test_photo_benchmark_without_scikit_image_says_what_to_install(tmp_path, mon
     with pytest.raises(DataError, match="pip install scikit-image"):
         generate(tmp_path / "a", categories=1, difficulty="photo")
     assert not any((tmp_path / "a").iterdir())   # nothing half-written
+
+
+def test_a_phone_picture_is_read_as_displayed_and_its_mask_checked_against_that(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 (turn 90 degrees clockwise), as phones
+    save portrait pictures: read upright, its size as displayed; a mask drawn on the displayed
+    picture fits, one of the stored size is refused (issue 29)."""
+    from pouta_core.data.images import header, load_mask, read_rgb
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)   # 40 wide, 20 high: dark left, bright right
+    stored[:, 20:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "portrait.jpg"
+    Image.fromarray(stored).save(photo, quality=100, exif=exif.tobytes())
+    rgb = read_rgb(photo)
+    assert rgb.shape == (40, 20, 3) and header(photo)[0] == (20, 40)
+    assert rgb[:16].mean() < 30 and rgb[24:].mean() > 225          # the left side is now the top
+    upright_mask, sideways_mask = tmp_path / "upright.png", tmp_path / "sideways.png"
+    Image.new("L", (20, 40), 255).save(upright_mask)
+    Image.new("L", (40, 20), 255).save(sideways_mask)
+    assert load_mask(upright_mask, 16, photo).sum() == 16 * 16
+    with pytest.raises(DataError, match=rf"{sideways_mask}: mask is 40x20 but its image {photo} is 20x40"):
+        load_mask(sideways_mask, 16, photo)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pouta_core.data.errors import DataError
 from pouta_core.files import atomic_write
@@ -40,7 +40,10 @@ def list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
-DECODE_VERSION = 2   # in the cache key: bump when a file decodes to other pixels than before
+DECODE_VERSION = 3   # in the cache key: bump when a file decodes to other pixels than before
+# EXIF orientations that swap width and height (transpose, 90 degrees, transverse, 270 degrees).
+EXIF_ORIENTATION = 0x0112
+SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 
 
 def set_max_image_pixels(limit: int | None) -> None:
@@ -85,10 +88,29 @@ def image_size_of(path: Path) -> tuple[int, int]:
 
 
 def header(path: Path) -> tuple[tuple[int, int], str]:
-    """((width, height), Pillow mode) from the file's header, without decoding the pixels."""
+    """((width, height) as displayed, Pillow mode) from the file's header, without decoding
+    the pixels: an EXIF orientation that turns the picture by 90 degrees swaps the two."""
     with _open(Path(path), load=False) as img:
         mode = "RGBA" if img.mode == "P" and "transparency" in img.info else img.mode
-        return img.size, mode
+        (w, h) = img.size
+        return ((h, w) if _orientation(img) in SWAPPING_ORIENTATIONS else (w, h)), mode
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except (OSError, ValueError, TypeError, SyntaxError):   # a broken EXIF block: taken as it is stored
+        return 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The picture as a viewer shows it: its EXIF orientation applied (phones and many
+    cameras store the sensor's pixels and say how to turn them).
+
+    *Decision* (issue 29): applied to images and masks alike, before anything else, so a
+    phone picture in the ``folder`` layout and the mask drawn on it in any viewer line up;
+    the mask's size is checked against the image's size as displayed."""
+    return ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
 
 
 def to_rgb8(img: Image.Image, path: Path) -> np.ndarray:
@@ -123,7 +145,7 @@ def read_rgb(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3) at the file's own resolution, decoded by :func:`to_rgb8`."""
     path = Path(path)
     with _open(path) as img:
-        return to_rgb8(img, path)
+        return to_rgb8(upright(img), path)
 
 
 def model_input(rgb: np.ndarray, size: int) -> torch.Tensor:
@@ -159,7 +181,7 @@ def load_mask(path: Path, size: int, image_path: Path | None = None) -> torch.Te
     """Binary uint8 (1, size, size): any nonzero pixel is anomalous. When ``image_path`` is
     given, the mask must have that image's size."""
     path = Path(path)
-    img = _open(path)
+    img = upright(_open(path))
     if image_path is not None and img.size != image_size_of(image_path):
         raise DataError(
             f"{path}: mask is {img.size[0]}x{img.size[1]} but its image {image_path} is "
