@@ -19,7 +19,8 @@ the experiment folder) and from sampling the driver process once a second:
   after (registration, report); artifact bytes (its artifact store) per trial, and the
   registered versions' bytes;
 - the Optuna storage's size;
-- wall time, from the first trial's start to the last one's end (MLflow's run times), against
+- wall time, from the first trial's start to the last one's end (Tune's ``result.json``:
+  :func:`trial_times`), against
   the ideal schedule: every slot busy with floor-length epochs, ``ceil(trials / slots) x
   epochs x floor``. *Decision*: the job's own start (the driver's imports, the cluster check,
   the studies) and end (registering a model per category, the report) are a fixed cost,
@@ -40,7 +41,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,16 +50,11 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.commands.bench import EPOCH_FLOOR_ENV, TINY, simulate_accelerator
+from orchestrator.execution.cluster import free_port
 
 BIN = Path(sys.executable).parent
 EXPERIMENT = "scale"
 REQUEST = re.compile(r'"(GET|POST|PUT|PATCH|DELETE) /')
-
-
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Processes:
@@ -69,9 +64,9 @@ class Processes:
         self.root, self.env, self.started = root, env, []
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = (self.root / f"{name}.log").open("w")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**self.env, **(env or {})}, cwd=self.root)
+        with (self.root / f"{name}.log").open("w") as log:   # the child keeps its own descriptor
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**self.env, **(env or {})}, cwd=self.root)
         self.started.append(proc)
         return proc
 
@@ -112,11 +107,11 @@ def _answers(url: str) -> bool:
 def start_cluster(procs: Processes, nodes: int, gpus_per_node: int) -> dict[str, str]:
     """A head (no GPUs: it runs the job's driver) and ``nodes`` worker nodes of ``gpus_per_node``
     GPUs and as many CPUs, all on 127.0.0.1 -> the GCS address and the dashboard URL."""
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     head = procs.start("ray-head", [
         str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port",
-        str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()), "--num-cpus", "1", "--num-gpus", "0",
+        str(free_port()), "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "1", "--num-gpus", "0",
         "--temp-dir", procs.env["POUTA_SCALE_RAY_TMP"], "--disable-usage-stats"])
     procs.wait_for("ray-head", head, lambda: _answers(f"http://127.0.0.1:{dash}/api/version"))
     for i in range(nodes):
@@ -129,7 +124,7 @@ def start_cluster(procs: Processes, nodes: int, gpus_per_node: int) -> dict[str,
 
 
 def start_mlflow(procs: Processes) -> str:
-    port = _free_port()
+    port = free_port()
     server = procs.start("mlflow-server", [
         str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{procs.root / 'mlflow.db'}",
@@ -322,10 +317,10 @@ def bench_scale(categories: int = 15, trials: int = 64, nodes: int = 3, gpus_per
     chosen = [_folder_bytes(artifacts / r.info.run_id) for r in runs if r.info.run_id in registered]
     finished = [r for r in runs if r.info.status == "FINISHED"]
     errored = [r for r in runs if r.info.status != "FINISHED"]
-    starts, ends = trial_times(root / "ray-results" / run_name)
+    experiment = root / "ray-results" / run_name
+    starts, ends = trial_times(experiment)
     first, last = driver_cpu_per_trial(sampler.samples, ends)
     during, after = mlflow_requests(root / "mlflow-server.log", max(ends, default=0))
-    studies = root / "ray-results" / run_name
     ideal = math.ceil(categories * trials / slots) * epochs * epoch_floor_s
     span = max(ends, default=0) - min(starts, default=0)
     rss_at = lambda t: max((m for when, _, m in sampler.samples if when <= t), default=0) / 2**20  # noqa: E731
@@ -347,7 +342,7 @@ def bench_scale(categories: int = 15, trials: int = 64, nodes: int = 3, gpus_per
         "mlflow_logged_models_mb_per_category": round(_folder_bytes(artifacts / "models") / categories / 2**20, 3),
         "mlflow_artifact_mb_total": round(_folder_bytes(artifacts) / 2**20, 1),
         "optuna_storage_kb": round(sum(_folder_bytes(p) if p.is_dir() else p.stat().st_size
-                                       for p in studies.glob("optuna.*")) / 1024, 1),
+                                       for p in experiment.glob("optuna.*")) / 1024, 1),
         "job_wall_s": round(wall, 1), "wall_s": round(span, 1), "ideal_s": round(ideal, 1),
         "wall_to_ideal": round(span / ideal, 3),
     }

@@ -36,7 +36,8 @@ _saved_env: dict[str, str | None] | None = None
 _started_here = False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -92,7 +93,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if address is None:
         # Our own head on a port we chose, so its address is known before any Ray process
         # starts: the raylet and every worker inherit RAY_ADDRESS from this environment.
-        port = _free_port()
+        port = free_port()
         gcs = f"127.0.0.1:{port}"
         _set_env({_GCS_PORT_ENV: str(port), ADDRESS_ENV: gcs})
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,

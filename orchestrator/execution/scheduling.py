@@ -231,6 +231,11 @@ NETWORK_FS = ("nfs", "cifs", "smb", "lustre", "gpfs", "ceph", "glusterfs", "9p",
 LOCAL_FUSE = ("fuse.fuse-overlayfs", "fuse.lxcfs")
 
 
+def journal_url(path: str | Path) -> str:
+    """``journal:///abs/path`` for an Optuna journal file (read back by :func:`open_study_storage`)."""
+    return f"{JOURNAL}{Path(path).resolve().as_posix().lstrip('/')}"
+
+
 def shared_filesystem(path: str | Path, mounts: str = MOUNTS) -> str | None:
     """The type of the network filesystem ``path`` is on (``nfs4``), or None when it is a
     local one (or the mount table cannot be read)."""
@@ -265,9 +270,9 @@ def check_study_storage(url: str, mounts: str = MOUNTS) -> str:
     file = url.partition(":///")[2].partition("?")[0]
     kind = shared_filesystem(Path(file).parent, mounts) if scheme == "sqlite" and file else None
     if kind:
-        journal = Path(file).resolve().with_suffix(".journal").as_posix().lstrip("/")
         raise ConfigError(f"--study-storage {url}: {file} is on a network filesystem ({kind}), where SQLite's "
-                          f"locks do not hold; use {JOURNAL}{journal} or a postgresql:// URL")
+                          f"locks do not hold; use {journal_url(Path(file).with_suffix('.journal'))} or a "
+                          "postgresql:// URL")
     return url
 
 
@@ -310,7 +315,7 @@ def default_study_storage(storage_path: str, run_name: str, mounts: str = MOUNTS
     if kind or (folder / "optuna.journal").is_file():
         if kind:
             log.info("experiment %s: %s is on %s; its Optuna studies are a journal file there", run_name, folder, kind)
-        return f"{JOURNAL}{(folder / 'optuna.journal').as_posix().lstrip('/')}"
+        return journal_url(folder / "optuna.journal")
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
