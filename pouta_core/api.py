@@ -22,7 +22,7 @@ from pouta_core.data import EvalDataset, ImageCache, decode, read_split
 from pouta_core.data.errors import DataError
 from pouta_core.data.images import list_images, model_input, read_rgb, warn_about
 from pouta_core.data.validation import SelectionSplit, split_for_selection, synthetic_validation
-from pouta_core.inference import ExportWrapper, predict
+from pouta_core.inference import ExportWrapper, predict, resize_map
 from pouta_core.metrics import compute, f1_max
 from pouta_core.synthesis import TextureFolder
 from pouta_core.training import ReportFn, evaluate_splits, fit, resolve_device, score_set, write_run
@@ -220,10 +220,7 @@ def _inputs(paths: list[str | Path]) -> list[tuple[Path, Path]]:
 
 def _full_size_overlay(rgb: np.ndarray, amap: np.ndarray) -> np.ndarray:
     """The heat map over the image at the file's own resolution (the map upsampled, bilinear)."""
-    h, w = rgb.shape[:2]
-    big = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None],
-                                          size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-    return overlay(rgb, big)
+    return overlay(rgb, resize_map(amap, rgb.shape[:2]))
 
 
 def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Path, *,

@@ -38,21 +38,9 @@ class ExportWrapper(nn.Module):
         return out.anomaly_map, out.score
 
 
-class MapModel(nn.Module):
-    """A single-output module for serving (MLflow pyfunc): image (B, 3, H, W) in [0, 1] ->
-    anomaly map (B, 1, H, W)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model.eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).anomaly_map
-
-
-class ScoreModel(MapModel):
-    """The same for the image score: image (B, 3, H, W) in [0, 1] -> score (B,), computed as
-    the checkpoint's scoring keys say, with its stored normalisation."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).score
+def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """An anomaly map (h, w) resized to ``shape`` (bilinear), float32."""
+    if tuple(amap.shape) == tuple(shape):
+        return np.asarray(amap, dtype=np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
+    return torch.nn.functional.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()

@@ -2,15 +2,16 @@
 sqlite MLflow, on tiny demo data, while a decoy `ray start --head` (another user's cluster)
 runs on the same machine."""
 
+import base64
 import json
 import shutil
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import ray
-import torch
 import yaml
 from conftest import small_args
 from mlflow.tracking import MlflowClient
@@ -19,6 +20,8 @@ from servers import ray_head
 
 from orchestrator import cli, tracking
 from orchestrator.execution import cluster
+from orchestrator.tracking.models import download_checkpoint
+from pouta_core.checkpoint import load_state
 from pouta_core.data import read_split
 from pouta_core.data.demo import generate
 from pouta_core.data.validation import split_for_selection
@@ -106,21 +109,15 @@ def test_weights_are_used_by_name_from_the_registry_a_run_or_a_ray_trial(env, tm
                          "--tracking-uri", env["uri"], "--json"]) == 0
         assert [r["score"] for r in json.loads(capsys.readouterr().out)["scored"]] == \
             pytest.approx([r["score"] for r in scored], abs=1e-6), ref
-    # Served through MLflow's pyfunc (batches of any size), the registered model gives the
-    # checkpoint's anomaly maps, and score_model beside it its image scores.
-    from orchestrator.tracking.models import resolved
-    from pouta_core.checkpoint import load_model
-
-    with resolved(f"runs:/{version.run_id}", env["uri"]) as checkpoint:
-        model, config, _ = load_model(checkpoint)
-    x = torch.rand(3, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = model(x)
+    # Served through MLflow's pyfunc, the registered version takes encoded images and answers
+    # as predict does (tests/test_serving.py serves it over HTTP).
     mlflow.set_tracking_uri(env["uri"])
-    maps = mlflow.pyfunc.load_model("models:/pouta-mvtec-tiles/1").predict(x.numpy())
-    scores = mlflow.pyfunc.load_model(f"runs:/{version.run_id}/score_model").predict(x.numpy())
-    assert maps == pytest.approx(expected.anomaly_map.numpy(), abs=1e-5)
-    assert scores == pytest.approx(expected.score.numpy(), abs=1e-5)
+    files = sorted(images.glob("*.png"))
+    encoded = [base64.b64encode(f.read_bytes()).decode() for f in files]
+    answers = mlflow.pyfunc.load_model("models:/pouta-mvtec-tiles/1").predict(pd.DataFrame({"image": encoded}))
+    by_file = {Path(r["image"]).name: r for r in scored}
+    assert [a["score"] for a in answers] == pytest.approx([by_file[f.name]["score"] for f in files], abs=1e-5)
+    assert [a["anomalous"] for a in answers] == [by_file[f.name]["anomalous"] for f in files]
     # "Not found" names the store searched; a missing store is not created.
     assert cli.main(["predict", "--model", "models:/pouta-mvtec-tiles@nope", str(images), "--out",
                      str(tmp_path / "c"), "--tracking-uri", env["uri"]]) == 2
@@ -168,8 +165,7 @@ def test_a_sweep_chooses_on_validation_whatever_the_test_images(env, tmp_path, c
             assert "val_files.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
         best = max(trials, key=lambda c: c.data.metrics["val_pixel_ap"])
         assert client.get_model_version_by_alias("pouta-mvtec-tiles", "challenger").run_id == best.info.run_id
-        path = client.download_artifacts(best.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path / name))
-        state = torch.load(path, weights_only=True)
+        state = load_state(download_checkpoint(f"runs:/{best.info.run_id}", env["uri"], tmp_path / name))
         chosen[name] = (best_out.read_text(), state["threshold"], best.data.metrics["val_pixel_ap"],
                         best.data.metrics["test_pixel_ap"])
     a, b = chosen["leak-a"], chosen["leak-b"]
@@ -280,18 +276,18 @@ def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_pa
     assert parent.data.params["num_samples"] == "2" and parent.data.tags["num_samples"] == "3"   # started 2, now 3
     logged = {f.path for f in env["client"].list_artifacts(parent.info.run_id, "report")}
     assert {"report/trials.md", "report/tiles-history.png"} <= logged
-    # Weights by need (issue 28): only the registered version's run has them, without the
-    # optimizer state; every other trial's run names its checkpoint in Ray's storage.
+    # Weights by need (issue 28): only the registered version has them, in its model (issue 32),
+    # without the optimizer state; every other trial's run names its checkpoint in Ray's storage.
     version = env["client"].get_model_version_by_alias("pouta-mvtec-pills", "challenger")
     registered = {env["client"].get_model_version_by_alias(f"pouta-mvtec-{c}", "challenger").run_id
                   for c in ("tiles", "pills")}
     for run in trials:
         logged = {a.path for a in env["client"].list_artifacts(run.info.run_id)}
-        assert ("checkpoint" in logged) == (run.info.run_id in registered)
+        assert "checkpoint" not in logged
         assert {"config.yaml", "metrics.json", "val_files.json"} <= logged
         assert Path(env["client"].get_run(run.info.run_id).data.tags["pouta.checkpoint"], "checkpoint.pt").is_file()
-    weights = env["client"].download_artifacts(version.run_id, "checkpoint/checkpoint.pt", str(tmp_path / "w"))
-    assert not {"optimizer", "scheduler", "scaler"} & set(torch.load(weights, weights_only=True))
+    weights = download_checkpoint(f"models:/{version.name}/{version.version}", env["uri"], tmp_path / "w")
+    assert not {"optimizer", "scheduler", "scaler"} & set(load_state(weights))
     other = next(r for r in trials if r.info.run_id not in registered)
     assert cli.main(["predict", "--model", f"runs:/{other.info.run_id}", str(env["data"] / "tiles" / "test"),
                      "--out", str(tmp_path / "p"), "--tracking-uri", env["uri"]]) == 2
@@ -400,7 +396,7 @@ def test_a_category_without_defect_images_validates_on_synthetic_anomalies(env, 
     assert child.data.metrics["val_pixel_ap"] >= 0 and not any(k.startswith("test_") for k in child.data.metrics)
 
 
-def test_a_trial_with_two_workers_trains_with_ddp_on_ray_train(env, capsys):
+def test_a_trial_with_two_workers_trains_with_ddp_on_ray_train(env, capsys, tmp_path):
     # One-worker trials train in Tune's trial process; several workers make a Ray Train run.
     # Staged training's first epoch leaves the discriminator without gradients: DDP must allow it.
     # No restart allowed: one from the last checkpoint (a fresh DDP) would hide such an error;
@@ -411,7 +407,7 @@ def test_a_trial_with_two_workers_trains_with_ddp_on_ray_train(env, capsys):
                 if r.data.tags[tracking.TAG_KEY].startswith("launch:launch-ddp/")]
     assert child.info.status == "FINISHED" and "val_pixel_ap" in child.data.metrics
     assert [m.step for m in env["client"].get_metric_history(child.info.run_id, "val_pixel_ap")] == [1, 2]
-    assert "checkpoint" in {a.path for a in env["client"].list_artifacts(child.info.run_id)}
+    assert "model" in load_state(download_checkpoint(f"runs:/{child.info.run_id}", env["uri"], tmp_path))  # registered
     assert list((env["root"] / "ray").glob("launch-ddp-tiles-*/checkpoint_*"))   # Ray Train's run folder
     assert not list((env["root"] / "ray").glob("launch-ddp/*/error.txt"))
 
@@ -452,8 +448,8 @@ def test_a_trial_waiting_its_turn_while_another_trains_is_not_a_stall(env, capsy
     # timeout is above a trial's start-up here, when no trial is RUNNING yet.)
     # pills (the grid's first trial) trains long; tiles, which waits for it, briefly.
     code = cli.main(["launch", "--categories", "all", "--cpus-per-worker", "2", "--pending-timeout", "12",
-                     *common(env, "launch-turns"), "--category-set", "pills:epochs=200",
-                     "--category-set", "pills:eval_every=200"])
+                     *common(env, "launch-turns"), "--category-set", "pills:epochs=500",
+                     "--category-set", "pills:eval_every=500"])
     out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
     assert "pouta-mvtec-pills" in out and "pouta-mvtec-tiles" in out

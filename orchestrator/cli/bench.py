@@ -1,4 +1,4 @@
-"""``pouta bench``: model, train, synthesis, metrics and orchestration figures."""
+"""``pouta bench``: model, train, synthesis, metrics, orchestration, scale and serving figures."""
 
 from __future__ import annotations
 
@@ -147,6 +147,28 @@ def _cmd_bench_orchestration(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from orchestrator.commands.serve_bench import bench_serve
+
+    if args.images < 16 or args.rounds < 1:
+        raise ConfigError("--images must be >= 16 and --rounds >= 1")
+    r = bench_serve(model=args.model, tracking_uri=args.tracking_uri, images=args.images,
+                    image_size=args.image_size, rounds=args.rounds, progress=not args.json)
+    if args.json:
+        print_json(r)
+        return 0
+    rates, kb = r["images_per_s"], r["response_kb_per_image"]
+    print(f"{r['images']} images of {r['image_size']} px, {r['model']}, median of {r['rounds']} rounds (images/s):")
+    for key, value in rates.items():
+        print(f"  {key:26} {value:8.1f}")
+    print(f"HTTP / in-process: batch 1 x{r['http_to_in_process'][1]}, batch 16 x{r['http_to_in_process'][16]}; "
+          f"HTTP overhead per request: batch 1 {r['http_overhead_ms_per_request'][1]} ms, "
+          f"batch 16 {r['http_overhead_ms_per_request'][16]} ms; response per image "
+          f"{kb['no_map']} kB without map, {kb['map_at_input_size']} kB "
+          "with the map at the input's size")
+    return 0
+
+
 def add_bench_commands(bench: argparse.ArgumentParser) -> None:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     bm = bench_sub.add_parser("model", help="POUTA vs vanilla: parameters, GFLOPs, latency")
@@ -210,6 +232,16 @@ def add_bench_commands(bench: argparse.ArgumentParser) -> None:
                     "before/after comparison); default: this one")
     bc.add_argument("--json", action="store_true")
     bc.set_defaults(func=_cmd_bench_scale)
+    bv = bench_sub.add_parser("serve", help="images/s through pouta serve's HTTP path vs the same scoring "
+                              "in-process and pouta predict, side by side")
+    bv.add_argument("--model", help="the model to serve (as pouta serve --model; default: a tiny one trained here)")
+    bv.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/")
+    bv.add_argument("--images", type=int, default=64, help="images scored per path and round (default 64)")
+    bv.add_argument("--image-size", type=int, default=256, help="side of the generated images (default 256)")
+    bv.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported (default 3)")
+    bv.add_argument("--json", action="store_true")
+    bv.set_defaults(func=_cmd_bench_serve)
+
     bx = bench_sub.add_parser("metrics", help="metrics vs scikit-learn: seconds and difference")
     bx.add_argument("--pixels", type=int, default=10_000_000)
     bx.add_argument("--json", action="store_true")

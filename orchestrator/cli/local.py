@@ -1,5 +1,5 @@
 """One machine, no Ray, no MLflow (except ``--model`` names): ``train``, ``evaluate``,
-``rescore``, ``predict``, ``export`` and ``demo-data``."""
+``rescore``, ``predict``, ``export``, ``serve`` and ``demo-data``."""
 
 from __future__ import annotations
 
@@ -110,6 +110,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from orchestrator.commands.serve import serve
+
+    return serve(args.checkpoint, tracking_uri=args.tracking_uri, host=args.host, port=args.port,
+                 workers=args.workers, timeout=args.timeout, start_timeout=args.start_timeout)
+
+
 def add_local_commands(sub) -> None:
     """One machine, no Ray, no MLflow (except --model names): train ... demo-data."""
     p = sub.add_parser("train", help="train one category on this machine")
@@ -159,6 +166,19 @@ def add_local_commands(sub) -> None:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP with MLflow's scoring server: images in, "
+                       "score, decision and anomaly map out")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every interface, "
+                   "behind an authenticating proxy)")
+    p.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes, each with its own model copy")
+    p.add_argument("--timeout", type=int, default=60, help="seconds one request may take (default 60)")
+    p.add_argument("--start-timeout", type=float, default=180,
+                   help="seconds to wait for the server to answer before giving up (default 180)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo-data", help="generate an offline demo data set (MVTec AD layout)")
     p.add_argument("--out", required=True)

@@ -138,13 +138,14 @@ def _latest_version(client, dataset: str, category: str) -> int:
     return max((int(v.version) for v in versions), default=0)
 
 
-def champion_checkpoint(client, dataset: str, category: str, dest: Path) -> tuple[str, Path] | None:
-    """Download the champion's checkpoint.pt -> (version, local path), or None."""
+def champion_checkpoint(client, store: str, dataset: str, category: str, dest: Path) -> tuple[str, Path] | None:
+    """Download the champion's checkpoint from ``store`` -> (version, local path), or None."""
     version = champion_version(client, dataset, category)
     if version is None:
         return None
-    local = client.download_artifacts(version.run_id, "checkpoint/checkpoint.pt", str(dest))
-    return version.version, Path(local)
+    from orchestrator.tracking.models import download_checkpoint
+
+    return version.version, download_checkpoint(f"models:/{version.name}/{version.version}", store, dest)
 
 
 def run_retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
@@ -217,7 +218,8 @@ def _decide(plan: Plan, client, category: str, result: dict[str, Any], gate: Gat
     split_like = plan.base.replace(**values)
     challenger, labels = validation_evidence(Path(result["checkpoint"]), split_like=split_like, **kwargs)
     with tempfile.TemporaryDirectory() as tmp:
-        champ = champion_checkpoint(client, plan.data.dataset, category, Path(tmp))
+        champ = champion_checkpoint(client, tracking.resolve_tracking_uri(plan.tracking_uri), plan.data.dataset,
+                                    category, Path(tmp))
         champion = validation_evidence(champ[1], split_like=split_like, **kwargs)[0] if champ else None
     run_id = client.get_model_version(name, version).run_id
     key = f"val_{gate.metric}"

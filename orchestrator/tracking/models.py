@@ -55,17 +55,24 @@ def local_checkpoint(path: Path) -> Path:
     raise ConfigError(f"{path}: no {CHECKPOINT} here, nor in a checkpoint_* folder of a Ray trial")
 
 
-def _run_and_path(ref: str, store: str) -> tuple[str, str]:
-    """-> (run id, artifact path of the checkpoint folder) for a ``models:/`` or ``runs:/`` URI."""
+def _sources(ref: str, store: str) -> tuple[str, list[str]]:
+    """-> (the run id, the artifact URIs that may hold its checkpoint, in the order tried) for
+    a ``models:/`` or ``runs:/`` URI. A registered version carries ``checkpoint.pt`` in its
+    pyfunc's artifacts (:mod:`.serving`); versions registered before issue 32 in their run's
+    ``checkpoint`` folder."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.tracking.serving import ARTIFACT
+
     client = MlflowClient(store)
+    in_model = f"artifacts/{CHECKPOINT}"
     try:
         if ref.startswith("runs:/"):
             run_id, _, path = ref.removeprefix("runs:/").partition("/")
             client.get_run(run_id)
-            return run_id, path or "checkpoint"
+            paths = [path] if path else ["checkpoint", f"{ARTIFACT}/{in_model}"]
+            return run_id, [f"runs:/{run_id}/{p}" for p in paths]
         rest = ref.removeprefix("models:/")
         if "@" in rest:
             name, alias = rest.split("@", 1)
@@ -79,7 +86,26 @@ def _run_and_path(ref: str, store: str) -> tuple[str, str]:
         raise ConfigError(f"{ref}: not found in {store} ({str(exc).splitlines()[0]})") from None
     if not version.run_id:
         raise ConfigError(f"{ref}: version {version.version} has no source run in {store}")
-    return version.run_id, "checkpoint"
+    return version.run_id, [f"models:/{version.name}/{version.version}/{in_model}",
+                            f"runs:/{version.run_id}/checkpoint"]
+
+
+def download_checkpoint(ref: str, store: str, dest: str | Path) -> Path:
+    """Download the checkpoint a ``models:/`` or ``runs:/`` URI names into ``dest`` -> its local path."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run_id, sources = _sources(ref, store)
+    failure = ""
+    for uri in sources:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=store,
+                                                        registry_uri=store)
+            return local_checkpoint(Path(local))
+        except (MlflowException, OSError, ConfigError) as exc:
+            failure = failure or str(exc).splitlines()[0]
+    raise ConfigError(f"{ref}: run {run_id} in {store} holds no checkpoint ({failure})"
+                      f"{_weights_hint(run_id, store)}") from None
 
 
 @contextlib.contextmanager
@@ -88,20 +114,10 @@ def resolved(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
     if not ref.startswith(URI_SCHEMES):
         yield local_checkpoint(Path(ref))
         return
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     store = existing_store(tracking_uri)
-    run_id, path = _run_and_path(ref, store)
     tmp = tempfile.mkdtemp(prefix="pouta-model-")
     try:
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
-                                                        tracking_uri=store)
-        except (MlflowException, OSError) as exc:
-            raise ConfigError(f"{ref}: run {run_id} in {store} has no '{path}' artifact "
-                              f"({str(exc).splitlines()[0]}){_weights_hint(run_id, store)}") from None
-        yield local_checkpoint(Path(local))
+        yield download_checkpoint(ref, store, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

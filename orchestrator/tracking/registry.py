@@ -1,19 +1,25 @@
-"""The registry: the chosen trial's weights logged with ``mlflow.pytorch.log_model``, registered
+"""The registry: the chosen trial's weights logged as an image-serving MLflow pyfunc, registered
 as ``pouta-<dataset>-<category>`` with the alias ``challenger``, and a model version page that
 says what it is and why it was chosen."""
 
 from __future__ import annotations
 
+import base64
+import io
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
 from orchestrator.plan import SUMMARY_METRICS, Plan
 from orchestrator.spec import SAMPLED, decode_sampled, short
 from orchestrator.tracking.callback import MlflowTrialCallback
+from orchestrator.tracking.serving import ARTIFACT, CHECKPOINT_KEY, INPUT_COLUMN, MODEL_CODE, SIGNATURE
 
 
 def registered_name(dataset: str, category: str) -> str:
@@ -46,13 +52,41 @@ def register_choices(plan: Plan, cb: MlflowTrialCallback, chosen: dict[str, dict
     return summary
 
 
+def example_image(size: int = 8) -> str:
+    """A small grey PNG, base64: the logged input example (MLflow's UI shows it as a request)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 128, 128)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def input_example() -> pd.DataFrame:
+    return pd.DataFrame({INPUT_COLUMN: [example_image()]})
+
+
 def model_requirements() -> list[str]:
-    """What loading a logged POUTA model needs: torch, numpy, cloudpickle (MLflow pickles the
-    module with it) at this process's versions; the ``pouta`` package itself must be
-    installed where the model is loaded (it is not on PyPI)."""
+    """What loading the model needs besides MLflow: torch, numpy, pillow, pandas at this
+    process's versions; the ``pouta`` package itself must be installed where the model is
+    served (it is not on PyPI), which ``mlflow models serve --env-manager local`` and
+    ``pouta serve`` do."""
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "numpy", "cloudpickle")]
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "numpy", "pillow", "pandas")]
+
+
+def log_image_model(state: dict[str, Any], registered_model_name: str | None = None):
+    """Log the pyfunc over ``state`` (a checkpoint's state; its optimizer state is dropped)
+    into the active run as
+    :data:`~orchestrator.tracking.serving.ARTIFACT` -> MLflow's ``ModelInfo``."""
+    from pouta_core import checkpoint as ckpt
+
+    with tempfile.TemporaryDirectory(prefix="pouta-model-") as tmp:
+        path = ckpt.save_checkpoint(Path(tmp), ckpt.inference_state(state))
+        return mlflow.pyfunc.log_model(
+            name=ARTIFACT, python_model=MODEL_CODE, artifacts={CHECKPOINT_KEY: str(path)},
+            signature=SIGNATURE, input_example=input_example(),
+            pip_requirements=model_requirements(), registered_model_name=registered_model_name)
 
 
 def describe_version(client, name: str, version: str, *, category: str, fingerprint: str,
@@ -78,36 +112,20 @@ def describe_version(client, name: str, version: str, *, category: str, fingerpr
     description = (f"POUTA model for **{category}**, chosen by {source} on the **{selection}** split "
                    f"(parent run `{parent_run_id}`).\n\n| metric | validation (chosen on) | test (reported) |\n"
                    f"|---|---|---|\n{rows}\n\nSearched values: {values}.\n\n"
-                   f"Training data fingerprint: `{fingerprint[:16]}`.\n\nThis model returns anomaly maps; "
-                   f"`score_model` in the same run returns the image scores.")
+                   f"Training data fingerprint: `{fingerprint[:16]}`.\n\nServe it with `pouta serve --model "
+                   f"models:/{name}/{version}`: base64 images in (column `image`), per image `score`, `anomalous`, "
+                   f"`threshold` and `map` out (params `threshold`, `map_size`). `pouta predict --model "
+                   f"models:/{name}/{version}` scores files; `pouta export` gives the raw tensor model.")
     client.update_model_version(name, version, description=description)
-
-
-def log_weights(client, run_id: str, state: dict[str, Any]) -> None:
-    """The registered version's weights as the run's ``checkpoint/checkpoint.pt`` (what
-    ``--model models:/...`` loads): the model, its config, threshold and metrics, not the
-    optimizer state only a resume needs (:func:`pouta_core.checkpoint.inference_state`)."""
-    import tempfile
-
-    from pouta_core import checkpoint as ckpt
-
-    with tempfile.TemporaryDirectory(prefix="pouta-weights-") as tmp:
-        ckpt.save_checkpoint(Path(tmp), ckpt.inference_state(state))
-        client.log_artifact(run_id, str(Path(tmp) / ckpt.CHECKPOINT), artifact_path="checkpoint")
 
 
 def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: str, checkpoint: str,
                   searched: dict[str, Any] | None = None, kind: str = "launch") -> tuple[str, str]:
-    """Log the checkpoint's model into its trial's MLflow run with ``mlflow.pytorch.log_model``
-    (``model``: anomaly maps; ``score_model``: image scores), register ``model`` as
-    ``pouta-<dataset>-<category>`` and point ``challenger`` at the new version."""
-    import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
-
+    """Log the checkpoint as an image-serving pyfunc into its trial's MLflow run
+    (:func:`log_image_model`: weights and threshold, no
+    optimizer state), register it as ``pouta-<dataset>-<category>`` and point ``challenger``
+    at the new version."""
     from pouta_core.checkpoint import load_model, require_calibrated
-    from pouta_core.inference import MapModel, ScoreModel
 
     run_id = cb.run_id_for(category, trial_id)
     client = cb.client
@@ -116,22 +134,10 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
         return registered_name(plan.data.dataset, category), done
     model, config, state = load_model(checkpoint, "cpu")
     require_calibrated(model, checkpoint)
-    # Two images: MLflow's torch.export fixes a batch dimension of size 1 in the example.
-    example = np.random.default_rng(0).random((2, 3, config.image_size, config.image_size), dtype=np.float32)
     name = registered_name(plan.data.dataset, category)
     mlflow.set_tracking_uri(tracking.resolve_tracking_uri(plan.tracking_uri))
     with mlflow.start_run(run_id=run_id):
-        # "model" (registered) serves anomaly maps, "score_model" beside it image scores: MLflow's
-        # default format (torch.export) has one tensor output and no parameters.
-        # Requirements named, not inferred: MLflow's inference re-imports the model in a
-        # subprocess (about 10 s per model here, serially after the sweep).
-        for artifact, module in (("score_model", ScoreModel(model)), ("model", MapModel(model))):
-            with torch.inference_mode():
-                output = module.eval()(torch.from_numpy(example)).numpy()
-            info = mlflow.pytorch.log_model(module, name=artifact, signature=infer_signature(example, output),
-                                            input_example=example, pip_requirements=model_requirements(),
-                                            registered_model_name=name if artifact == "model" else None)
-        log_weights(client, run_id, state)
+        info = log_image_model(state, registered_model_name=name)
     version = str(info.registered_model_version)
     client.set_tag(run_id, "pouta.registered_version", version)
     client.set_registered_model_alias(name, tracking.CHALLENGER, version)

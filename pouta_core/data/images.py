@@ -4,6 +4,7 @@ later runs) do not decode PNGs again."""
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -54,7 +55,7 @@ def set_max_image_pixels(limit: int | None) -> None:
     Image.MAX_IMAGE_PIXELS = limit
 
 
-def _too_big(path: Path, exc: Exception) -> DataError:
+def _too_big(path: Path | str, exc: Exception) -> DataError:
     found = re.search(r"\((\d+) pixels\)", str(exc))
     size = f"{int(found.group(1)):,} pixels" if found else "more pixels"
     return DataError(f"{path}: image of {size} is over the limit of {Image.MAX_IMAGE_PIXELS:,} "
@@ -63,23 +64,42 @@ def _too_big(path: Path, exc: Exception) -> DataError:
 
 def _open(path: Path, *, load: bool = True) -> Image.Image:
     try:
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: empty file (0 bytes)")
+        empty = path.stat().st_size == 0
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.__class__.__name__})") from None
+    if empty:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    return _decode(path, path, load=load)
+
+
+def _decode(source: Path | io.BytesIO, name: Path | str, *, load: bool = True) -> Image.Image:
+    """Pillow's image of a file or of bytes in memory; every failure a :class:`DataError`
+    naming ``name``."""
+    try:
         with warnings.catch_warnings():
             # Pillow warns from the limit and fails from twice it: both are refusals here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source)
             if load:
                 img.load()
         return img
-    except DataError:
-        raise
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raise DataError(f"{name}: file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _too_big(path, exc) from None
+        raise _too_big(name, exc) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot decode image ({exc.__class__.__name__})") from None
+        raise DataError(f"{name}: cannot decode image ({exc.__class__.__name__})") from None
+
+
+def decode_rgb(data: bytes, name: str) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, TIFF, ... as a file holds them) -> RGB uint8 (H, W, 3),
+    by the same rules as a file (:func:`read_rgb`); ``name`` is what an error calls it."""
+    if not data:
+        raise DataError(f"{name}: empty image (0 bytes)")
+    with _decode(io.BytesIO(data), name) as img:
+        return to_rgb8(upright(img), name)
 
 
 def image_size_of(path: Path) -> tuple[int, int]:
@@ -113,7 +133,7 @@ def upright(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
 
 
-def to_rgb8(img: Image.Image, path: Path) -> np.ndarray:
+def to_rgb8(img: Image.Image, path: Path | str) -> np.ndarray:
     """A decoded image as RGB uint8 (H, W, 3), by one rule per kind of file:
 
     - 8-bit grey, palette, RGB, CMYK...: Pillow's conversion to RGB; grey is replicated;
