@@ -1,11 +1,18 @@
 """What MLflow gets per trial at the paper's size (issue 28): a few hundred kB for every trial,
-weights (without the optimizer state) for the registered version only. Built at the paper
+weights (without the optimizer state) for the registered version only, once (issue 32). Built at the paper
 preset with one optimizer step, not trained: sizes depend on the architecture, not the epoch."""
 
-import torch
+from pathlib import Path
 
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestrator import tracking
 from orchestrator.execution.worker import write_heatmaps
 from orchestrator.tracking.callback import trial_artifacts
+from orchestrator.tracking.models import resolved
+from orchestrator.tracking.registry import log_image_model
 from pouta_core import checkpoint as ckpt
 from pouta_core.config import Config
 from pouta_core.data.datasets import EvalDataset
@@ -39,11 +46,19 @@ def test_a_paper_sized_trial_logs_under_2_mb_and_the_registered_weights_carry_no
 
     weights = sum(t.numel() * t.element_size() for t in state.model.state_dict().values())
     full = (folder / ckpt.CHECKPOINT).stat().st_size
-    registered = ckpt.save_checkpoint(tmp_path / "registered", ckpt.inference_state(ckpt.load_state(folder)))
-    assert registered.stat().st_size <= weights + 2 * MB < full
-    model, _, _ = ckpt.load_model(registered)              # what --model models:/... loads
+    # The registered version: the image pyfunc over the model-only checkpoint, in a real store.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = MlflowClient(uri).create_experiment("paper", artifact_location=tracking.artifact_root(uri))
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id=experiment):
+        log_image_model(ckpt.load_state(folder), registered_model_name="pouta-paper")
+    version = Path(mlflow.artifacts.download_artifacts("models:/pouta-paper/1", dst_path=str(tmp_path / "version")))
+    registered = sum(p.stat().st_size for p in version.rglob("*") if p.is_file())
+    assert registered <= weights + 2 * MB < full
+    with resolved("models:/pouta-paper/1", uri) as path:      # what --model models:/... loads
+        model, _, _ = ckpt.load_model(path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state.model.state_dict().values(),
                                                  strict=True))
     per_trial = sum(p.stat().st_size for p in logged)
     print(f"paper preset: weights {weights / MB:.1f} MB, full checkpoint {full / MB:.1f} MB, "
-          f"registered {registered.stat().st_size / MB:.1f} MB, per trial {per_trial / MB:.2f} MB")
+          f"registered version {registered / MB:.1f} MB, per trial {per_trial / MB:.2f} MB")
