@@ -20,7 +20,7 @@ from pouta_core.bootstrap import Evidence
 from pouta_core.config import Config, ConfigError
 from pouta_core.data import EvalDataset, ImageCache, decode, read_split
 from pouta_core.data.errors import DataError
-from pouta_core.data.images import list_images, model_input, read_rgb, warn_about
+from pouta_core.data.images import bit_depth_of, list_images, model_input, read_rgb, warn_about
 from pouta_core.data.validation import SelectionSplit, split_for_selection, synthetic_validation
 from pouta_core.inference import ExportWrapper, predict, resize_map
 from pouta_core.metrics import compute, f1_max
@@ -42,6 +42,7 @@ class CategoryData:
     test_set: EvalDataset | None
     selection: SelectionSplit
     val_files: list[str]
+    bit_depth: int = 16     # what 16-bit grey files were scaled by (Config.bit_depth, resolved)
 
     def selection_record(self) -> dict[str, Any]:
         """What ``val_files.json`` holds: the resolved split and its validation images."""
@@ -50,13 +51,21 @@ class CategoryData:
 
 
 def load_category(data_root: str | Path, dataset: str, category: str, config: Config, *,
-                  cache_dir: str | Path | None = None, progress: bool = True) -> CategoryData:
+                  cache_dir: str | Path | None = None, progress: bool = True,
+                  bit_depth: int | None = None) -> CategoryData:
     """Read the layout, validate it, split it for selection (``config.val_split`` /
-    ``val_ratio``), decode every image once (through the cache)."""
+    ``val_ratio``), decode every image once (through the cache). 16-bit grey files are scaled
+    by ``bit_depth`` (a trained model's, :func:`pouta_core.checkpoint.bit_depth`), else by
+    ``config.bit_depth`` (``auto``: found from the training images)."""
     split = read_split(data_root, dataset, category)
     parts = split_for_selection(split, data_root, config.val_split, config.val_ratio,
                                 where=f"{data_root} [{category}]")
-    cache = ImageCache(config.image_size, cache_dir)
+    if bit_depth is None:
+        bit_depth = bit_depth_of(s.path for s in parts.train) if config.bit_depth == "auto" else int(config.bit_depth)
+        if bit_depth != 16:
+            log.info("%s [%s]: 16-bit images use %d bits: scaled by 2^%d (bit_depth=%s)", data_root, category,
+                     bit_depth, bit_depth - 8, config.bit_depth)
+    cache = ImageCache(config.image_size, cache_dir, bits=bit_depth)
 
     def labelled(samples, what: str) -> EvalDataset:
         return EvalDataset(*decode(samples, cache, desc=f"{category}: {what} images", progress=progress))
@@ -70,7 +79,7 @@ def load_category(data_root: str | Path, dataset: str, category: str, config: Co
     test_set = labelled(parts.test, "test") if parts.test else None
     if parts.mode == "none":
         test_set = val_set   # one set, scored once (fit sees the identity)
-    return CategoryData(train_images, val_set, test_set, parts, parts.val_files(data_root))
+    return CategoryData(train_images, val_set, test_set, parts, parts.val_files(data_root), bit_depth)
 
 
 def fingerprint_category(data_root: str | Path, dataset: str, category: str) -> str:
@@ -101,7 +110,8 @@ def train(config: Config, *, data_root: str | Path, dataset: str, category: str,
         runfolder.repair(out)
         return fit(config, data.train_images, out, val_set=data.val_set, test_set=data.test_set,
                    textures=textures, device=dev, report=report, num_workers=num_workers, progress=progress,
-                   resume=resume, extra_state={**identity, "val_split": data.selection.mode},
+                   resume=resume, extra_state={**identity, "val_split": data.selection.mode,
+                                                      ckpt.BIT_DEPTH: data.bit_depth},
                    sidecars={ckpt.VAL_FILES: data.selection_record()}, **fit_kwargs)
 
 
@@ -120,8 +130,9 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path, datase
     if split not in ("val", "test"):
         raise ConfigError(f"--split must be val or test, got '{split}'")
     dev = resolve_device(device)
-    model, config, _ = ckpt.load_model(checkpoint, dev, scoring=scoring)
-    data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=progress)
+    model, config, state = ckpt.load_model(checkpoint, dev, scoring=scoring)
+    data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=progress,
+                         bit_depth=ckpt.bit_depth(state))
     chosen = data.val_set if split == "val" else data.test_set
     if chosen is None or not len(chosen):
         raise DataError(f"{data_root}: category '{category}' has no labelled test images "
@@ -160,7 +171,8 @@ def rescore(checkpoint: str | Path, out: str | Path, *, scoring: list[str] | tup
     for key, given in (("dataset", dataset), ("category", category)):
         if state.get(key, given) != given:
             raise ConfigError(f"{checkpoint}: was trained on {key} '{state[key]}', not '{given}'")
-    data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=progress)
+    data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=progress,
+                         bit_depth=ckpt.bit_depth(state))
     metrics, threshold = evaluate_splits(model, data.val_set, data.test_set, dev)
     weights = {k: v.cpu() for k, v in model.state_dict().items()}
     saved = {**state, "model": weights, "config": config.to_dict(), "threshold": threshold,
@@ -183,11 +195,12 @@ def validation_evidence(checkpoint: str | Path, *, data_root: str | Path, datase
     ``split_like``: take the split keys (val_split, val_ratio, foreground_threshold) from this
     config instead of the checkpoint's, so two models are scored on the same images."""
     dev = resolve_device(device)
-    model, config, _ = ckpt.load_model(checkpoint, dev)
+    model, config, state = ckpt.load_model(checkpoint, dev)
     if split_like is not None:
         config = config.replace(val_split=split_like.val_split, val_ratio=split_like.val_ratio,
                                 foreground_threshold=split_like.foreground_threshold)
-    data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=False)
+    data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=False,
+                         bit_depth=ckpt.bit_depth(state))
     scores, maps = score_set(model, data.val_set, dev, calibrate=True)
     return Evidence(scores, maps, data.val_set.masks[:, 0].numpy()), data.val_set.labels.numpy()
 
@@ -247,7 +260,7 @@ def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Pa
         chunk = []
         for f, rel in inputs[start:start + batch_size]:
             try:
-                chunk.append((f, rel, read_rgb(f)))
+                chunk.append((f, rel, read_rgb(f, ckpt.bit_depth(state))))
             except DataError as exc:
                 failed.append((str(f), str(exc).removeprefix(f"{f}: ")))
         if not chunk:

@@ -24,6 +24,15 @@ FORMAT = 1
 TRAINING_STATE = ("optimizer", "scheduler", "scaler")
 
 
+BIT_DEPTH = "bit_depth"   # the bits 16-bit grey files were scaled by in training (Config.bit_depth, resolved)
+
+
+def bit_depth(state: dict[str, Any]) -> int:
+    """The bit depth a model's 16-bit grey inputs are scaled by; 16 (the high byte) for
+    checkpoints written before ``bit_depth`` existed, which is how they were trained."""
+    return int(state.get(BIT_DEPTH, 16))
+
+
 def inference_state(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` as a model to use, not to resume: without :data:`TRAINING_STATE`.
     :func:`load_model` reads it as it reads a full checkpoint."""

@@ -261,6 +261,16 @@ class Config:
         ),
     )
 
+    bit_depth: str = field(
+        default="auto",
+        metadata=_spec(
+            choices=("auto", "8", "10", "12", "14", "16"),
+            help="bits used in 16-bit grey image files (a 12-bit camera writes 0..4095): samples are scaled by "
+            "2^(bits-8); auto finds them from the training images' largest sample, rounded up to an even "
+            "depth, and records them with the model (16 when no training image is 16-bit)",
+        ),
+    )
+
     # --- model selection (docs/orchestration.md, "How models are chosen") ---------------
     val_split: str = field(
         default="auto",
@@ -472,6 +482,9 @@ def _check_scalar(key: str, tp: type, value: Any, meta: Mapping[str, Any]) -> An
         if not math.isfinite(value):
             raise ConfigError(f"config key '{key}': must be finite, got {value!r}")
     elif tp is str:
+        if isinstance(value, int) and not isinstance(value, bool) and any(
+                str(c).isdigit() for c in meta.get("choices") or ()):
+            value = str(value)    # bit_depth=12 reads as an integer; the choices say if it is one
         if not isinstance(value, str):
             raise bad_type
     if meta.get("choices") is not None and value not in meta["choices"]:

@@ -79,7 +79,8 @@ def contrast_check(run: str | Path, data_root: str | Path, dataset: str | None =
     category = state.get("category")
     if category is None:
         raise ConfigError(f"{run}: checkpoint does not name its category (not written by `pouta train`)")
-    data = load_category(data_root, dataset or state.get("dataset", "mvtec"), category, config, progress=False)
+    data = load_category(data_root, dataset or state.get("dataset", "mvtec"), category, config, progress=False,
+                         bit_depth=ckpt.bit_depth(state))
     if data.test_set is None:
         raise ConfigError(f"{data_root}: category '{category}' has no labelled test images")
     images, masks = data.test_set.images, data.test_set.masks

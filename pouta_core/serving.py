@@ -67,6 +67,7 @@ class ImageScorer:
         ckpt.require_calibrated(self.model, checkpoint)
         stored = state.get("threshold")
         self.threshold = float(stored) if stored is not None else None
+        self.bits = ckpt.bit_depth(state)
 
     def score(self, images: Sequence[str | bytes], *, threshold: float | None = None, map_size: int | None = None,
               batch_size: int = 16) -> list[dict[str, Any]]:
@@ -80,7 +81,7 @@ class ImageScorer:
         decoded: list[tuple[int, np.ndarray]] = []
         for i, item in enumerate(images):
             try:
-                decoded.append((i, decode_rgb(_bytes_of(item, f"image {i}"), f"image {i}")))
+                decoded.append((i, decode_rgb(_bytes_of(item, f"image {i}"), f"image {i}", self.bits)))
             except DataError as exc:
                 answers[i]["error"] = str(exc)
         for start in range(0, len(decoded), batch_size):

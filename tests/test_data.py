@@ -326,3 +326,73 @@ def test_a_phone_picture_is_read_as_displayed_and_its_mask_checked_against_that(
     assert load_mask(upright_mask, 16, photo).sum() == 16 * 16
     with pytest.raises(DataError, match=rf"{sideways_mask}: mask is 40x20 but its image {photo} is 20x40"):
         load_mask(sideways_mask, 16, photo)
+
+
+def test_a_12_bit_camera_is_read_at_its_depth_not_as_nearly_black(tmp_path):
+    from test_bad_input import png16
+
+    from pouta_core.data.images import bit_depth_of, read_rgb, sample_bits
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 4096, (40, 40)).astype(np.uint16)
+    grey[0, 0] = 4095
+    png16(tmp_path / "a.png", grey)
+    Image.fromarray(grey).save(tmp_path / "b.tif")                  # Pillow writes 16-bit grey TIFF (I;16)
+    eight = png(tmp_path / "c.png")
+    assert sample_bits(tmp_path / "a.png") == sample_bits(tmp_path / "b.tif") == 12
+    assert sample_bits(eight) is None
+    assert bit_depth_of([tmp_path / "a.png", tmp_path / "b.tif", eight]) == 12
+    assert bit_depth_of([eight]) == 16                                # nothing 16-bit: nothing changes
+    png16(tmp_path / "dark.png", (grey // 3).astype(np.uint16))    # 11 bits used: a 12-bit sensor's
+    assert bit_depth_of([tmp_path / "dark.png"]) == 12
+    expected = np.repeat((grey >> 4).astype(np.uint8)[..., None], 3, axis=2)
+    assert (read_rgb(tmp_path / "a.png", 12) == expected).all() and (read_rgb(tmp_path / "b.tif", 12) == expected).all()
+    assert read_rgb(tmp_path / "a.png").max() == 15                  # the high byte: what it was before
+    assert read_rgb(tmp_path / "a.png", 10).max() == 255              # brighter than its depth: clipped
+
+
+def test_bit_depth_auto_is_found_on_training_images_recorded_and_used_to_predict(tmp_path, monkeypatch):
+    from conftest import small_config
+    from test_bad_input import png16
+
+    from pouta_core import api, serving
+    from pouta_core import checkpoint as ckpt
+    from pouta_core.inference import predict
+    from pouta_core.serving import ImageScorer
+
+    # A 12-bit camera's category: the demo's images written as a 12-bit sensor would (v * 16).
+    generate(tmp_path / "demo", categories=1, image_size=48, n_train=6, n_test_good=3, n_test_defect=2)
+    root = tmp_path / "cam"
+    for src in (tmp_path / "demo").rglob("*.png"):
+        dst = root / src.relative_to(tmp_path / "demo")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if "ground_truth" in src.parts:
+            dst.write_bytes(src.read_bytes())
+        else:
+            png16(dst, np.asarray(Image.open(src).convert("L")).astype(np.uint16) * 16)
+    data = api.load_category(root, "mvtec", "tiles", small_config(), progress=False)
+    assert data.bit_depth == 12 and data.train_images.float().mean() > 60
+    assert api.load_category(root, "mvtec", "tiles", small_config(bit_depth=16), progress=False
+                             ).train_images.float().mean() < 16      # the high byte: nearly black
+
+    run = tmp_path / "run"
+    api.train(small_config(), data_root=root, dataset="mvtec", category="tiles", out=run, device="cpu", progress=False)
+    assert ckpt.bit_depth(ckpt.load_state(run)) == 12
+    # A new 12-bit picture reaches the model as its 8-bit version, in `pouta predict` and served
+    # (what the model is given is compared: a two-epoch model scores everything alike).
+    src = sorted((tmp_path / "demo" / "tiles" / "test").glob("*/000.png"))[-1]
+    grey8 = np.asarray(Image.open(src).convert("L"))
+    Image.fromarray(grey8).save(tmp_path / "eight.png")
+    png16(tmp_path / "twelve.png", grey8.astype(np.uint16) * 16)
+    given = []
+
+    def seen(model, images, **kwargs):
+        given.append(images.clone())
+        return predict(model, images, **kwargs)
+
+    monkeypatch.setattr(api, "predict", seen)
+    api.predict_paths(run, [tmp_path / "twelve.png", tmp_path / "eight.png"], tmp_path / "out")
+    monkeypatch.setattr(serving, "predict", seen)
+    ImageScorer(run, "cpu").score([(tmp_path / "twelve.png").read_bytes()], map_size=0)
+    twelve, eight = given[0]
+    assert torch.equal(twelve, eight) and eight.float().mean() > 60 and torch.equal(given[1][0], eight)

@@ -166,7 +166,8 @@ def train_worker(task: WorkerTask, session: TrainSession | TuneSession | None = 
             test_set=data.test_set if rank == 0 else None, textures=textures, device=device, report=report,
             progress=False, wrap_model=wrap_model, shard=(rank, world),
             num_workers=task.resources.loader_workers,
-            extra_state={"dataset": data_spec.dataset, "category": task.category, "val_split": data.selection.mode},
+            extra_state={"dataset": data_spec.dataset, "category": task.category, "val_split": data.selection.mode,
+                         ckpt.BIT_DEPTH: data.bit_depth},
             sidecars={ckpt.VAL_FILES: data.selection_record()})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

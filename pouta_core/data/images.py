@@ -93,13 +93,13 @@ def _decode(source: Path | io.BytesIO, name: Path | str, *, load: bool = True) -
         raise DataError(f"{name}: cannot decode image ({exc.__class__.__name__})") from None
 
 
-def decode_rgb(data: bytes, name: str) -> np.ndarray:
+def decode_rgb(data: bytes, name: str, bits: int = 16) -> np.ndarray:
     """Encoded image bytes (PNG, JPEG, TIFF, ... as a file holds them) -> RGB uint8 (H, W, 3),
     by the same rules as a file (:func:`read_rgb`); ``name`` is what an error calls it."""
     if not data:
         raise DataError(f"{name}: empty image (0 bytes)")
     with _decode(io.BytesIO(data), name) as img:
-        return to_rgb8(upright(img), name)
+        return to_rgb8(upright(img), name, bits)
 
 
 def image_size_of(path: Path) -> tuple[int, int]:
@@ -133,13 +133,15 @@ def upright(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
 
 
-def to_rgb8(img: Image.Image, path: Path | str) -> np.ndarray:
+def to_rgb8(img: Image.Image, path: Path | str, bits: int = 16) -> np.ndarray:
     """A decoded image as RGB uint8 (H, W, 3), by one rule per kind of file:
 
     - 8-bit grey, palette, RGB, CMYK...: Pillow's conversion to RGB; grey is replicated;
-    - 16-bit samples: scaled by bit depth, not per image (the high byte, ``v // 256``, which
-      is what Pillow does for 16-bit RGB PNG and TIFF), so a 16-bit image and its 8-bit
-      version decode alike and a dark image stays dark;
+    - 16-bit grey samples: scaled by the data set's bit depth ``bits``, not per image
+      (``v >> (bits - 8)``, clipped at 255), so a 16-bit image and its 8-bit version decode
+      alike at 16 bits, a 12-bit camera's images are not nearly black at 12 (``bit_depth``,
+      :func:`bit_depth_of`), and a dark image stays dark. 16-bit *colour* files reach us as
+      their high byte (Pillow reduces them; ``bits`` cannot apply);
     - an alpha channel: composited over black (transparent = background, as the foreground
       mask assumes);
     - 32-bit integer samples are taken as 16-bit when they fit, floating-point ones refused.
@@ -149,7 +151,7 @@ def to_rgb8(img: Image.Image, path: Path | str) -> np.ndarray:
         a = np.asarray(img)
         if mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
             raise DataError(f"{path}: 32-bit integer samples outside 0..65535: save it as an 8- or 16-bit image")
-        grey = (a.astype(np.uint32) >> 8).astype(np.uint8)
+        grey = np.minimum(a.astype(np.uint32) >> (bits - 8), 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
     if mode == "F":
         raise DataError(f"{path}: floating-point samples (mode F): save it as an 8- or 16-bit image")
@@ -161,11 +163,34 @@ def to_rgb8(img: Image.Image, path: Path | str) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path, bits: int = 16) -> np.ndarray:
     """RGB uint8 (H, W, 3) at the file's own resolution, decoded by :func:`to_rgb8`."""
     path = Path(path)
     with _open(path) as img:
-        return to_rgb8(upright(img), path)
+        return to_rgb8(upright(img), path, bits)
+
+
+def sample_bits(path: Path) -> int | None:
+    """The bits a 16-bit grey file's largest sample needs (at least 8), or None for any other file."""
+    _, mode = header(Path(path))             # the header only: 8-bit files are not decoded
+    if mode not in SIXTEEN_BIT_MODES and mode != "I":
+        return None
+    with _open(Path(path)) as img:
+        return max(8, int(np.asarray(img).max(initial=0)).bit_length())
+
+
+def bit_depth_of(paths: Iterable[Path]) -> int:
+    """``bit_depth: auto``: the depth a data set's 16-bit grey files use, from the largest sample
+    over ``paths`` (the training images), rounded up to an even depth (8, 10, 12, 14, 16) as
+    sensors have; 16 when none is 16-bit (no change: 8-bit files are not scaled).
+
+    *Decision* (issue 29): a 12-bit camera writes 0..4095 in 16-bit files; the high byte made
+    them nearly black. One depth per data set, not per image: a dark image must stay dark."""
+    found = [b for b in map(sample_bits, paths) if b is not None]
+    if not found:
+        return 16
+    used = max(found)
+    return min(16, used + used % 2)
 
 
 def model_input(rgb: np.ndarray, size: int) -> torch.Tensor:
@@ -174,9 +199,9 @@ def model_input(rgb: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
+def load_image(path: Path, size: int, bits: int = 16) -> torch.Tensor:
     """RGB uint8 (3, size, size), decoded by :func:`to_rgb8` and resized (bilinear)."""
-    return model_input(read_rgb(path), size)
+    return model_input(read_rgb(path, bits), size)
 
 
 def warn_about(paths: Iterable[Path], size: int, what: str) -> None:
@@ -216,16 +241,17 @@ def load_mask(path: Path, size: int, image_path: Path | None = None) -> torch.Te
 
 class ImageCache:
     """Decoded, resized uint8 tensors in memory, and optionally on disk (``.npy`` files keyed
-    by path, modification time, file size and target size, so an edited file is re-read)."""
+    by path, modification time, file size, target size and bit depth, so an edited file is re-read)."""
 
-    def __init__(self, size: int, cache_dir: str | os.PathLike[str] | None = None) -> None:
-        self.size = size
+    def __init__(self, size: int, cache_dir: str | os.PathLike[str] | None = None, bits: int = 16) -> None:
+        self.size, self.bits = size, bits
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._mem: dict[tuple[str, str], torch.Tensor] = {}
 
     def _key(self, path: Path, kind: str) -> str:
         st = path.stat()
-        raw = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{self.size}|{kind}|{DECODE_VERSION}"
+        depth = f"|{self.bits}" if self.bits != 16 else ""   # keys of 16 bits as before: caches stay valid
+        raw = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{self.size}|{kind}|{DECODE_VERSION}{depth}"
         return hashlib.sha1(raw.encode()).hexdigest()
 
     def get(self, path: Path, kind: str = "image", image_path: Path | None = None) -> torch.Tensor:
@@ -239,7 +265,7 @@ class ImageCache:
                 t = torch.from_numpy(np.load(disk))
                 self._mem[mkey] = t
                 return t
-        t = load_image(path, self.size) if kind == "image" else load_mask(path, self.size, image_path)
+        t = load_image(path, self.size, self.bits) if kind == "image" else load_mask(path, self.size, image_path)
         if disk is not None:
             atomic_write(disk, lambda fh: np.save(fh, t.numpy()))
         self._mem[mkey] = t
