@@ -115,12 +115,18 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def user_env() -> dict[str, str]:
+    """This environment as a user's shell has it: mlflow.set_tracking_uri (the fixture's) also
+    exports MLFLOW_TRACKING_URI, which would hide a store read from MLflow's default."""
+    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+
+
 def test_pouta_serve_answers_a_plain_http_client_and_its_printed_curl_line(served, tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([str(BIN / "pouta"), "serve", "--model", f"models:/{NAME}@challenger", "--port", str(port),
                              "--tracking-uri", served["uri"]], cwd=tmp_path, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, env=user_env())
     reap_with_us(proc)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -149,5 +155,7 @@ def test_pouta_serve_answers_a_plain_http_client_and_its_printed_curl_line(serve
     finally:
         stop(proc)
     assert proc.returncode is not None
+    # It read the store it was given, and nothing else: no ./mlflow.db made by MLflow's default.
+    assert not (tmp_path / "mlflow.db").exists() and "Creating initial MLflow database" not in log.read_text()
     alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
     assert not alive, f"server processes left after pouta serve stopped: {alive}"

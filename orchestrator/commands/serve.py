@@ -66,20 +66,31 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
 def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM to the server's process group (uvicorn and its workers), SIGKILL after ``timeout``."""
-    if proc.poll() is not None:
-        return
+    """SIGTERM to the server's process group (MLflow's launcher, uvicorn and its workers), then
+    wait for the whole group, not only its leader; SIGKILL what is left after ``timeout``."""
+    pgid = proc.pid
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        if not _group_alive(pgid):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _group_alive(pgid):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.2)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
 
 
 @contextlib.contextmanager

@@ -59,20 +59,25 @@ def _sources(ref: str, store: str) -> tuple[str, list[str]]:
     """-> (the run id, the artifact URIs that may hold its checkpoint, in the order tried) for
     a ``models:/`` or ``runs:/`` URI. A registered version carries ``checkpoint.pt`` in its
     pyfunc's artifacts (:mod:`.serving`); versions registered before issue 32 in their run's
-    ``checkpoint`` folder."""
+    ``checkpoint`` folder.
+
+    The model's files are named by their storage location (what the store says), never by a
+    ``models:/`` URI: MLflow resolves those through the process's default registry whatever
+    store it is given (3.17), which searched, and created, ``./mlflow.db``."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking.serving import ARTIFACT
-
-    client = MlflowClient(store)
+    client = MlflowClient(store, registry_uri=store)
     in_model = f"artifacts/{CHECKPOINT}"
     try:
         if ref.startswith("runs:/"):
             run_id, _, path = ref.removeprefix("runs:/").partition("/")
-            client.get_run(run_id)
-            paths = [path] if path else ["checkpoint", f"{ARTIFACT}/{in_model}"]
-            return run_id, [f"runs:/{run_id}/{p}" for p in paths]
+            run = client.get_run(run_id)
+            if path:
+                return run_id, [f"runs:/{run_id}/{path}"]
+            models = [client.get_logged_model(m.model_id).artifact_location
+                      for m in (run.outputs.model_outputs if run.outputs else [])]
+            return run_id, [f"runs:/{run_id}/checkpoint", *(f"{m}/{in_model}" for m in models)]
         rest = ref.removeprefix("models:/")
         if "@" in rest:
             name, alias = rest.split("@", 1)
@@ -82,12 +87,12 @@ def _sources(ref: str, store: str) -> tuple[str, list[str]]:
             if not name:
                 raise ConfigError(f"{ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
             version = client.get_model_version(name, number)
+        location = client.get_model_version_download_uri(version.name, version.version)
     except MlflowException as exc:
         raise ConfigError(f"{ref}: not found in {store} ({str(exc).splitlines()[0]})") from None
     if not version.run_id:
         raise ConfigError(f"{ref}: version {version.version} has no source run in {store}")
-    return version.run_id, [f"models:/{version.name}/{version.version}/{in_model}",
-                            f"runs:/{version.run_id}/checkpoint"]
+    return version.run_id, [f"{location}/{in_model}", f"runs:/{version.run_id}/checkpoint"]
 
 
 def download_checkpoint(ref: str, store: str, dest: str | Path) -> Path:
@@ -104,8 +109,8 @@ def download_checkpoint(ref: str, store: str, dest: str | Path) -> Path:
             return local_checkpoint(Path(local))
         except (MlflowException, OSError, ConfigError) as exc:
             failure = failure or str(exc).splitlines()[0]
-    raise ConfigError(f"{ref}: run {run_id} in {store} holds no checkpoint ({failure})"
-                      f"{_weights_hint(run_id, store)}") from None
+    hint = _weights_hint(run_id, store) if ref.startswith("runs:/") else ""
+    raise ConfigError(f"{ref}: run {run_id} in {store} holds no checkpoint ({failure}){hint}") from None
 
 
 @contextlib.contextmanager
