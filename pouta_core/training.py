@@ -113,6 +113,7 @@ class TrainState:
     epoch: int = 0                                # last finished epoch
     threshold: float | None = None                # image threshold, F1-max on validation
     metrics: dict[str, Any] = field(default_factory=dict)   # of the last evaluation
+    nonfinite_epochs: int = 0                     # epochs in a row with no finite step (not saved)
 
     def to_checkpoint(self, config: Config, metrics: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -126,7 +127,10 @@ def new_state(config: Config, device: torch.device, world: int = 1) -> TrainStat
     Adam's learning rate is :func:`worker_lr` for ``world`` workers."""
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=worker_lr(config, world))
+    # Fused on CUDA: one kernel per step, and a step skipped on the device (found_inf) without
+    # the host reading anything (:func:`optimizer_step`). The same algorithm as on the CPU.
+    optimizer = torch.optim.Adam(model.parameters(), lr=worker_lr(config, world),
+                                 fused=True if device.type == "cuda" else None)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones),
                                                      gamma=config.lr_factor)
     if config.channels_last:
@@ -182,6 +186,11 @@ def restore(state: TrainState, path: Path, config: Config, device: torch.device)
     ckpt.load_weights(state.model, saved["model"], path)
     for name in ("optimizer", "scheduler"):
         getattr(state, name).load_state_dict(saved[name])
+    # Adam's implementation is this device's (fused on CUDA), not the one the checkpoint was
+    # written with: load_state_dict copies a group's "fused", and a CPU run resumed on a GPU
+    # would hand the loss scaler's found_inf to an Adam that refuses it.
+    for group in state.optimizer.param_groups:
+        group["fused"] = state.optimizer.defaults.get("fused")
     load_scaler(state.scaler, saved.get("scaler") or {}, path)
     state.epoch, state.threshold = int(saved["epoch"]), saved.get("threshold")
     state.metrics = dict(saved.get("metrics", {}))
@@ -205,10 +214,16 @@ def load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], path: Path)
 
 
 def train_step(state: TrainState, net: nn.Module, batch: dict[str, torch.Tensor], config: Config,
-               device: torch.device, *, rec_only: bool = False) -> dict[str, torch.Tensor]:
-    """One optimiser step on a batch of ``TrainDataset`` samples -> the loss terms (detached).
+               device: torch.device, *, rec_only: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimiser step on a batch of ``TrainDataset`` samples -> (the loss terms, detached;
+    whether the step was finite: a 0-dim bool tensor on the device, never read here).
     ``rec_only`` (staged training's first stage): the step minimises the reconstruction loss
-    alone, so the discriminator's parameters get no gradient and Adam leaves them as they are."""
+    alone, so the discriminator's parameters get no gradient and Adam leaves them as they are.
+
+    A step whose loss or gradient is not finite changes nothing (issue 29): with float16 the
+    loss scaler skips it, as it skips the steps that find its scale; otherwise Adam's step is
+    skipped (:func:`optimizer_step`). The gradient decides, after DDP's all-reduce, so every
+    rank skips the same steps. :func:`train_epoch` counts them and stops a run that repeats them."""
     image, clean, mask = (batch[k].to(device, non_blocking=True) for k in ("image", "clean", "mask"))
     if config.channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
@@ -218,10 +233,31 @@ def train_step(state: TrainState, net: nn.Module, batch: dict[str, torch.Tensor]
     terms = pouta_loss(out, clean, mask, config)
     loss = terms["rec"] if rec_only else terms["total"]
     state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(loss).backward()
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
-    return {k: v.detach() for k, v in terms.items()}
+    if state.scaler.is_enabled():
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        finite = torch.isfinite(loss)
+    else:
+        loss.backward()
+        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+        finite = torch.isfinite(loss) & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        optimizer_step(state.optimizer, finite)
+    return {k: v.detach() for k, v in terms.items()}, finite
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``finite`` (a 0-dim bool tensor) is False. A fused Adam (on
+    CUDA) gets the flag as ``found_inf``, the protocol ``GradScaler`` uses, and skips on the
+    device: no host read. Elsewhere the flag is read (on a CPU that costs nothing)."""
+    if all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.grad_scale, optimizer.found_inf = None, (~finite).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()
 
 
 def make_loader(images: torch.Tensor, config: Config, *, textures: TextureFolder | None, batch_size: int,
@@ -239,28 +275,59 @@ def make_loader(images: torch.Tensor, config: Config, *, textures: TextureFolder
                       persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
 
 
+# A run stops when an epoch skips more than this share of its steps (with at least
+# NONFINITE_MIN_STEPS steps), or when NONFINITE_EPOCHS epochs in a row have no finite step.
+NONFINITE_SHARE, NONFINITE_MIN_STEPS, NONFINITE_EPOCHS = 0.5, 4, 3
+
+
 def train_epoch(state: TrainState, net: nn.Module, loader: DataLoader, config: Config, epoch: int, *,
                 device: torch.device) -> dict[str, Any]:
-    """One epoch over this rank's slice of the epoch's seeded permutation -> loss_* means, epoch, lr.
-    Epochs up to ``rec_warmup_epochs`` train the reconstructive network alone (staged training;
-    the epoch number decides, so a resumed run is in the same stage as an uninterrupted one)."""
+    """One epoch over this rank's slice of the epoch's seeded permutation -> loss_* means (over
+    its finite steps), ``nonfinite_steps``, epoch, lr. The loss terms are summed on the device
+    and read once, at the end of the epoch. Epochs up to ``rec_warmup_epochs`` train the
+    reconstructive network alone (staged training; the epoch number decides, so a resumed run
+    is in the same stage as an uninterrupted one)."""
     net.train()
     loader.sampler.set_epoch(epoch)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
     steps = 0
     rec_only = epoch <= config.rec_warmup_epochs
     for batch in loader:
-        terms = train_step(state, net, batch, config, device, rec_only=rec_only)
+        terms, finite = train_step(state, net, batch, config, device, rec_only=rec_only)
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            kept = torch.where(finite, v.float(), torch.zeros((), device=v.device))
+            sums[k] = sums[k] + kept if k in sums else kept
+        skipped += ~finite
         steps += 1
     state.scheduler.step()
     state.epoch = epoch
-    metrics: dict[str, Any] = {f"loss_{k}": v / max(steps, 1) for k, v in sums.items()}
-    metrics.update(epoch=epoch, lr=state.optimizer.param_groups[0]["lr"])
-    if not math.isfinite(metrics.get("loss_total", 0.0)):
-        raise FloatingPointError(f"training diverged at epoch {epoch}: loss is {metrics['loss_total']}")
+    read = torch.stack([skipped.float(), *sums.values()]).tolist() if sums else [0.0]   # the one read
+    bad, good = int(read[0]), steps - int(read[0])
+    metrics: dict[str, Any] = {f"loss_{k}": v / good if good else math.nan
+                               for k, v in zip(sums, read[1:], strict=True)}
+    metrics.update(epoch=epoch, lr=state.optimizer.param_groups[0]["lr"], nonfinite_steps=bad)
+    _check_nonfinite(state, epoch, bad, steps)
     return metrics
+
+
+def _check_nonfinite(state: TrainState, epoch: int, bad: int, steps: int) -> None:
+    """Log an epoch's skipped steps; stop a run whose non-finite steps repeat.
+
+    *Decision* (issue 29): one overflowing step (float16 activations, a pathological batch) is
+    skipped and counted (``nonfinite_steps``, logged with the epoch's losses); before, it made
+    the epoch's mean loss non-finite and aborted the run. A run that skips most of an epoch, or
+    learns nothing for three epochs, has diverged: it stops with an error as before."""
+    if not bad:
+        state.nonfinite_epochs = 0
+        return
+    log.warning("epoch %d: %d of %d steps skipped (a non-finite loss or gradient)", epoch, bad, steps)
+    state.nonfinite_epochs = state.nonfinite_epochs + 1 if bad == steps else 0
+    mostly = steps >= NONFINITE_MIN_STEPS and bad > NONFINITE_SHARE * steps
+    if mostly or state.nonfinite_epochs >= NONFINITE_EPOCHS:
+        raise FloatingPointError(f"training diverged at epoch {epoch}: {bad} of {steps} steps had a non-finite "
+                                 f"loss or gradient ({state.nonfinite_epochs} epochs in a row without a finite "
+                                 "step); lower lr, or amp_dtype=bfloat16 / amp=false if float16 overflows")
 
 
 def save(state: TrainState, out_dir: Path, config: Config, metrics: dict[str, Any], *,

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -233,8 +234,8 @@ def test_channels_last_trains_in_that_format(tmp_path, data):
     assert conv.is_contiguous(memory_format=torch.channels_last)
     batch = {"image": images[:2].float() / 255, "clean": images[:2].float() / 255,
              "mask": torch.zeros(2, 1, 32, 32)}
-    terms = train_step(state, training_net(state, cfg), batch, cfg, torch.device("cpu"))
-    assert torch.isfinite(terms["total"])
+    terms, finite = train_step(state, training_net(state, cfg), batch, cfg, torch.device("cpu"))
+    assert torch.isfinite(terms["total"]) and bool(finite)
 
 
 def test_compile_wraps_the_model_and_shares_its_parameters():
@@ -271,3 +272,66 @@ def test_staged_training_trains_the_reconstructive_network_alone_first(tmp_path,
 def test_rec_warmup_must_leave_epochs_for_the_discriminator():
     with pytest.raises(ConfigError, match="config key 'rec_warmup_epochs': must be < epochs \\(3\\), got 3"):
         CFG.replace(rec_warmup_epochs=3)
+
+
+class _Batches(list):
+    """What train_epoch iterates: batches, and a sampler told the epoch."""
+
+    class sampler:   # noqa: N801
+        @staticmethod
+        def set_epoch(epoch):
+            pass
+
+
+def _batch(images, nan=False):
+    x = images[:2].float() / 255
+    if nan:   # one pixel: the forward pass, the loss and every gradient are NaN
+        x = x.clone()
+        x[0, 0, 0, 0] = float("nan")
+    return {"image": x, "clean": images[:2].float() / 255, "mask": torch.zeros(2, 1, 32, 32)}
+
+
+def _adam_steps(state):
+    return {int(s["step"]) for s in state.optimizer.state.values()}
+
+
+def test_a_non_finite_step_is_skipped_and_counted_and_one_that_repeats_stops_the_run(data):
+    from pouta_core.training import new_state, train_epoch, training_net
+
+    images, _ = data
+    cpu = torch.device("cpu")
+    state = new_state(CFG, cpu)
+    net = training_net(state, CFG)
+    good, nan = _batch(images), _batch(images, nan=True)
+    metrics = train_epoch(state, net, _Batches([good, nan, good]), CFG, 1, device=cpu)
+    assert metrics["nonfinite_steps"] == 1 and math.isfinite(metrics["loss_total"])   # the mean of the 2 others
+    assert _adam_steps(state) == {2}
+    weights = [p.detach().clone() for p in state.model.parameters()]
+    metrics = train_epoch(state, net, _Batches([nan]), CFG, 2, device=cpu)           # skipped: nothing moves
+    assert metrics["nonfinite_steps"] == 1 and _adam_steps(state) == {2}
+    assert all(torch.equal(a, b) for a, b in zip(weights, state.model.parameters(), strict=True))
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())
+    train_epoch(state, net, _Batches([nan]), CFG, 3, device=cpu)                      # two epochs in a row: on
+    with pytest.raises(FloatingPointError, match=r"epoch 4: 1 of 1 steps .* \(3 epochs in a row"):
+        train_epoch(state, net, _Batches([nan]), CFG, 4, device=cpu)
+    # Most of one epoch is divergence too.
+    with pytest.raises(FloatingPointError, match="epoch 5: 3 of 4 steps had a non-finite loss or gradient"):
+        train_epoch(new_state(CFG, cpu), net, _Batches([nan, good, nan, nan]), CFG, 5, device=cpu)
+
+
+def test_a_fused_adam_skips_a_non_finite_step_on_the_device(data):
+    # The CUDA path (fused Adam, the flag as found_inf, nothing read on the host), run on a CPU.
+    from pouta_core.training import new_state, train_step, training_net
+
+    images, _ = data
+    state = new_state(CFG, torch.device("cpu"))
+    state.optimizer = torch.optim.Adam(state.model.parameters(), lr=1e-3, fused=True)
+    net = training_net(state, CFG)
+    weights = [p.detach().clone() for p in state.model.parameters()]
+    _, finite = train_step(state, net, _batch(images, nan=True), CFG, torch.device("cpu"))
+    assert not bool(finite)
+    assert all(torch.equal(a, b) for a, b in zip(weights, state.model.parameters(), strict=True))
+    assert _adam_steps(state) <= {0}
+    _, finite = train_step(state, net, _batch(images), CFG, torch.device("cpu"))
+    assert bool(finite) and _adam_steps(state) == {1}
+    assert not all(torch.equal(a, b) for a, b in zip(weights, state.model.parameters(), strict=True))
