@@ -4,6 +4,14 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that take ``device`` are marked ``device``: ``pytest -m device`` is the suite's part
+    that runs on CUDA (bench/gpu_check.sh, with POUTA_TEST_DEVICE=cuda)."""
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """cpu here; bench/gpu_check.sh sets POUTA_TEST_DEVICE=cuda on a GPU machine."""

@@ -162,6 +162,7 @@ def test_a_sweep_chooses_on_validation_whatever_the_test_images(env, tmp_path, c
             for metric in ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro"):
                 assert {f"val_{metric}", f"test_{metric}"} <= set(child.data.metrics), metric
             assert metric not in child.data.metrics and child.data.tags[tracking.TAG_SELECTION] == "validation"
+            assert child.data.metrics["nonfinite_steps"] == 0        # counted every epoch (issue 29)
             assert "val_files.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
         best = max(trials, key=lambda c: c.data.metrics["val_pixel_ap"])
         assert client.get_model_version_by_alias("pouta-mvtec-tiles", "challenger").run_id == best.info.run_id

@@ -295,11 +295,12 @@ def _adam_steps(state):
     return {int(s["step"]) for s in state.optimizer.state.values()}
 
 
-def test_a_non_finite_step_is_skipped_and_counted_and_one_that_repeats_stops_the_run(data):
+def test_a_non_finite_step_is_skipped_and_counted_and_one_that_repeats_stops_the_run(data, device):
+    # On CUDA (bench/gpu_check.sh) Adam is fused and skips on the device; on a CPU the flag is read.
     from pouta_core.training import new_state, train_epoch, training_net
 
     images, _ = data
-    cpu = torch.device("cpu")
+    cpu = device
     state = new_state(CFG, cpu)
     net = training_net(state, CFG)
     good, nan = _batch(images), _batch(images, nan=True)
@@ -319,19 +320,19 @@ def test_a_non_finite_step_is_skipped_and_counted_and_one_that_repeats_stops_the
         train_epoch(new_state(CFG, cpu), net, _Batches([nan, good, nan, nan]), CFG, 5, device=cpu)
 
 
-def test_a_fused_adam_skips_a_non_finite_step_on_the_device(data):
-    # The CUDA path (fused Adam, the flag as found_inf, nothing read on the host), run on a CPU.
+def test_a_fused_adam_skips_a_non_finite_step_on_the_device(data, device):
+    # The CUDA path (fused Adam, the flag as found_inf, nothing read on the host), on any device.
     from pouta_core.training import new_state, train_step, training_net
 
     images, _ = data
-    state = new_state(CFG, torch.device("cpu"))
+    state = new_state(CFG, device)
     state.optimizer = torch.optim.Adam(state.model.parameters(), lr=1e-3, fused=True)
     net = training_net(state, CFG)
     weights = [p.detach().clone() for p in state.model.parameters()]
-    _, finite = train_step(state, net, _batch(images, nan=True), CFG, torch.device("cpu"))
+    _, finite = train_step(state, net, _batch(images, nan=True), CFG, device)
     assert not bool(finite)
     assert all(torch.equal(a, b) for a, b in zip(weights, state.model.parameters(), strict=True))
     assert _adam_steps(state) <= {0}
-    _, finite = train_step(state, net, _batch(images), CFG, torch.device("cpu"))
+    _, finite = train_step(state, net, _batch(images), CFG, device)
     assert bool(finite) and _adam_steps(state) == {1}
     assert not all(torch.equal(a, b) for a, b in zip(weights, state.model.parameters(), strict=True))

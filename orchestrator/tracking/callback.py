@@ -30,6 +30,10 @@ def trial_artifacts(checkpoint_dir: Path) -> list[Path]:
     return [checkpoint_dir / name for name in ARTIFACTS if (checkpoint_dir / name).is_file()]
 
 
+# What a trial's reports put in its MLflow run, by prefix (the rest is Tune's bookkeeping).
+LOGGED_METRICS = ("loss_", "val_", "test_", "lr", "latency", "nonfinite_steps")
+
+
 class MlflowTrialCallback(Callback):
     """Tune's events as MLflow writes, put in an :class:`~orchestrator.tracking.outbox.Outbox`
     (never waiting on MLflow in Tune's loop); :func:`~orchestrator.tracking.outbox.close_all`
@@ -153,7 +157,7 @@ class MlflowTrialCallback(Callback):
         if epoch <= self.last_epoch.get(trial.trial_id, -1):
             return
         self.last_epoch[trial.trial_id] = epoch
-        metrics = {k: v for k, v in result.items() if k.startswith(("loss_", "val_", "test_", "lr", "latency"))}
+        metrics = {k: v for k, v in result.items() if k.startswith(LOGGED_METRICS)}
         stamp = int(time.time() * 1000)   # when reported: a repeated delivery is an exact repeat
 
         def deliver(client, state) -> None:
