@@ -87,7 +87,8 @@ def resume_and_check(data: Path, root: Path) -> None:
     exp = client.get_experiment_by_name("pouta")
     every = client.search_runs([exp.experiment_id])
     trials = [r for r in every if r.data.tags.get("pouta.kind") == "trial"]
-    assert len(trials) == len(CATEGORIES) * SAMPLES            # every trial once, no duplicate run
+    assert len(trials) == len(CATEGORIES) * (SAMPLES + 1)      # every trial once (+ each default), no duplicate
+    assert sum(r.data.tags.get("pouta.default") == "true" for r in trials) == len(CATEGORIES)
     assert all(r.info.status == "FINISHED" for r in every)
     for run in trials:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_pixel_ap")]

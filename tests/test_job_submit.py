@@ -19,6 +19,8 @@ from conftest import small_args
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer, ray_head
 
+from orchestrator.tracking.models import download_checkpoint
+from pouta_core.checkpoint import load_state
 from pouta_core.data.demo import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +93,7 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
     storage = tmp_path / "ray-results"
     entry = ["pouta", "sweep", "--space", "search_spaces/mss_lambdas.yaml", "--data-root", str(data),
              "--dataset", "mvtec", "--categories", "tiles,pills", "--num-samples", "2", "--max-concurrent", "2",
+             "--no-default-trial",
              "--storage-path", str(storage), "--tracking-uri", cluster["mlflow"],
              "--experiment", "job-test", "--name", "job-test", *SMALL]
     job_id = submit(cluster, entry, {"env_vars": {"POUTA_GIT_COMMIT": "job-commit-abc"}})
@@ -122,7 +125,11 @@ def test_sweep_submitted_with_ray_job_submit_lands_in_mlflow(cluster, tmp_path):
         assert str(model.aliases.get("challenger")) == "1"
         version = client.get_model_version_by_alias(f"pouta-mvtec-{category}", "challenger")
         assert version.run_id in {c.info.run_id for c in children}
-        assert {"heatmaps.png", "checkpoint"} <= {a.path for a in client.list_artifacts(version.run_id)}
+        assert "heatmaps.png" in {a.path for a in client.list_artifacts(version.run_id)}
+        # The version's weights, through the server (mlflow-artifacts:), as --model models:/ reads them.
+        local = download_checkpoint(f"models:/{version.name}/{version.version}", cluster["mlflow"],
+                                    tmp_path / "weights" / category)
+        assert "model" in load_state(local) and "optimizer" not in load_state(local)
         steps = [m.step for m in client.get_metric_history(version.run_id, "val_pixel_ap")]
         assert steps == list(range(1, len(steps) + 1))   # epochs as steps, no duplicates (ASHA may stop at 1)
 
@@ -140,7 +147,8 @@ def test_a_server_that_refuses_the_host_name_stops_the_sweep_at_once(tmp_path):
         started = time.monotonic()
         out = subprocess.run(
             [str(BIN / "pouta"), "sweep", "--space", "mss_lambdas", "--data-root", str(data), "--dataset", "mvtec",
-             "--categories", "tiles", "--num-samples", "1", "--storage-path", str(tmp_path / "ray-results"),
+             "--categories", "tiles", "--num-samples", "1", "--no-default-trial",
+             "--storage-path", str(tmp_path / "ray-results"),
              "--tracking-uri", by_name, "--name", "refused", *SMALL],
             capture_output=True, text=True, timeout=120, cwd=tmp_path,
             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
@@ -164,6 +172,7 @@ def test_ray_job_stop_leaves_no_mlflow_run_running(cluster, tmp_path):
     experiment = "stopped"
     entry = ["pouta", "sweep", "--space", "mss_lambdas", "--data-root", str(data), "--dataset", "mvtec",
              "--categories", "tiles", "--num-samples", "2", "--max-concurrent", "2",
+             "--no-default-trial",
              "--storage-path", str(tmp_path / "ray-results"), "--tracking-uri", cluster["mlflow"],
              "--experiment", experiment, "--name", "stop-test", *small_args(epochs=400)]
     job_id = submit(cluster, entry, {})

@@ -21,6 +21,7 @@ def start_sweep(tmp_path: Path, url: str, name: str, *, samples: int, epochs: in
     generate(data, categories=1, image_size=32, n_train=6, n_test_good=2, n_test_defect=2)
     argv = [str(BIN / "pouta"), "sweep", "--space", "mss_lambdas", "--data-root", str(data), "--dataset", "mvtec",
             "--categories", "tiles", "--num-samples", str(samples), "--max-concurrent", "1", "--scheduler", "none",
+            "--no-default-trial",
             "--storage-path", str(tmp_path / "ray-results"), "--tracking-uri", url, "--name", name, *extra,
             *small_args(epochs=epochs)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

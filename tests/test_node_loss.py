@@ -48,6 +48,7 @@ def test_a_trial_on_a_lost_node_continues_on_the_other(tmp_path):
             # -v: Ray's worker output on the console, where the trial's PID is read from.
             [sys.executable, "-m", "orchestrator.cli", "-v", "sweep", "--space", "mss_lambdas",
              "--data-root", str(data), "--dataset", "mvtec", "--categories", "tiles", "--num-samples", "1",
+             "--no-default-trial",
              "--max-concurrent", "1",
              "--scheduler", "none", "--storage-path", str(tmp_path / "ray"), "--ray-address", head["address"],
              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--name", "lost",

@@ -24,6 +24,10 @@ def test_an_asha_stopped_trial_is_pruned_in_its_study_and_a_full_one_complete(tm
     sweep = sweep_search(search_spaces.load("mss_lambdas"), configs, [("val_pixel_ap", "max")], run_name="p", seed=0,
                          num_samples=3, scheduler="asha", storage_url=storage, resume=False)
     search = sweep.search_alg
+    # The category's default first: the base config, outside the study (issue 30).
+    assert search.suggest("d") == {"category": "tiles", "sampled": {}, "default": True}
+    search.on_trial_complete("d", report(search, "d", [0.5, 0.5, 0.5, 0.5]))
+    assert optuna.load_study(study_name="p-tiles", storage=storage).trials == []
     assert search.suggest("a")["category"] == search.suggest("b")["category"] == "tiles"
     search.on_trial_complete("a", report(search, "a", [0.1, 0.2]))             # stopped at epoch 2 of 4
     search.on_trial_complete("b", report(search, "b", [0.1, 0.2, 0.3, 0.4]))   # trained its 4 epochs
@@ -35,6 +39,32 @@ def test_an_asha_stopped_trial_is_pruned_in_its_study_and_a_full_one_complete(tm
     report(search, "c", [0.1])
     search.on_trial_complete("c", None, error=True)
     assert optuna.load_study(study_name="p-tiles", storage=storage).trials[2].state == TrialState.FAIL
+    assert search.suggest("e") == "FINISHED" and sweep.num_samples == 4     # 3 searched + the default
+
+
+def test_asha_never_stops_the_default_trial(local_ray, tmp_path):
+    # The weakest trial, last in line, is the default: ASHA would stop it at the first rung
+    # (as it does the two others below the median); it trains to its end, the reference.
+    from ray import tune
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.execution.tune_parts import PerCategoryScheduler
+
+    def scripted(config):
+        for epoch in range(1, 5):
+            tune.report({"epoch": epoch, "val_pixel_ap": config["value"] * epoch})
+
+    scheduler = PerCategoryScheduler(lambda c: ASHAScheduler(time_attr="epoch", max_t=4, grace_period=1,
+                                                             reduction_factor=2), ["tiles"])
+    tune.Tuner(scripted, param_space={"category": "tiles", "value": tune.grid_search([0.4, 0.3, 0.2, 0.1]),
+                                      "default": tune.sample_from(lambda spec: spec.config.value == 0.1)},
+               tune_config=tune.TuneConfig(metric="val_pixel_ap", mode="max", scheduler=scheduler,
+                                           max_concurrent_trials=1),
+               run_config=tune.RunConfig(name="asha-default", storage_path=str(tmp_path), verbose=0)).fit()
+    trials = ExperimentAnalysis(str(tmp_path / "asha-default")).trials
+    epochs = {t.config["value"]: t.last_result["epoch"] for t in trials}
+    assert epochs == {0.4: 4, 0.3: 1, 0.2: 1, 0.1: 4}
 
 
 def test_trials_of_several_workers_are_bounded_by_what_the_cluster_holds():
@@ -250,6 +280,7 @@ def test_studies_on_a_network_filesystem_are_a_journal_and_sqlite_there_is_refus
     space = search_spaces.load("mss_lambdas")
     first = sweep_search(space, configs, [("val_pixel_ap", "max")], run_name="exp", seed=0, num_samples=2,
                          scheduler="none", storage_url=url, resume=False)
+    assert first.search_alg.suggest("default")["default"]      # the default first, outside the study
     first.search_alg.suggest("a")
     first.search_alg.on_trial_complete("a", report(first.search_alg, "a", [0.3, 0.5]))
     first.search_alg.suggest("b")   # asked, never told: its driver died

@@ -40,6 +40,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import search_spaces
     from orchestrator.commands.sweep import check_category_sets, parse_objectives, run_sweep
+    from orchestrator.execution.reference import Reference
     from orchestrator.plan import both_splits
     from orchestrator.spec import short
     from orchestrator.tracking import report
@@ -52,11 +53,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     best_out = args.best_out or str(Path(args.storage_path) / f"{plan.run_name}-best.yaml")
     if args.dry_run:
         print(f"would sweep {space.path.name} ({', '.join(space.keys)}) on {', '.join(plan.categories)}, "
-              f"{args.num_samples} trial(s) each" + category_sets_note(plan))
+              f"{args.num_samples} trial(s) each" + ("" if space.has_grid or not args.default_trial else
+                                                     " after its default") + category_sets_note(plan))
         return 0
+    if not 0.5 <= args.confidence < 1 or args.bootstrap_resamples < 100:
+        raise ConfigError("--confidence must be in [0.5, 1) and --bootstrap-resamples >= 100")
     summary = run_sweep(plan, space, num_samples=args.num_samples, scheduler=args.scheduler,
                         study_storage=args.study_storage, resume=args.resume, objectives=objectives,
-                        best_out=best_out)
+                        best_out=best_out, reference=Reference(args.confidence, args.bootstrap_resamples,
+                                                               default_trials=args.default_trial))
     keys = both_splits([k for k, _ in objectives] + ["image_auroc", "pixel_auroc", "pixel_ap"])
     if space.has_grid:
         print_grid(summary, space, keys)
@@ -68,6 +73,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"best {category}: {changed}")
         for point in e.get("pareto", []):
             print(f"pareto {category}: " + ", ".join(f"{k}={point[k]:.4f}" for k, _ in objectives))
+        if "versus_default" in e:
+            print(e["versus_default"]["line"])
     print(f"best configs written to {best_out}; report (trials table, plots) in "
           f"{report.folder(Path(best_out).parent, plan.run_name)} and on the MLflow parent run")
     mlflow_hint(args)
@@ -156,7 +163,8 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("--space", required=True, help="search space YAML (or a bundled name: mss_lambdas, ...)")
     add_cluster_args(p, None)
     add_config_args(p)
-    p.add_argument("--num-samples", type=int, default=8, help="trials per category")
+    p.add_argument("--num-samples", type=int, default=8,
+                   help="searched trials per category (an Optuna sweep also trains each category's default first)")
     p.add_argument("--metric", default="pixel_ap")
     p.add_argument("--mode", default="max", choices=["max", "min"])
     p.add_argument("--scheduler", choices=["asha", "none"],
@@ -167,6 +175,13 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the experiment and studies of --name (refused if its definition differs)")
     p.add_argument("--objectives", help="multi-objective, e.g. pixel_ap:max,latency_ms:min (Pareto front)")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="the chosen config is registered only when a paired bootstrap over the validation images "
+                   "finds it better than the category's default trial with this probability; else the default is")
+    p.add_argument("--bootstrap-resamples", type=int, default=1000)
+    p.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=True,
+                   help="train each category's base config first and register the chosen config only when it beats "
+                   "it (default); --no-default-trial registers the best trial on its validation value alone")
     p.add_argument("--best-out", help="YAML of the best config per category (default: in --storage-path)")
     p.add_argument("--dry-run", action="store_true", help="check the space, arguments and data, run nothing")
     p.set_defaults(func=_cmd_sweep)
@@ -181,6 +196,9 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("--confidence", type=float, default=0.95,
                    help="and be better in at least this share of paired bootstrap resamples of the images")
     p.add_argument("--bootstrap-resamples", type=int, default=1000)
+    p.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=True,
+                   help="train each category's base config first and register the chosen config only when it beats "
+                   "it (default); --no-default-trial registers the best trial on its validation value alone")
     p.add_argument("--metric", default="pixel_ap", choices=["pixel_ap", "pixel_auroc", "image_auroc"],
                    help="validation metric of the gate and of --params-from best")
     p.add_argument("--force", action="store_true", help="retrain every category, changed or not")

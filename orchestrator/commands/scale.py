@@ -290,7 +290,9 @@ def bench_scale(categories: int = 15, trials: int = 64, nodes: int = 3, gpus_per
                  "--dataset", "mvtec", "--categories", "all", "--num-samples", str(trials), "--scheduler", "none",
                  "--gpus-per-worker", "1", "--max-concurrent", str(slots), "--storage-path", str(root / "ray-results"),
                  "--tracking-uri", mlflow_url, "--experiment", EXPERIMENT, "--name", run_name, "--preset", "tiny",
-                 *config]
+                 # N searched trials per category, as before default trials existed (issue 30) and
+                 # as the older checkouts --code runs have them: the figures stay comparable.
+                 *config, *([] if code else ["--no-default-trial"])]
         sampler.start()
         start = time.time()
         status = run_job(procs, cluster["dashboard"], runtime_env, entry, timeout_s)

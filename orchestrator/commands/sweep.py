@@ -19,6 +19,7 @@ from ray import tune
 from orchestrator import tracking
 from orchestrator.execution import tuner
 from orchestrator.execution.cluster import init_ray
+from orchestrator.execution.reference import Reference, versus_default
 from orchestrator.execution.results import choose
 from orchestrator.execution.scheduling import (
     check_study_storage,
@@ -64,9 +65,11 @@ def check_category_sets(plan: Plan, space: SearchSpace) -> None:
 
 def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: str | None,
               study_storage: str | None, resume: bool, objectives: list[tuple[str, str]],
-              best_out: str | None = None) -> dict[str, Any]:
+              best_out: str | None = None, reference: Reference | None = None) -> dict[str, Any]:
     """Search every category at once in one Tune experiment: one Optuna study (or grid) and one
-    ASHA per category, all sharing ``plan.max_concurrent`` trial slots. -> summary per category."""
+    ASHA per category, all sharing ``plan.max_concurrent`` trial slots; each study starts with
+    the category's default, which the chosen trial must beat (``reference``) to be registered.
+    -> summary per category."""
     multi = len(objectives) > 1
     # A grid is an experiment: every point trains to full length unless --scheduler asha asks.
     scheduler = scheduler or ("none" if multi or space.has_grid else "asha")
@@ -100,7 +103,8 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     if storage_url is None and not space.has_grid:
         storage_url = default_study_storage(plan.storage_path, plan.run_name)
     search = sweep_search(space, configs, objectives, run_name=plan.run_name, seed=plan.base.seed,
-                          num_samples=num_samples, scheduler=scheduler, resume=resume, storage_url=storage_url)
+                          num_samples=num_samples, scheduler=scheduler, resume=resume, storage_url=storage_url,
+                          default_trials=reference is None or reference.default_trials)
     metric, mode = objectives[0]
     tune_config = tune.TuneConfig(
         metric=None if multi else metric, mode=None if multi else mode,
@@ -115,6 +119,8 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     fail_dangling_optuna_trials(search)
     chosen = choose(results, list(plan.categories), objectives, keys,
                     point_of=grid_point(space) if space.has_grid and not multi else None)
+    if not space.has_grid:
+        chosen = versus_default(plan, configs, chosen, objectives, reference or Reference())
     summary = register_choices(plan, parent.callback, chosen, keys, kind="sweep")
     folder = report.folder(Path(best_out).parent if best_out else plan.storage_path, plan.run_name)
     studies = open_study_storage(search.storage_url) if search.storage_url else None
@@ -123,5 +129,8 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     tracking.finish(parent.client, parent.run_id, ok=not any("error" in e for e in summary.values()))
     if best_out:
         best_configs = {c: e["config"] for c, e in summary.items() if "config" in e}
-        atomic_write(Path(best_out), lambda fh: fh.write(yaml.safe_dump(best_configs, sort_keys=False).encode()))
+        # Which config each category got, and why, as comments: the file stays {category: config}.
+        lines = "".join(f"# {e['versus_default']['line']}\n" for e in summary.values() if "versus_default" in e)
+        text = lines + yaml.safe_dump(best_configs, sort_keys=False)
+        atomic_write(Path(best_out), lambda fh: fh.write(text.encode()))
     return summary

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from ray.tune import Callback
 
-from orchestrator.spec import SAMPLED, decode_sampled, short
+from orchestrator.spec import DEFAULT_TRIAL, SAMPLED, decode_sampled, short
 
 
 class ProgressPrinter(Callback):
@@ -43,6 +43,8 @@ class ProgressPrinter(Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         values = decode_sampled((trial.config or {}).get(SAMPLED, {}))
         shown = " ".join(f"{k}={short(v)}" for k, v in values.items())
+        if (trial.config or {}).get(DEFAULT_TRIAL):
+            shown = "default (the base config: what the sweep's choice is compared with)"
         self._print(f"{self._category(trial):8} {trial.trial_id} started   {shown}".rstrip())
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

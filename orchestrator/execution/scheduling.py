@@ -23,7 +23,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from ray import tune
 from ray.tune.search import Searcher
 
-from orchestrator.spec import SAMPLED
+from orchestrator.spec import DEFAULT_TRIAL, SAMPLED
 from pouta_core.config import Config, ConfigError
 from search_spaces import SearchSpace
 
@@ -45,10 +45,16 @@ class _PickledState:
 class CategorySearch(_PickledState, Searcher):
     """``searchers[category]`` proposes that category's trials; ``budget[category]`` trials
     each. The next trial goes to the category with the fewest trials started so far, so the
-    studies advance together and none waits for another to finish."""
+    studies advance together and none waits for another to finish.
+
+    Each category's first trial is its **default** (issue 30): the base config, the preset's
+    values of the searched keys, labelled ``default`` in its config. It counts in the budget
+    (``--num-samples`` searched trials + 1) and stays outside the Optuna study: TPE neither
+    proposed it nor learns from it; it is what the chosen trial is compared with
+    (:mod:`orchestrator.execution.reference`)."""
 
     def __init__(self, searchers: dict[str, Searcher], budget: dict[str, int], metric: Any, mode: Any,
-                 epochs: Mapping[str, int] | None = None) -> None:
+                 epochs: Mapping[str, int] | None = None, default_trials: bool = True) -> None:
         super().__init__(metric=metric, mode=mode)
         self.searchers = searchers
         self.budget = dict(budget)
@@ -56,11 +62,17 @@ class CategorySearch(_PickledState, Searcher):
         self.category_of: dict[str, str] = {}   # Tune trial id -> category
         self.epochs = dict(epochs or {})        # category -> its config's epochs (unless sampled)
         self.epochs_of: dict[str, int] = {}     # Tune trial id -> the epochs it was to train
+        # Categories whose default trial has not started; an experiment restored from before
+        # default trials keeps this (the restored state has no such key) and gets its defaults.
+        self.defaults_pending = set(budget) if default_trials else set()
+        self.defaults: dict[str, str] = {}      # Tune trial id -> category, of default trials
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True   # every per-category searcher was built with its metric, mode and space
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        if trial_id in self.defaults:
+            return {"category": self.defaults[trial_id], SAMPLED: {}, DEFAULT_TRIAL: True}
         if trial_id in self.category_of:   # asked again for a trial it already placed
             category = self.category_of[trial_id]
             return {"category": category, **(self.searchers[category].suggest(trial_id) or {})}
@@ -68,7 +80,12 @@ class CategorySearch(_PickledState, Searcher):
         if not open_categories:
             return Searcher.FINISHED
         for category in sorted(open_categories, key=lambda c: self.started[c]):
-            params = self.searchers[category].suggest(trial_id)
+            if category in self.defaults_pending:
+                self.defaults_pending.discard(category)
+                self.defaults[trial_id] = category
+                params = {SAMPLED: {}, DEFAULT_TRIAL: True}
+            else:
+                params = self.searchers[category].suggest(trial_id)
             if params is None or params == Searcher.FINISHED:
                 continue
             self.started[category] += 1
@@ -79,7 +96,7 @@ class CategorySearch(_PickledState, Searcher):
         return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self.category_of:
+        if trial_id not in self.category_of or trial_id in self.defaults:
             return
         try:
             self.searchers[self.category_of[trial_id]].on_trial_result(trial_id, result)
@@ -89,7 +106,7 @@ class CategorySearch(_PickledState, Searcher):
             log.info("trial %s: its Optuna trial is already finished; result not reported again", trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self.category_of:
+        if trial_id not in self.category_of or trial_id in self.defaults:
             return
         searcher = self.searchers[self.category_of[trial_id]]
         if not error and result and self._stopped_early(trial_id, result) and _prune(searcher, trial_id):
@@ -147,7 +164,7 @@ class SweepSearch:
 
 def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: list[tuple[str, str]], *,
                  run_name: str, seed: int, num_samples: int, scheduler: str, storage_url: str | None,
-                 resume: bool) -> SweepSearch:
+                 resume: bool, default_trials: bool = True) -> SweepSearch:
     """One Optuna study per category (``<run_name>-<category>``, seeded per category), or every
     grid point of every category for a grid space, once per seed. With ``scheduler`` ``asha``
     the searcher knows each category's epochs, to tell a trial ASHA stopped from a finished one.
@@ -165,9 +182,12 @@ def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: 
     searchers = {c: optuna_search(space, objectives, storage_url, studies[c],
                                   # One seeded sampler per category: categories do not all try the same points.
                                   zlib.crc32(f"{seed}:{c}".encode()), resume) for c in categories}
-    search = CategorySearch(searchers, dict.fromkeys(categories, num_samples), **metric_and_mode(objectives),
-                            epochs={c: configs[c].epochs for c in categories} if scheduler == "asha" else None)
-    return SweepSearch({}, num_samples * len(categories), search, storage_url, studies)
+    # Each category's default trial, then num_samples searched ones.
+    per_category = num_samples + int(default_trials)
+    search = CategorySearch(searchers, dict.fromkeys(categories, per_category), **metric_and_mode(objectives),
+                            epochs={c: configs[c].epochs for c in categories} if scheduler == "asha" else None,
+                            default_trials=default_trials)
+    return SweepSearch({}, per_category * len(categories), search, storage_url, studies)
 
 
 def metric_and_mode(objectives: list[tuple[str, str]]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import ray
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher, SearchGenerator
 
-from orchestrator.spec import Resources
+from orchestrator.spec import DEFAULT_TRIAL, Resources
 from pouta_core.config import Config
 from search_spaces import SearchSpace
 
@@ -223,7 +223,12 @@ class PerCategoryScheduler(ResumingScheduler):
         self._of(trial).on_trial_error(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return self._of(trial).on_trial_result(tune_controller, trial, result)
+        decision = self._of(trial).on_trial_result(tune_controller, trial, result)
+        # The default trial is the reference the chosen one is compared with: it trains to
+        # its end (its results still set the rungs the others are judged on).
+        if decision == TrialScheduler.STOP and trial.config.get(DEFAULT_TRIAL):
+            return TrialScheduler.CONTINUE
+        return decision
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         self._of(trial).on_trial_complete(tune_controller, trial, result)

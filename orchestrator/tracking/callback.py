@@ -14,7 +14,7 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator import tracking
-from orchestrator.spec import CHECKPOINT_EPOCH, SAMPLED, TrialSpec
+from orchestrator.spec import CHECKPOINT_EPOCH, DEFAULT_TRIAL, SAMPLED, TrialSpec
 from orchestrator.tracking.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 ARTIFACTS = ("config.yaml", "metrics.json", "heatmaps.png", "val_files.json")
 TAG_CHECKPOINT = "pouta.checkpoint"
 TAG_CHECKPOINT_EPOCH = "pouta.checkpoint_epoch"   # the epoch those weights are of
+TAG_DEFAULT = "pouta.default"   # "true" on a sweep's default trial (the base config)
 
 
 def trial_artifacts(checkpoint_dir: Path) -> list[Path]:
@@ -107,9 +108,11 @@ class MlflowTrialCallback(Callback):
         tags = {**self.tags, tracking.TAG_KIND: "trial", "pouta.category": category, "dataset": dataset,
                 "category": category, "variant": config.variant,
                 tracking.TAG_SELECTION: tracking.selection_tag(config.val_split),
-                tracking.TAG_FINGERPRINT: self.fingerprints.get(category, "unknown")}
+                tracking.TAG_FINGERPRINT: self.fingerprints.get(category, "unknown"),
+                **({TAG_DEFAULT: "true"} if trial.config.get(DEFAULT_TRIAL) else {})}
         params = {**config.to_dict(), "category": category, "dataset": dataset}
-        name, parent = f"{category}-{trial.trial_id}", self.parent_run_id
+        suffix = "-default" if trial.config.get(DEFAULT_TRIAL) else ""
+        name, parent = f"{category}-{trial.trial_id}{suffix}", self.parent_run_id
         known = self.run_ids.get(key)
         # Only a trial this driver did not start can have a run it does not know (a driver killed
         # between creating the run and Tune saving its state): only then is the run searched for.

@@ -45,7 +45,8 @@ def register_choices(plan: Plan, cb: MlflowTrialCallback, chosen: dict[str, dict
             continue
         sampled = best["config"].get(SAMPLED, {})
         name, version = register_best(plan, cb, category, best["trial_id"], best["checkpoint"],
-                                      searched=decode_sampled(sampled), kind=kind)
+                                      searched=decode_sampled(sampled), kind=kind,
+                                      note=(entry.get("versus_default") or {}).get("line"))
         summary[category] = {**entry, "best": {k: best.get(k) for k in ["trial_id", "epoch", *keys]},
                              "config": cb.spec.config_for(category, sampled).to_dict(),   # what it trained with
                              "registered_model": name, "version": version}
@@ -91,7 +92,7 @@ def log_image_model(state: dict[str, Any], registered_model_name: str | None = N
 
 def describe_version(client, name: str, version: str, *, category: str, fingerprint: str,
                      metrics: dict[str, float], searched: dict[str, Any], source: str, parent_run_id: str,
-                     selection: str) -> None:
+                     selection: str, note: str | None = None) -> None:
     """Tags and a Markdown description on a model version, so its page in the MLflow UI says
     what it is and why it was chosen: category, data fingerprint, validation metrics (the
     choice) and test metrics (reported only), the searched values, and the source run."""
@@ -109,9 +110,10 @@ def describe_version(client, name: str, version: str, *, category: str, fingerpr
 
     rows = "\n".join(f"| {k} | {cell(metrics.get(f'val_{k}'))} | {cell(metrics.get(f'test_{k}'))} |" for k in shown)
     values = ", ".join(f"`{k}={short(v)}`" for k, v in searched.items()) or "the base config (nothing searched)"
+    against = f"Against the sweep's default: {note.split(': ', 1)[-1]}.\n\n" if note else ""
     description = (f"POUTA model for **{category}**, chosen by {source} on the **{selection}** split "
                    f"(parent run `{parent_run_id}`).\n\n| metric | validation (chosen on) | test (reported) |\n"
-                   f"|---|---|---|\n{rows}\n\nSearched values: {values}.\n\n"
+                   f"|---|---|---|\n{rows}\n\nSearched values: {values}.\n\n{against}"
                    f"Training data fingerprint: `{fingerprint[:16]}`.\n\nServe it with `pouta serve --model "
                    f"models:/{name}/{version}`: base64 images in (column `image`), per image `score`, `anomalous`, "
                    f"`threshold` and `map` out (params `threshold`, `map_size`). `pouta predict --model "
@@ -120,7 +122,8 @@ def describe_version(client, name: str, version: str, *, category: str, fingerpr
 
 
 def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: str, checkpoint: str,
-                  searched: dict[str, Any] | None = None, kind: str = "launch") -> tuple[str, str]:
+                  searched: dict[str, Any] | None = None, kind: str = "launch", note: str | None = None
+                  ) -> tuple[str, str]:
     """Log the checkpoint as an image-serving pyfunc into its trial's MLflow run
     (:func:`log_image_model`: weights and threshold, no
     optimizer state), register it as ``pouta-<dataset>-<category>`` and point ``challenger``
@@ -143,6 +146,6 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     client.set_registered_model_alias(name, tracking.CHALLENGER, version)
     describe_version(client, name, version, category=category, fingerprint=cb.fingerprints.get(category, ""),
                      metrics=state.get("metrics", {}), searched=searched or {}, source=f"{kind} {plan.run_name}",
-                     parent_run_id=cb.parent_run_id, selection=tracking.selection_tag(config.val_split))
+                     parent_run_id=cb.parent_run_id, selection=tracking.selection_tag(config.val_split), note=note)
     tracking.finish(client, run_id)
     return name, version

@@ -33,7 +33,7 @@ def _cell(v: Any) -> str:
 
 def table(summary: dict[str, dict[str, Any]], keys: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
     """-> (columns, one row per trial of every category)."""
-    from orchestrator.spec import SAMPLED
+    from orchestrator.spec import DEFAULT_TRIAL, SAMPLED
 
     searched: list[str] = []
     rows = []
@@ -44,9 +44,10 @@ def table(summary: dict[str, dict[str, Any]], keys: list[str]) -> tuple[list[str
             searched += [k for k in values if k not in searched]
             rows.append({"category": category, "trial_id": r.get("trial_id"),
                          "chosen": "yes" if r.get("trial_id") == chosen and chosen else "",
+                         "default": "yes" if (r.get("config") or {}).get(DEFAULT_TRIAL) else "",
                          "epoch": r.get("epoch"), **values, **{k: r.get(k) for k in keys},
                          "error": (r.get("error") or "").splitlines()[0] if r.get("error") else ""})
-    return ["category", "trial_id", "chosen", "epoch", *searched, *keys, "error"], rows
+    return ["category", "trial_id", "chosen", "default", "epoch", *searched, *keys, "error"], rows
 
 
 def _csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
@@ -57,19 +58,28 @@ def _csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _markdown(title: str, columns: list[str], rows: list[dict[str, Any]]) -> str:
-    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+def _markdown(title: str, columns: list[str], rows: list[dict[str, Any]], notes: list[str] = ()) -> str:
+    lines = [f"# {title}", "", *(f"- {n}" for n in notes), *([""] if notes else []),
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
+VERSUS_DEFAULT = ("delta", "low", "high", "p_better")
+
+
 def best_metrics(summary: dict[str, dict[str, Any]], keys: list[str]) -> dict[str, float]:
-    """``best_<split>_<metric>.<category>`` of each category's chosen trial."""
+    """``best_<split>_<metric>.<category>`` of each category's chosen trial, and
+    ``vs_default_<delta|low|high|p_better>.<category>`` where it was compared with the default."""
     out = {}
     for category, entry in summary.items():
         for k, v in (entry.get("best") or {}).items():
             if k in keys and isinstance(v, int | float) and math.isfinite(v):
                 out[f"best_{k}.{category}"] = float(v)
+        verdict = entry.get("versus_default") or {}
+        for k in VERSUS_DEFAULT if verdict.get("compared") else ():
+            if math.isfinite(verdict[k]):
+                out[f"vs_default_{k}.{category}"] = float(verdict[k])
     return out
 
 
@@ -122,7 +132,8 @@ def write(folder: Path, title: str, summary: dict[str, dict[str, Any]], keys: li
     folder.mkdir(parents=True, exist_ok=True)
     columns, rows = table(summary, keys)
     atomic_write(folder / "trials.csv", lambda fh: fh.write(_csv(columns, rows).encode()))
-    atomic_write(folder / "trials.md", lambda fh: fh.write(_markdown(title, columns, rows).encode()))
+    notes = [e["versus_default"]["line"] for e in summary.values() if "line" in e.get("versus_default", {})]
+    atomic_write(folder / "trials.md", lambda fh: fh.write(_markdown(title, columns, rows, notes).encode()))
     files = [folder / "trials.csv", folder / "trials.md"]
     if study_storage is not None and study_names:
         files += study_plots(study_storage, study_names, objectives or [], folder)
