@@ -196,7 +196,17 @@ class Plan:
                          category_values={c: v for c, v in values.items() if v})
 
     def fingerprints(self) -> dict[str, str]:
-        """Each category's training-data fingerprint (tags on runs and model versions)."""
+        """Each category's training-data fingerprint (tags on runs and model versions). Each
+        category's selection split is made here too (file names only, no decoding): a
+        ``val_ratio`` that leaves a part without a good and an anomalous image fails in one
+        line before anything starts, not in every trial (it was each trial's error, exit 5)."""
+        from pouta_core.data import read_split
+        from pouta_core.data.validation import split_for_selection
+
+        for c in self.categories:
+            config = self.config_for(c)
+            split_for_selection(read_split(self.data.root, self.data.dataset, c), self.data.root, config.val_split,
+                                config.val_ratio, where=f"{self.data.root} [{c}]")
         return {c: api.fingerprint_category(self.data.root, self.data.dataset, c) for c in self.categories}
 
 

@@ -59,3 +59,17 @@ def test_a_bad_category_set_fails_in_one_line_before_anything_starts(data, tmp_p
     err = capsys.readouterr().err.strip()
     assert code == 2 and "mss_lambdas.yaml searches this key" in err
     assert not (tmp_path / "ray").exists()
+
+
+def test_a_val_ratio_one_category_cannot_split_fails_in_one_line_before_anything_starts(data, tmp_path, capsys):
+    # pills's 4 test images (1 good) cannot give 0.95 to validation and keep a good and an
+    # anomalous image for test: said once, naming the category, before Ray or MLflow start
+    # (it was every trial's error, exit 5).
+    for command in (["launch"], ["sweep", "--space", "mss_lambdas"]):
+        code = cli.main([*command, "--data-root", str(data), "--dataset", "mvtec", "--preset", "tiny",
+                         "--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                         "--category-set", "pills:val_ratio=0.95"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"{data} [pills]: val_ratio=0.95 leaves the test part without a good and an anomalous image" in err
+        assert not (tmp_path / "ray").exists() and not (tmp_path / "m.db").exists()
