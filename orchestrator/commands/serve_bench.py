@@ -42,16 +42,19 @@ def _rate(fn, images: list[str], batch: int) -> tuple[float, int]:
     return len(images) / (time.perf_counter() - start), sent
 
 
-def _tiny_model(root: Path, image_size: int, count: int) -> tuple[Path, list[Path]]:
+def _images_and_model(root: Path, image_size: int, count: int, train: bool) -> tuple[Path, list[Path]]:
+    """Generated demo images to score, and (with ``train``) a tiny model trained one epoch on
+    them -> (its run folder, the image files)."""
     from pouta_core import api
     from pouta_core.config import Config
     from pouta_core.data.demo import generate
 
     generate(root / "data", categories=1, image_size=image_size, n_train=8, n_test_good=count // 2,
              n_test_defect=max(1, count // 6))
-    config = Config.from_preset("tiny", ["epochs=1", "eval_every=1", "checkpoint_every=1", "lr_milestones=[]"])
-    api.train(config, data_root=root / "data", dataset="mvtec", category="tiles", out=root / "run", device="cpu",
-              progress=False)
+    if train:   # --model names the model to serve: nothing to train
+        config = Config.from_preset("tiny", ["epochs=1", "eval_every=1", "checkpoint_every=1", "lr_milestones=[]"])
+        api.train(config, data_root=root / "data", dataset="mvtec", category="tiles", out=root / "run", device="cpu",
+                  progress=False)
     return root / "run", sorted((root / "data" / "tiles" / "test").glob("*/*.png"))[:count]
 
 
@@ -65,7 +68,7 @@ def bench_serve(*, model: str | None, tracking_uri: str | None, images: int, ima
 
     with tempfile.TemporaryDirectory(prefix="pouta-bench-serve-") as tmp:
         root = Path(tmp)
-        run, files = _tiny_model(root, image_size, images)
+        run, files = _images_and_model(root, image_size, images, train=model is None)
         ref = model or str(run)
         with resolved(ref, tracking_uri) as checkpoint:
             folder = save_served_model(checkpoint, root / "served")
