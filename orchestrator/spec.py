@@ -24,6 +24,7 @@ from pouta_core.config import Config
 SAMPLED = "sampled"   # param_space key holding the searched config values
 CHECKPOINT_EPOCH = "checkpoint_epoch"   # reported by every trial: the epoch of its latest checkpoint
 DEFAULT_TRIAL = "default"   # in a trial's config: True for the sweep's reference trial, the base config
+CONFIRM_OF = "confirm_of"   # in a trial's config: the id of the trial whose config it trains again on a fresh seed
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ pixels are sorted once per model, so one resample costs two cumulative sums.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,19 +86,31 @@ def _prepare(metric: str, ev: Evidence, labels: np.ndarray) -> tuple[_Sorted, st
     return _Sorted(maps.ravel(), truth.ravel(), owner), ("auroc" if metric == "pixel_auroc" else "average_precision")
 
 
-def paired_bootstrap(metric: str, a: Evidence, b: Evidence, labels: np.ndarray, *,
-                     resamples: int = 1000, seed: int = 0) -> BootstrapResult:
+def _side(metric: str, models: Evidence | Sequence[Evidence], labels: np.ndarray):
+    """image weights -> the mean metric of one side's models."""
+    models = [models] if isinstance(models, Evidence) else list(models)
+    if not models:
+        raise ValueError("a side of the bootstrap has no model")
+    prepared = [_prepare(metric, ev, labels) for ev in models]
+    return lambda weights: float(np.mean([getattr(s, f)(weights) for s, f in prepared]))
+
+
+def paired_bootstrap(metric: str, a: Evidence | Sequence[Evidence], b: Evidence | Sequence[Evidence],
+                     labels: np.ndarray, *, resamples: int = 1000, seed: int = 0) -> BootstrapResult:
     """A vs B on the same N images (labels (N,) 0/1, in the same order for both). Higher is
-    better for every metric here."""
+    better for every metric here.
+
+    A side may be several models (one config trained on several seeds): its value is the mean
+    of their metrics, on the original images and on each resample of them, so the interval
+    covers the images' sampling while the seeds' spread is averaged out."""
     if metric not in BOOTSTRAP_METRICS:
         raise ValueError(f"the bootstrap gate supports {', '.join(BOOTSTRAP_METRICS)}; got '{metric}'")
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     labels = np.asarray(labels).ravel()
-    sa, fa = _prepare(metric, a, labels)
-    sb, fb = _prepare(metric, b, labels)
+    side_a, side_b = _side(metric, a, labels), _side(metric, b, labels)
     ones = np.ones(len(labels))
-    value_a, value_b = getattr(sa, fa)(ones), getattr(sb, fb)(ones)
+    value_a, value_b = side_a(ones), side_b(ones)
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(labels == k) for k in (0, 1)]
     diffs = np.empty(resamples)
@@ -106,7 +119,7 @@ def paired_bootstrap(metric: str, a: Evidence, b: Evidence, labels: np.ndarray, 
         for g in groups:
             if g.size:
                 np.add.at(counts, rng.choice(g, size=g.size, replace=True), 1.0)
-        diffs[r] = getattr(sa, fa)(counts) - getattr(sb, fb)(counts)
+        diffs[r] = side_a(counts) - side_b(counts)
     diffs = diffs[np.isfinite(diffs)]
     if not diffs.size:
         return BootstrapResult(metric, value_a, value_b, float("nan"), float("nan"), 0.0, 0)

@@ -46,6 +46,22 @@ def test_a_clearly_better_model_wins_with_high_probability(case):
     assert reverse.p_better < 0.05
 
 
+def test_a_side_of_several_seeds_counts_by_its_mean(case):
+    # Issue 30: a config trained on several seeds is one side; its value is the mean of its
+    # models' metrics, on the images and on every resample of them.
+    labels, good, weak = case
+    rng = np.random.default_rng(5)
+    middling = evidence(rng, labels, 0.5)
+    pair = paired_bootstrap("pixel_ap", [good, weak], [middling], labels, resamples=100, seed=2)
+    alone = [paired_bootstrap("pixel_ap", m, middling, labels, resamples=5).a for m in (good, weak)]
+    assert pair.a == pytest.approx(np.mean(alone), abs=1e-12)
+    # a lucky seed does not make a config better than its own seeds on average
+    same = paired_bootstrap("pixel_ap", [good, weak], [weak, good], labels, resamples=100)
+    assert same.delta == 0.0 and same.p_better == 0.0
+    with pytest.raises(ValueError, match="no model"):
+        paired_bootstrap("pixel_ap", [], [good], labels)
+
+
 def test_resamples_are_seeded(case):
     labels, good, weak = case
     a = paired_bootstrap("image_auroc", good, weak, labels, resamples=50, seed=3)

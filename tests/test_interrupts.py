@@ -38,6 +38,7 @@ def sweep_args(data: Path, root: Path) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", "sweep", "--space", "mss_lambdas", "--data-root", str(data),
             "--dataset", "mvtec", "--categories", ",".join(CATEGORIES), "--num-samples", str(SAMPLES),
             "--max-concurrent", "2", "--scheduler", "none", "--storage-path", str(root / "ray"),
+            "--finalists", "1", "--confirm-seeds", "1",   # a confirmation round: 2 more trials per category
             "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--name", "stop", *SMALL]
 
 
@@ -87,8 +88,11 @@ def resume_and_check(data: Path, root: Path) -> None:
     exp = client.get_experiment_by_name("pouta")
     every = client.search_runs([exp.experiment_id])
     trials = [r for r in every if r.data.tags.get("pouta.kind") == "trial"]
-    assert len(trials) == len(CATEGORIES) * (SAMPLES + 1)      # every trial once (+ each default), no duplicate
-    assert sum(r.data.tags.get("pouta.default") == "true" for r in trials) == len(CATEGORIES)
+    # every trial once (the default, the searched ones, the finalist and default again), no duplicate
+    assert len(trials) == len(CATEGORIES) * (1 + SAMPLES + 2)
+    confirming = [r for r in trials if "pouta.confirm_of" in r.data.tags]
+    assert len(confirming) == 2 * len(CATEGORIES) and len({r.data.tags["pouta.confirm_of"] for r in confirming}) == 4
+    assert sum(r.data.tags.get("pouta.default") == "true" for r in trials) == 2 * len(CATEGORIES)
     assert all(r.info.status == "FINISHED" for r in every)
     for run in trials:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_pixel_ap")]

@@ -6,6 +6,7 @@ from optuna.trial import TrialState
 
 import search_spaces
 from orchestrator.execution.scheduling import default_study_storage, sweep_search
+from orchestrator.execution.search import SEED_STEP, Confirmation
 
 
 def report(search, trial_id: str, values: list[float]) -> dict:
@@ -22,7 +23,8 @@ def test_an_asha_stopped_trial_is_pruned_in_its_study_and_a_full_one_complete(tm
     storage = default_study_storage(str(tmp_path), "p")
     configs = {"tiles": small_config(epochs=4)}
     sweep = sweep_search(search_spaces.load("mss_lambdas"), configs, [("val_pixel_ap", "max")], run_name="p", seed=0,
-                         num_samples=3, scheduler="asha", storage_url=storage, resume=False)
+                         num_samples=3, scheduler="asha", storage_url=storage, resume=False,
+                         confirmation=Confirmation(0, 0))   # no confirmation round: the next test
     search = sweep.search_alg
     # The category's default first: the base config, outside the study (issue 30).
     assert search.suggest("d") == {"category": "tiles", "sampled": {}, "default": True}
@@ -40,6 +42,51 @@ def test_an_asha_stopped_trial_is_pruned_in_its_study_and_a_full_one_complete(tm
     search.on_trial_complete("c", None, error=True)
     assert optuna.load_study(study_name="p-tiles", storage=storage).trials[2].state == TrialState.FAIL
     assert search.suggest("e") == "FINISHED" and sweep.num_samples == 4     # 3 searched + the default
+
+
+def test_after_the_search_its_finalists_and_the_default_train_again_on_fresh_seeds(tmp_path):
+    """Issue 30, part 2: once every searched trial has ended, the best full-length ones and the
+    default are trained again, each on the same fresh seeds, outside the study; a driver that
+    dies mid-round resumes it without training anything twice, and more seeds on --resume add
+    trials."""
+    storage = default_study_storage(str(tmp_path), "c")
+    configs = {"tiles": small_config(epochs=4, seed=7)}
+    sweep = sweep_search(search_spaces.load("mss_lambdas"), configs, [("val_pixel_ap", "max")], run_name="c",
+                         seed=7, num_samples=4, scheduler="asha", storage_url=storage, resume=False,
+                         confirmation=Confirmation(finalists=2, seeds=2))
+    search = sweep.search_alg
+    assert sweep.num_samples == 5 + 3 * 2          # the most Tune may be asked for
+    assert search.suggest("d")["default"]
+    params = {t: search.suggest(t) for t in "abcx"}
+    for t, values in {"a": [0.2, 0.3, 0.4, 0.5], "b": [0.2, 0.3, 0.4, 0.6], "c": [0.5, 0.9]}.items():
+        search.on_trial_complete(t, report(search, t, values))    # c: stopped by ASHA at 2 of 4
+    search.on_trial_complete("d", report(search, "d", [0.1, 0.2, 0.3, 0.4]))
+    # x still runs: the finalists are not known yet, so nothing starts, and the sweep is not done
+    assert search.suggest("e") is None
+    search.on_trial_complete("x", report(search, "x", [0.1, 0.1, 0.1, 0.1]))
+    assert search.finalists("tiles") == ["b", "a"]          # c never trained to its end
+    first = search.suggest("e")
+    assert first == {"category": "tiles", "sampled": {"seed": 7 + SEED_STEP}, "default": True, "confirm_of": "d"}
+    search.save(str(tmp_path / "searcher.pkl"))              # the driver dies here
+
+    again = sweep_search(search_spaces.load("mss_lambdas"), configs, [("val_pixel_ap", "max")], run_name="c",
+                         seed=7, num_samples=4, scheduler="asha", storage_url=storage, resume=True,
+                         confirmation=Confirmation(finalists=2, seeds=3)).search_alg   # --resume --confirm-seeds 3
+    confirmation, seeds = again.confirmation, dict(again.seeds)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again.reconfigure(confirmation, seeds)
+    assert again.suggest("e") == first                       # Tune asks again for the trial it had
+    started = [again.suggest(f"r{i}") for i in range(8)]
+    assert again.suggest("r9") == "FINISHED"      # every seed started: nothing more to propose
+    by = {(s["confirm_of"], s["sampled"]["seed"]) for s in started}
+    assert by == {(t, 7 + k * SEED_STEP) for t in "dba" for k in (1, 2, 3)} - {("d", 7 + SEED_STEP)}
+    assert [s["confirm_of"] for s in started] == list("ddbbbaaa")   # the default's seeds first
+    assert started[2]["sampled"] == {**params["b"]["sampled"], "seed": 7 + SEED_STEP}   # b's config, a fresh seed
+    for i in range(8):
+        again.on_trial_complete(f"r{i}", {"val_pixel_ap": 0.5, "epoch": 4})
+    assert again.suggest("z") == "FINISHED"
+    # none of them is the study's: it holds the 4 searched trials alone
+    assert len(optuna.load_study(study_name="c-tiles", storage=storage).trials) == 4
 
 
 def test_asha_never_stops_the_default_trial(local_ray, tmp_path):

@@ -40,7 +40,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import search_spaces
     from orchestrator.commands.sweep import check_category_sets, parse_objectives, run_sweep
-    from orchestrator.execution.reference import Reference
+    from orchestrator.execution.reference import Reference, confirmation_cost
+    from orchestrator.execution.search import Confirmation
     from orchestrator.plan import both_splits
     from orchestrator.spec import short
     from orchestrator.tracking import report
@@ -51,17 +52,25 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     plan = make_plan(args, args.name or f"sweep-{space.path.stem}-{args.dataset}", objectives[0][0], objectives[0][1])
     check_category_sets(plan, space)
     best_out = args.best_out or str(Path(args.storage_path) / f"{plan.run_name}-best.yaml")
+    if not 0.5 <= args.confidence < 1 or args.bootstrap_resamples < 100:
+        raise ConfigError("--confidence must be in [0.5, 1) and --bootstrap-resamples >= 100")
+    if args.finalists < 0 or args.confirm_seeds < 0:
+        raise ConfigError(f"--finalists and --confirm-seeds must be >= 0, got {args.finalists} and "
+                          f"{args.confirm_seeds}")
+    reference = Reference(args.confidence, args.bootstrap_resamples, default_trials=args.default_trial,
+                          confirmation=Confirmation(args.finalists, args.confirm_seeds))
     if args.dry_run:
         print(f"would sweep {space.path.name} ({', '.join(space.keys)}) on {', '.join(plan.categories)}, "
               f"{args.num_samples} trial(s) each" + ("" if space.has_grid or not args.default_trial else
                                                      " after its default") + category_sets_note(plan))
+        if not space.has_grid:
+            print(confirmation_cost(reference, args.num_samples, len(objectives)))
         return 0
-    if not 0.5 <= args.confidence < 1 or args.bootstrap_resamples < 100:
-        raise ConfigError("--confidence must be in [0.5, 1) and --bootstrap-resamples >= 100")
+    if not space.has_grid:   # what the confirmation round costs, said before it is spent
+        print(confirmation_cost(reference, args.num_samples, len(objectives)), flush=True)
     summary = run_sweep(plan, space, num_samples=args.num_samples, scheduler=args.scheduler,
                         study_storage=args.study_storage, resume=args.resume, objectives=objectives,
-                        best_out=best_out, reference=Reference(args.confidence, args.bootstrap_resamples,
-                                                               default_trials=args.default_trial))
+                        best_out=best_out, reference=reference)
     keys = both_splits([k for k, _ in objectives] + ["image_auroc", "pixel_auroc", "pixel_ap"])
     if space.has_grid:
         print_grid(summary, space, keys)
@@ -182,6 +191,11 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=True,
                    help="train each category's base config first and register the chosen config only when it beats "
                    "it (default); --no-default-trial registers the best trial on its validation value alone")
+    p.add_argument("--finalists", type=int, default=3,
+                   help="after the search, train this many best searched configs per category and the default "
+                   "again on --confirm-seeds fresh seeds, and rank them by their mean (default 3; 0: no round)")
+    p.add_argument("--confirm-seeds", type=int, default=2,
+                   help="fresh seeds per finalist and default (default 2; 0: no confirmation round)")
     p.add_argument("--best-out", help="YAML of the best config per category (default: in --storage-path)")
     p.add_argument("--dry-run", action="store_true", help="check the space, arguments and data, run nothing")
     p.set_defaults(func=_cmd_sweep)

@@ -19,7 +19,7 @@ from ray import tune
 from orchestrator import tracking
 from orchestrator.execution import tuner
 from orchestrator.execution.cluster import init_ray
-from orchestrator.execution.reference import Reference, versus_default
+from orchestrator.execution.reference import DEFAULT, Reference, versus_default
 from orchestrator.execution.results import choose
 from orchestrator.execution.scheduling import (
     check_study_storage,
@@ -65,7 +65,7 @@ def check_category_sets(plan: Plan, space: SearchSpace) -> None:
 
 def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: str | None,
               study_storage: str | None, resume: bool, objectives: list[tuple[str, str]],
-              best_out: str | None = None, reference: Reference | None = None) -> dict[str, Any]:
+              best_out: str | None = None, reference: Reference = DEFAULT) -> dict[str, Any]:
     """Search every category at once in one Tune experiment: one Optuna study (or grid) and one
     ASHA per category, all sharing ``plan.max_concurrent`` trial slots; each study starts with
     the category's default, which the chosen trial must beat (``reference``) to be registered.
@@ -104,7 +104,7 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
         storage_url = default_study_storage(plan.storage_path, plan.run_name)
     search = sweep_search(space, configs, objectives, run_name=plan.run_name, seed=plan.base.seed,
                           num_samples=num_samples, scheduler=scheduler, resume=resume, storage_url=storage_url,
-                          default_trials=reference is None or reference.default_trials)
+                          default_trials=reference.default_trials, confirmation=reference.confirmation)
     metric, mode = objectives[0]
     tune_config = tune.TuneConfig(
         metric=None if multi else metric, mode=None if multi else mode,
@@ -120,7 +120,7 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     chosen = choose(results, list(plan.categories), objectives, keys,
                     point_of=grid_point(space) if space.has_grid and not multi else None)
     if not space.has_grid:
-        chosen = versus_default(plan, configs, chosen, objectives, reference or Reference())
+        chosen = versus_default(plan, configs, chosen, objectives, reference)
     summary = register_choices(plan, parent.callback, chosen, keys, kind="sweep")
     folder = report.folder(Path(best_out).parent if best_out else plan.storage_path, plan.run_name)
     studies = open_study_storage(search.storage_url) if search.storage_url else None

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from ray.tune import Callback
 
-from orchestrator.spec import DEFAULT_TRIAL, SAMPLED, decode_sampled, short
+from orchestrator.spec import CONFIRM_OF, DEFAULT_TRIAL, SAMPLED, decode_sampled, short
 
 
 class ProgressPrinter(Callback):
@@ -43,7 +43,9 @@ class ProgressPrinter(Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         values = decode_sampled((trial.config or {}).get(SAMPLED, {}))
         shown = " ".join(f"{k}={short(v)}" for k, v in values.items())
-        if (trial.config or {}).get(DEFAULT_TRIAL):
+        if (trial.config or {}).get(CONFIRM_OF):
+            shown = f"confirms {trial.config[CONFIRM_OF]} on fresh seed {values.get('seed')}"
+        elif (trial.config or {}).get(DEFAULT_TRIAL):
             shown = "default (the base config: what the sweep's choice is compared with)"
         self._print(f"{self._category(trial):8} {trial.trial_id} started   {shown}".rstrip())
 
@@ -52,7 +54,7 @@ class ProgressPrinter(Callback):
         value = result.get(self.metric)
         category = self._category(trial)
         note = ""
-        if isinstance(value, int | float) and value == value:
+        if isinstance(value, int | float) and value == value and not (trial.config or {}).get(CONFIRM_OF):
             old = self.best.get(category)
             if old is None or (value > old if self.mode == "max" else value < old):
                 self.best[category] = float(value)

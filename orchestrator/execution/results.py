@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import CHECKPOINT_EPOCH
+from orchestrator.spec import CHECKPOINT_EPOCH, CONFIRM_OF
 
 
 def error_line(error: BaseException | str | None) -> str:
@@ -119,7 +119,10 @@ def choose(results, categories: list[str], objectives: list[tuple[str, str]],
         entry: dict[str, Any] = {"trials": rows}
         if len(objectives) > 1:
             entry["pareto"] = pareto_front(rows, objectives)
-        best = best_checkpoint_of(best_point(rows, metric, mode, point_of) if point_of else rows, metric, mode)
+        # The search's choice; confirmation trials (a finalist's config on fresh seeds) are
+        # :mod:`orchestrator.execution.reference`'s to read.
+        searched = [r for r in rows if not (r.get("config") or {}).get(CONFIRM_OF)]
+        best = best_checkpoint_of(best_point(searched, metric, mode, point_of) if point_of else searched, metric, mode)
         chosen[category] = ({**entry, "best": best} if best
                             else {**entry, "error": "no trial finished with a checkpoint"})
     return chosen

@@ -11,7 +11,6 @@ another's.
 from __future__ import annotations
 
 import logging
-import pickle
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,135 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from optuna.exceptions import UpdateFinishedTrialError
 from ray import tune
 from ray.tune.search import Searcher
 
-from orchestrator.spec import DEFAULT_TRIAL, SAMPLED
+from orchestrator.execution.search import CategorySearch, Confirmation
+from orchestrator.spec import SAMPLED
 from pouta_core.config import Config, ConfigError
 from search_spaces import SearchSpace
 
 log = logging.getLogger(__name__)
-
-
-class _PickledState:
-    """Tune saves a searcher with its experiment state (never a scheduler): the whole object, pickled."""
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__, fh)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))
-
-
-class CategorySearch(_PickledState, Searcher):
-    """``searchers[category]`` proposes that category's trials; ``budget[category]`` trials
-    each. The next trial goes to the category with the fewest trials started so far, so the
-    studies advance together and none waits for another to finish.
-
-    Each category's first trial is its **default** (issue 30): the base config, the preset's
-    values of the searched keys, labelled ``default`` in its config. It counts in the budget
-    (``--num-samples`` searched trials + 1) and stays outside the Optuna study: TPE neither
-    proposed it nor learns from it; it is what the chosen trial is compared with
-    (:mod:`orchestrator.execution.reference`)."""
-
-    def __init__(self, searchers: dict[str, Searcher], budget: dict[str, int], metric: Any, mode: Any,
-                 epochs: Mapping[str, int] | None = None, default_trials: bool = True) -> None:
-        super().__init__(metric=metric, mode=mode)
-        self.searchers = searchers
-        self.budget = dict(budget)
-        self.started = dict.fromkeys(budget, 0)
-        self.category_of: dict[str, str] = {}   # Tune trial id -> category
-        self.epochs = dict(epochs or {})        # category -> its config's epochs (unless sampled)
-        self.epochs_of: dict[str, int] = {}     # Tune trial id -> the epochs it was to train
-        # Categories whose default trial has not started; an experiment restored from before
-        # default trials keeps this (the restored state has no such key) and gets its defaults.
-        self.defaults_pending = set(budget) if default_trials else set()
-        self.defaults: dict[str, str] = {}      # Tune trial id -> category, of default trials
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True   # every per-category searcher was built with its metric, mode and space
-
-    def suggest(self, trial_id: str) -> dict | str | None:
-        if trial_id in self.defaults:
-            return {"category": self.defaults[trial_id], SAMPLED: {}, DEFAULT_TRIAL: True}
-        if trial_id in self.category_of:   # asked again for a trial it already placed
-            category = self.category_of[trial_id]
-            return {"category": category, **(self.searchers[category].suggest(trial_id) or {})}
-        open_categories = [c for c in self.budget if self.started[c] < self.budget[c]]
-        if not open_categories:
-            return Searcher.FINISHED
-        for category in sorted(open_categories, key=lambda c: self.started[c]):
-            if category in self.defaults_pending:
-                self.defaults_pending.discard(category)
-                self.defaults[trial_id] = category
-                params = {SAMPLED: {}, DEFAULT_TRIAL: True}
-            else:
-                params = self.searchers[category].suggest(trial_id)
-            if params is None or params == Searcher.FINISHED:
-                continue
-            self.started[category] += 1
-            self.category_of[trial_id] = category
-            if category in self.epochs:
-                self.epochs_of[trial_id] = int(params.get(SAMPLED, {}).get("epochs", self.epochs[category]))
-            return {"category": category, **params}
-        return None
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self.category_of or trial_id in self.defaults:
-            return
-        try:
-            self.searchers[self.category_of[trial_id]].on_trial_result(trial_id, result)
-        except UpdateFinishedTrialError:
-            # A driver killed after the study recorded the trial's end but before Tune saved its
-            # state: the restored trial reports again; the study already has its final value.
-            log.info("trial %s: its Optuna trial is already finished; result not reported again", trial_id)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self.category_of or trial_id in self.defaults:
-            return
-        searcher = self.searchers[self.category_of[trial_id]]
-        if not error and result and self._stopped_early(trial_id, result) and _prune(searcher, trial_id):
-            return
-        searcher.on_trial_complete(trial_id, result, error)
-
-    def extend(self, budget: Mapping[str, int]) -> int:
-        """Raise each category's budget to ``budget`` (never lower it) -> trials added."""
-        added = 0
-        for category, n in budget.items():
-            more = max(0, n - self.budget.get(category, 0))
-            if more:
-                self.budget[category] = n
-                self.started.setdefault(category, 0)
-                added += more
-        return added
-
-    def _stopped_early(self, trial_id: str, result: dict) -> bool:
-        """Ended before its own ``epochs`` without an error: ASHA stopped it."""
-        target = self.epochs_of.get(trial_id)
-        return target is not None and result.get("epoch") is not None and result["epoch"] < target
-
-
-def _prune(searcher: Searcher, trial_id: str) -> bool:
-    """Tell a single-objective Optuna study that ``trial_id`` was pruned (its intermediate values,
-    one per report, are already in the study) -> done. Ray's ``OptunaSearch`` tells every trial
-    that ends with a value COMPLETE, so an ASHA-stopped trial's early value counted as a final
-    one: TPE learned that short training scores low. *Decision*: the study and its trials are
-    ``OptunaSearch``'s own attributes (``_ot_study``, ``_ot_trials``, ``_completed_trials``) in
-    Ray 2.60; a searcher without them is told as before."""
-    from optuna.trial import TrialState
-
-    study, trials = getattr(searcher, "_ot_study", None), getattr(searcher, "_ot_trials", None)
-    if study is None or not isinstance(trials, dict) or trial_id not in trials or isinstance(searcher.metric, list):
-        return False
-    try:
-        study.tell(trials[trial_id], state=TrialState.PRUNED)
-    except UpdateFinishedTrialError:
-        pass   # told before a driver restart: the study has it already
-    searcher._completed_trials.add(trial_id)
-    return True
 
 
 @dataclass(frozen=True)
@@ -164,14 +43,17 @@ class SweepSearch:
 
 def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: list[tuple[str, str]], *,
                  run_name: str, seed: int, num_samples: int, scheduler: str, storage_url: str | None,
-                 resume: bool, default_trials: bool = True) -> SweepSearch:
+                 resume: bool, default_trials: bool = True, confirmation: Confirmation | None = None) -> SweepSearch:
     """One Optuna study per category (``<run_name>-<category>``, seeded per category), or every
     grid point of every category for a grid space, once per seed. With ``scheduler`` ``asha``
     the searcher knows each category's epochs, to tell a trial ASHA stopped from a finished one.
 
     *Decision*: for a grid, ``num_samples`` is the number of seeds (``seed``, ``seed + 1``,
     ...): a grid point trained twice with one seed is the same trial twice, while the spread
-    over seeds is what tells two variants apart (the paper's Table 4)."""
+    over seeds is what tells two variants apart (the paper's Table 4).
+
+    A study's trials are its default, ``num_samples`` searched ones, then the confirmation round
+    (:mod:`orchestrator.execution.search`): Tune is told the most it can take."""
     categories = list(configs)
     if space.has_grid:
         points = grid_space(space)
@@ -186,8 +68,9 @@ def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: 
     per_category = num_samples + int(default_trials)
     search = CategorySearch(searchers, dict.fromkeys(categories, per_category), **metric_and_mode(objectives),
                             epochs={c: configs[c].epochs for c in categories} if scheduler == "asha" else None,
-                            default_trials=default_trials)
-    return SweepSearch({}, per_category * len(categories), search, storage_url, studies)
+                            default_trials=default_trials, confirmation=confirmation,
+                            seeds={c: configs[c].seed for c in categories})
+    return SweepSearch({}, search.total(), search, storage_url, studies)
 
 
 def metric_and_mode(objectives: list[tuple[str, str]]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import ray
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher, SearchGenerator
 
-from orchestrator.spec import DEFAULT_TRIAL, Resources
+from orchestrator.spec import CONFIRM_OF, DEFAULT_TRIAL, Resources
 from pouta_core.config import Config
 from search_spaces import SearchSpace
 
@@ -50,7 +50,9 @@ class StudyTrials(SearchGenerator):
     larger ``--num-samples`` by the saved trial count (the generator then said "finished").
     *Decision*: the command's budget per category and slot count are re-applied after the
     restore: a larger budget extends the same studies in the same Tune experiment (the
-    summary covers every trial); a smaller one is refused by the command before this."""
+    summary covers every trial); a smaller one is refused by the command before this. So are
+    ``--finalists`` and ``--confirm-seeds`` (more seeds or finalists start more confirmation
+    trials; fewer start no more)."""
 
     def __init__(self, search: Searcher, max_concurrent: int | None) -> None:
         super().__init__(SlotLimiter(search, max_concurrent) if max_concurrent else search)
@@ -58,14 +60,19 @@ class StudyTrials(SearchGenerator):
 
     def restore_from_dir(self, dirpath: str) -> None:
         budget, slots = dict(self.search.budget), self.max_concurrent
+        confirmation, seeds = self.search.confirmation, dict(self.search.seeds)
         super().restore_from_dir(dirpath)     # the saved counters, studies, budget and slots
         self.max_concurrent = slots
         if isinstance(self.searcher, ConcurrencyLimiter):
             self.searcher.max_concurrent = slots
         added = self.search.extend(budget)
-        self._total_samples = sum(self.search.budget.values())
-        if added:
+        before = self.search.confirmation
+        self.search.reconfigure(confirmation, seeds)
+        self._total_samples = self.search.total()
+        if added or self.search.confirmation != before:
+            # More trials, or a confirmation round with more to do: the generator is not done.
             self._finished = False
+        if added:
             log.info("resume: %d more trial(s) added to the studies", added)
 
 
@@ -226,7 +233,8 @@ class PerCategoryScheduler(ResumingScheduler):
         decision = self._of(trial).on_trial_result(tune_controller, trial, result)
         # The default trial is the reference the chosen one is compared with: it trains to
         # its end (its results still set the rungs the others are judged on).
-        if decision == TrialScheduler.STOP and trial.config.get(DEFAULT_TRIAL):
+        # So does a confirmation trial: its value is compared at the end of training.
+        if decision == TrialScheduler.STOP and (trial.config.get(DEFAULT_TRIAL) or trial.config.get(CONFIRM_OF)):
             return TrialScheduler.CONTINUE
         return decision
 

@@ -14,7 +14,7 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator import tracking
-from orchestrator.spec import CHECKPOINT_EPOCH, DEFAULT_TRIAL, SAMPLED, TrialSpec
+from orchestrator.spec import CHECKPOINT_EPOCH, CONFIRM_OF, DEFAULT_TRIAL, SAMPLED, TrialSpec
 from orchestrator.tracking.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ ARTIFACTS = ("config.yaml", "metrics.json", "heatmaps.png", "val_files.json")
 TAG_CHECKPOINT = "pouta.checkpoint"
 TAG_CHECKPOINT_EPOCH = "pouta.checkpoint_epoch"   # the epoch those weights are of
 TAG_DEFAULT = "pouta.default"   # "true" on a sweep's default trial (the base config)
+TAG_CONFIRM_OF = "pouta.confirm_of"   # on a confirmation trial: the trial whose config it trains on a fresh seed
 
 
 def trial_artifacts(checkpoint_dir: Path) -> list[Path]:
@@ -109,9 +110,11 @@ class MlflowTrialCallback(Callback):
                 "category": category, "variant": config.variant,
                 tracking.TAG_SELECTION: tracking.selection_tag(config.val_split),
                 tracking.TAG_FINGERPRINT: self.fingerprints.get(category, "unknown"),
-                **({TAG_DEFAULT: "true"} if trial.config.get(DEFAULT_TRIAL) else {})}
+                **({TAG_DEFAULT: "true"} if trial.config.get(DEFAULT_TRIAL) else {}),
+                **({TAG_CONFIRM_OF: trial.config[CONFIRM_OF]} if trial.config.get(CONFIRM_OF) else {})}
         params = {**config.to_dict(), "category": category, "dataset": dataset}
-        suffix = "-default" if trial.config.get(DEFAULT_TRIAL) else ""
+        suffix = ("-default" if trial.config.get(DEFAULT_TRIAL) else "") + \
+            (f"-confirm-seed{config.seed}" if trial.config.get(CONFIRM_OF) else "")
         name, parent = f"{category}-{trial.trial_id}{suffix}", self.parent_run_id
         known = self.run_ids.get(key)
         # Only a trial this driver did not start can have a run it does not know (a driver killed

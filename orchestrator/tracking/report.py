@@ -33,7 +33,7 @@ def _cell(v: Any) -> str:
 
 def table(summary: dict[str, dict[str, Any]], keys: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
     """-> (columns, one row per trial of every category)."""
-    from orchestrator.spec import DEFAULT_TRIAL, SAMPLED
+    from orchestrator.spec import CONFIRM_OF, DEFAULT_TRIAL, SAMPLED
 
     searched: list[str] = []
     rows = []
@@ -45,9 +45,11 @@ def table(summary: dict[str, dict[str, Any]], keys: list[str]) -> tuple[list[str
             rows.append({"category": category, "trial_id": r.get("trial_id"),
                          "chosen": "yes" if r.get("trial_id") == chosen and chosen else "",
                          "default": "yes" if (r.get("config") or {}).get(DEFAULT_TRIAL) else "",
+                         # a confirmation trial: the trial whose config it trains again, on its seed
+                         "confirms": (r.get("config") or {}).get(CONFIRM_OF) or "",
                          "epoch": r.get("epoch"), **values, **{k: r.get(k) for k in keys},
                          "error": (r.get("error") or "").splitlines()[0] if r.get("error") else ""})
-    return ["category", "trial_id", "chosen", "default", "epoch", *searched, *keys, "error"], rows
+    return ["category", "trial_id", "chosen", "default", "confirms", "epoch", *searched, *keys, "error"], rows
 
 
 def _csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
