@@ -40,7 +40,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.commands.bench import EPOCH_FLOOR_ENV, TINY, simulate_accelerator
+from orchestrator.commands.processes import answers, stop_groups
 from orchestrator.execution.cluster import free_port
 
 BIN = Path(sys.executable).parent
@@ -80,28 +80,7 @@ class Processes:
             time.sleep(0.5)
 
     def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in reversed(self.started):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _answers(url: str) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except urllib.error.HTTPError:
-        return True   # it answers (the dashboard answers 401 without the token)
-    except OSError:
-        return False
+        stop_groups(list(reversed(self.started)), timeout=10)
 
 
 def start_cluster(procs: Processes, nodes: int, gpus_per_node: int) -> dict[str, str]:
@@ -113,7 +92,7 @@ def start_cluster(procs: Processes, nodes: int, gpus_per_node: int) -> dict[str,
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port",
         str(free_port()), "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "1", "--num-gpus", "0",
         "--temp-dir", procs.env["POUTA_SCALE_RAY_TMP"], "--disable-usage-stats"])
-    procs.wait_for("ray-head", head, lambda: _answers(f"http://127.0.0.1:{dash}/api/version"))
+    procs.wait_for("ray-head", head, lambda: answers(f"http://127.0.0.1:{dash}/api/version", any_status=True))
     for i in range(nodes):
         name = f"ray-node-{i}"
         node = procs.start(name, [
@@ -130,7 +109,7 @@ def start_mlflow(procs: Processes) -> str:
         "--backend-store-uri", f"sqlite:///{procs.root / 'mlflow.db'}",
         "--artifacts-destination", str(procs.root / "mlflow-artifacts")],
         env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    procs.wait_for("mlflow-server", server, lambda: _answers(f"http://127.0.0.1:{port}/health"))
+    procs.wait_for("mlflow-server", server, lambda: answers(f"http://127.0.0.1:{port}/health", any_status=True))
     return f"http://127.0.0.1:{port}"
 
 

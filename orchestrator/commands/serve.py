@@ -15,16 +15,14 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from orchestrator.commands.processes import answers, stop_groups
 from pouta_core.config import ConfigError
 
 
@@ -58,41 +56,6 @@ def curl_example(url: str, image: str | None = None) -> str:
     return head + '"' + body.replace("IMAGE", f"$(base64 -w0 {image})") + '"'
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM to the server's process group (MLflow's launcher, uvicorn and its workers), then
-    wait for the whole group, not only its leader; SIGKILL what is left after ``timeout``."""
-    pgid = proc.pid
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
-        if not _group_alive(pgid):
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _group_alive(pgid):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(0.2)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
-
-
 @contextlib.contextmanager
 def model_server(folder: Path, *, host: str = "127.0.0.1", port: int, workers: int = 1, timeout: int = 60,
                  start_timeout: float = 180, log=None) -> Iterator[tuple[subprocess.Popen, str]]:
@@ -105,7 +68,7 @@ def model_server(folder: Path, *, host: str = "127.0.0.1", port: int, workers: i
     try:
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         deadline = time.monotonic() + start_timeout
-        while not _ready(url):
+        while not answers(f"{url}/ping"):
             if proc.poll() is not None:
                 raise ConfigError(f"the model server exited with code {proc.returncode} before it answered on "
                                   f"{url} (is port {port} free? its output is above)")
@@ -115,7 +78,7 @@ def model_server(folder: Path, *, host: str = "127.0.0.1", port: int, workers: i
             time.sleep(0.5)
         yield proc, url
     finally:
-        _stop(proc)
+        stop_groups([proc])
 
 
 def serve(ref: str, *, tracking_uri: str | None, host: str, port: int, workers: int, timeout: int,
