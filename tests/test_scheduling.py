@@ -88,6 +88,17 @@ def test_after_the_search_its_finalists_and_the_default_train_again_on_fresh_see
     # none of them is the study's: it holds the 4 searched trials alone
     assert len(optuna.load_study(study_name="c-tiles", storage=storage).trials) == 4
 
+    # No searched trial trained to its end (stopped by ASHA, or errored): nothing to compare
+    # the default with, so no round.
+    alone = sweep_search(search_spaces.load("mss_lambdas"), configs, [("val_pixel_ap", "max")], run_name="c2",
+                         seed=7, num_samples=2, scheduler="asha", storage_url=storage, resume=False).search_alg
+    assert alone.suggest("d2")["default"] and alone.suggest("s1") and alone.suggest("s2")
+    search_results = {"d2": [0.1, 0.2, 0.3, 0.4], "s1": [0.9, 0.9]}
+    for t, values in search_results.items():
+        alone.on_trial_complete(t, report(alone, t, values))
+    alone.on_trial_complete("s2", None, error=True)
+    assert alone.finalists("tiles") == [] and alone.suggest("e") == "FINISHED"
+
 
 def test_asha_never_stops_the_default_trial(local_ray, tmp_path):
     # The weakest trial, last in line, is the default: ASHA would stop it at the first rung

@@ -179,9 +179,10 @@ class CategorySearch(_PickledState, Searcher):
         if not self.confirmation.on or self.started[category] < self.budget[category] or self._searching(category):
             return []
         default = next((t for t, c in self.defaults.items() if c == category), None)
-        if default is None or self.ended.get(default) is None:
-            return []   # no default that trained to its end: nothing to compare with
-        return [(t, k) for t in [default, *self.finalists(category)]
+        finalists = self.finalists(category)
+        if default is None or self.ended.get(default) is None or not finalists:
+            return []   # no default, or no searched trial, that trained to its end: nothing to compare
+        return [(t, k) for t in [default, *finalists]
                 for k in range(1, self.confirmation.seeds + 1) if (t, k) not in self.confirmed]
 
     def _start_confirmation(self, trial_id: str, category: str, of: str, k: int) -> dict[str, Any]:
