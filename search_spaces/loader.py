@@ -6,6 +6,8 @@
       variant:  {distribution: grid, values: [vanilla, pouta]}
     fixed:            # optional: config overrides applied to every trial
       epochs: 60
+    reference:        # optional: the sweep's default trial (what its choice must beat), when
+      lambda_1: 0.4   #   it is not the base config's values of the searched keys
 
 Distributions: ``uniform`` / ``loguniform`` (low, high; floats), ``int`` (low, high, optional
 step; integers, inclusive), ``choice`` (values; sampled), ``grid`` (values; every value is
@@ -63,6 +65,7 @@ class SearchSpace:
     dimensions: tuple[Dimension, ...]
     fixed: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    reference: dict[str, Any] = field(default_factory=dict)   # the default trial's values of searched keys
 
     @property
     def has_grid(self) -> bool:
@@ -137,14 +140,22 @@ def load(path: str | Path, base: Config | None = None) -> SearchSpace:
         raise _err(path, None, f"not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("space"), dict) or not data["space"]:
         raise _err(path, None, "expected a mapping with a non-empty 'space' mapping")
-    unknown = set(data) - {"space", "fixed", "description"}
+    unknown = set(data) - {"space", "fixed", "description", "reference"}
     if unknown:
         raise _err(path, None, f"unknown top-level key(s) {', '.join(sorted(unknown))}")
     dims = tuple(_dimension(path, str(k), v) for k, v in data["space"].items())
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise _err(path, None, "'fixed' must be a mapping of config keys")
-    space = SearchSpace(path, dims, dict(fixed), str(data.get("description", "")))
+    reference = data.get("reference") or {}
+    if not isinstance(reference, dict):
+        raise _err(path, None, "'reference' must be a mapping of searched keys to values")
+    searched = {d.key for d in dims}
+    for key in reference:
+        if key not in searched:
+            raise _err(path, str(key), "is in 'reference' but not searched: a reference point names values of "
+                                       "the searched keys (other keys go in 'fixed')")
+    space = SearchSpace(path, dims, dict(fixed), str(data.get("description", "")), dict(reference))
     _check_against_config(space, base or Config())
     return space
 
@@ -164,6 +175,10 @@ def _check_against_config(space: SearchSpace, base: Config) -> None:
                 start.replace(**trial)
             except ConfigError as exc:
                 raise _err(space.path, dim.key, f"value {value!r} is invalid: {exc}") from None
+    try:
+        start.replace(**space.reference)
+    except ConfigError as exc:
+        raise _err(space.path, None, f"in 'reference': {exc}") from None
 
 
 def bundled() -> list[Path]:

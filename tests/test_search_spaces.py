@@ -46,12 +46,30 @@ def write(tmp_path, text):
     ("space:\n  lr: {distribution: uniform, low: 0.1, high: 0.2, step: 1}\n", "unexpected field(s) step"),
     ("lr: {distribution: uniform, low: 0.1, high: 0.2}\n", "expected a mapping with a non-empty 'space'"),
     ("space:\n  lr: !!python/object/apply:os.system [true]\n", "not valid YAML"),
+    ("space:\n  lr: {distribution: uniform, low: 0.001, high: 0.01}\nreference: {epochs: 5}\n",
+     "key 'epochs': is in 'reference' but not searched"),
+    ("space:\n  focal_alpha: {distribution: uniform, low: 0.1, high: 0.9}\nreference: {focal_alpha: 3.0}\n",
+     "in 'reference': config key 'focal_alpha': must be in [0.0, 1.0]"),
 ])
 def test_bad_space_names_file_key_and_problem(tmp_path, text, needle):
     with pytest.raises(SearchSpaceError) as exc:
         search_spaces.load(write(tmp_path, text))
     assert str(exc.value).startswith(str(tmp_path / "space.yaml"))
     assert needle in str(exc.value)
+
+
+def test_a_space_names_its_own_reference_point_for_the_default_trial(tmp_path):
+    # Issue 30: the sweep's default is the base config, unless the space names the values its
+    # choice must beat; those are the default trial's, on every one of its seeds.
+    from orchestrator.execution.scheduling import sweep_search
+
+    p = write(tmp_path, "space:\n  lambda_1: {distribution: uniform, low: 0.0, high: 1.0}\n"
+                        "reference: {lambda_1: 0.7}\n")
+    space = search_spaces.load(p)
+    assert space.reference == {"lambda_1": 0.7}
+    sweep = sweep_search(space, {"tiles": Config()}, [("val_pixel_ap", "max")], run_name="r", seed=0, num_samples=1,
+                         scheduler="none", storage_url=f"sqlite:///{tmp_path / 'o.db'}", resume=False)
+    assert sweep.search_alg.suggest("d") == {"category": "tiles", "sampled": {"lambda_1": 0.7}, "default": True}
 
 
 def test_fixed_keys_are_validated_and_applied(tmp_path):

@@ -46,7 +46,8 @@ class ProgressPrinter(Callback):
         if (trial.config or {}).get(CONFIRM_OF):
             shown = f"confirms {trial.config[CONFIRM_OF]} on fresh seed {values.get('seed')}"
         elif (trial.config or {}).get(DEFAULT_TRIAL):
-            shown = "default (the base config: what the sweep's choice is compared with)"
+            shown = (f"default ({'the space reference ' + shown if shown else 'the base config'}: "
+                     "what the sweep's choice is compared with)")
         self._print(f"{self._category(trial):8} {trial.trial_id} started   {shown}".rstrip())
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

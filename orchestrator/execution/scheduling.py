@@ -69,7 +69,7 @@ def sweep_search(space: SearchSpace, configs: Mapping[str, Config], objectives: 
     search = CategorySearch(searchers, dict.fromkeys(categories, per_category), **metric_and_mode(objectives),
                             epochs={c: configs[c].epochs for c in categories} if scheduler == "asha" else None,
                             default_trials=default_trials, confirmation=confirmation,
-                            seeds={c: configs[c].seed for c in categories})
+                            seeds={c: configs[c].seed for c in categories}, reference=space.reference)
     return SweepSearch({}, search.total(), search, storage_url, studies)
 
 

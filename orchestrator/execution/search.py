@@ -81,7 +81,8 @@ class CategorySearch(_PickledState, Searcher):
 
     def __init__(self, searchers: dict[str, Searcher], budget: dict[str, int], metric: Any, mode: Any,
                  epochs: Mapping[str, int] | None = None, default_trials: bool = True,
-                 confirmation: Confirmation | None = None, seeds: Mapping[str, int] | None = None) -> None:
+                 confirmation: Confirmation | None = None, seeds: Mapping[str, int] | None = None,
+                 reference: Mapping[str, Any] | None = None) -> None:
         super().__init__(metric=metric, mode=mode)
         self.searchers = searchers
         self.budget = dict(budget)
@@ -93,6 +94,7 @@ class CategorySearch(_PickledState, Searcher):
         # default trials keeps this (the restored state has no such key) and gets its defaults.
         self.defaults_pending = set(budget) if default_trials else set()
         self.defaults: dict[str, str] = {}      # Tune trial id -> category, of default trials
+        self.reference = dict(reference or {})  # the space's own reference point, else {}: the base config
         # Confirmation (several objectives have no single ranking: no round).
         multi = isinstance(metric, list)
         self.confirmation = Confirmation(0, 0) if multi or not default_trials else (confirmation or Confirmation())
@@ -132,7 +134,7 @@ class CategorySearch(_PickledState, Searcher):
         if trial_id in self.confirming:      # asked again for a trial it already placed
             return self._confirmation_config(trial_id)
         if trial_id in self.defaults:
-            return {"category": self.defaults[trial_id], SAMPLED: {}, DEFAULT_TRIAL: True}
+            return {"category": self.defaults[trial_id], **self._default_params()}
         if trial_id in self.category_of:
             category = self.category_of[trial_id]
             return {"category": category, **(self.searchers[category].suggest(trial_id) or {})}
@@ -147,7 +149,7 @@ class CategorySearch(_PickledState, Searcher):
             if category in self.defaults_pending:
                 self.defaults_pending.discard(category)
                 self.defaults[trial_id] = category
-                params = {SAMPLED: {}, DEFAULT_TRIAL: True}
+                params = self._default_params()
             else:
                 params = self.searchers[category].suggest(trial_id)
             if params is None or params == Searcher.FINISHED:
@@ -160,6 +162,9 @@ class CategorySearch(_PickledState, Searcher):
                 self.epochs_of[trial_id] = int(params.get(SAMPLED, {}).get("epochs", self.epochs[category]))
             return {"category": category, **params}
         return None if waiting else Searcher.FINISHED
+
+    def _default_params(self) -> dict[str, Any]:
+        return {SAMPLED: dict(getattr(self, "reference", {})), DEFAULT_TRIAL: True}
 
     def _searching(self, category: str) -> bool:
         """Trials of the category's default and search have not all ended: its finalists are not
@@ -195,7 +200,7 @@ class CategorySearch(_PickledState, Searcher):
 
     def _confirmation_config(self, trial_id: str) -> dict[str, Any]:
         category, of, k = self.confirming[trial_id]
-        params = self.params.get(of, {SAMPLED: {}, DEFAULT_TRIAL: True} if of in self.defaults else {SAMPLED: {}})
+        params = self.params.get(of, self._default_params() if of in self.defaults else {SAMPLED: {}})
         sampled = {**params.get(SAMPLED, {}), "seed": confirmation_seed(self.seeds.get(category, 0), k)}
         return {"category": category, **params, SAMPLED: sampled, CONFIRM_OF: of}
 
