@@ -9,10 +9,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from pouta_core.config import Config
+
+
+@functools.lru_cache(maxsize=16)
+def _window_on(size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The window where the images are, made once per device and dtype: a window built on the
+    CPU every step was a host-to-device copy per step on a GPU (issue 29)."""
+    return gaussian_window(size, sigma).to(device=device, dtype=dtype)[None, None]
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -27,7 +36,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
     """Mean SSIM (Wang et al. 2004) with a Gaussian window, per channel, 'same' padding
     by reflection. a, b: (B, C, H, W) in [0, data_range] -> scalar."""
     c = a.shape[1]
-    w = gaussian_window(window, sigma).to(a)[None, None].expand(c, 1, window, window)
+    w = _window_on(window, sigma, a.device, a.dtype).expand(c, 1, window, window)
     pad = window // 2
 
     def blur(x: torch.Tensor) -> torch.Tensor:

@@ -236,7 +236,7 @@ class BatchSynthesizer:
         # I_aug = w foreign + (1 - w) self copy; I_in = I + M (1 - beta) (I_aug - I): the
         # paper's blend, rearranged into in-place steps (full-size temporaries cost more
         # than the arithmetic on a CPU).
-        source = self._self_copy(original, self_u.to(dev)).lerp_(foreign, weight).clamp_(0, 1)
+        source = self._self_copy(original, self_u).lerp_(foreign, weight).clamp_(0, 1)
         if cfg.foreground_threshold is not None:
             noise = noise * foreground_mask_batch(original, cfg.foreground_threshold)
         blended = source.sub_(original).mul_(noise * (1 - beta)).add_(original).clamp_(0, 1)
@@ -296,7 +296,8 @@ class BatchSynthesizer:
     @staticmethod
     def _self_copy(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Each image shifted (a roll of up to half its size), rotated (its mean colour fills the
-        corners) or unchanged, a third of the samples each."""
+        corners) or unchanged, a third of the samples each. ``u`` stays on the CPU: the choices
+        are read from it without waiting on the device (issue 29)."""
         _, _, h, w = x.shape
         choice = (3 * u[:, 0]).floor().long().clamp_max(2).tolist()
         dy = (((h + 1) * u[:, 1]).floor().long() - h // 2).tolist()
@@ -308,7 +309,8 @@ class BatchSynthesizer:
         turn = [i for i, c in enumerate(choice) if c == 1]
         if turn:
             sub = x[turn]
-            turned = _rotate(torch.cat([sub, torch.ones_like(sub[:, :1])], 1), -180 + 360 * u[turn, 3], "bilinear")
+            turned = _rotate(torch.cat([sub, torch.ones_like(sub[:, :1])], 1), -180 + 360 * u[turn, 3].to(x.device),
+                             "bilinear")
             out[turn] = turned[:, :3] + (1 - turned[:, 3:]) * sub.mean((2, 3), keepdim=True)
         return out
 
