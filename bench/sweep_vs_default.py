@@ -77,16 +77,28 @@ def main(root: Path) -> None:
     print(f"sweep vs default ({METRIC}; validation decides, test reported; test gains are config means over 3 seeds)")
     print(f"{'sweep':22} {'category':8} {'n':>2} {'rho':>5} {'pick Δval':>9} {'pick Δtest':>10}  "
           "replayed rounds F/K: Δtest (d = default kept)")
+    cases = []
     for report in sorted(root.glob("*-report")):
         rows, lines = load(report)
         for category in sorted({r["category"] for r in rows}):
             fig = category_figures([r for r in rows if r["category"] == category])
+            cases.append(fig)
             replay = "  ".join(f"{fk[0]}/{fk[1]}: {gain:+.3f}{' d' if kept else ''}"
                                for fk, (kept, gain) in fig["replay"].items())
             print(f"{report.name.removesuffix('-report'):22} {category:8} {fig['n']:2d} {fig['rho']:+.2f} "
                   f"{fig['pick_val_gain']:+9.3f} {fig['pick_test_gain']:+10.3f}  {replay}")
         for line in lines:
             print(f"  {line}")
+    if not cases:
+        return
+    # Over every sweep and category: what each policy's chosen config gains on test, on average.
+    print(f"over {len(cases)} sweep-categories, mean Δtest of the chosen config over the default's "
+          f"(default kept n times): no round {mean(c['pick_test_gain'] for c in cases):+.4f}; " +
+          "; ".join(f"F{fk[0]}/K{fk[1]} {mean(c['replay'][fk][1] for c in cases):+.4f} "
+                    f"({sum(c['replay'][fk][0] for c in cases)})"
+                    for fk in cases[0]["replay"] if all(fk in c["replay"] for c in cases)))
+    print(f"mean rank correlation of validation and test over the searched trials: "
+          f"{mean(c['rho'] for c in cases):+.2f}")
 
 
 if __name__ == "__main__":
