@@ -177,7 +177,8 @@ def verdict_line(category: str, verdict: dict[str, Any]) -> str:
     """One line that says what the sweep found against the default."""
     seeds = verdict.get("seeds")
     ranked = (f". Finalists by their mean {verdict['metric']} over fresh seeds: "
-              + ", ".join(f"{t} {v:.4f}" for t, v in verdict["finalists"].items())
+              + ", ".join(f"{t}{' (default)' if t == verdict.get('default_trial') else ''} {v:.4f}"
+                          for t, v in verdict["finalists"].items())
               if verdict.get("finalists") else "")
     if not verdict.get("compared"):
         who = "the default" if verdict["chosen"] == "default" else "the best trial"
