@@ -191,9 +191,9 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=True,
                    help="train each category's base config first and register the chosen config only when it beats "
                    "it (default); --no-default-trial registers the best trial on its validation value alone")
-    p.add_argument("--finalists", type=int, default=3,
+    p.add_argument("--finalists", type=int, default=2,
                    help="after the search, train this many best searched configs per category and the default "
-                   "again on --confirm-seeds fresh seeds, and rank them by their mean (default 3; 0: no round)")
+                   "again on --confirm-seeds fresh seeds, and rank them by their mean (default 2; 0: no round)")
     p.add_argument("--confirm-seeds", type=int, default=2,
                    help="fresh seeds per finalist and default (default 2; 0: no confirmation round)")
     p.add_argument("--best-out", help="YAML of the best config per category (default: in --storage-path)")
