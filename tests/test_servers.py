@@ -10,6 +10,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from orchestrator.commands.processes import group_alive
+
 HERE = Path(__file__).parent
 
 OWNER = textwrap.dedent(f"""
@@ -21,14 +23,6 @@ OWNER = textwrap.dedent(f"""
     print(server.pid, flush=True)
     time.sleep(600)
 """)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def test_a_killed_test_process_takes_its_servers_with_it():
