@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -177,6 +178,64 @@ def bench_synthesis(config: Config, *, n: int = 64, batch_size: int = 8, texture
         result["anomalib_images_per_s_per_core"] = median["peer"]
         result["batched_to_anomalib"] = median["batched"] / median["peer"]
         result["targets"] = {"batched>=3x anomalib": result["batched_to_anomalib"] >= 3}
+    return result
+
+
+# Ops that read a device tensor on the host: each one makes the host wait for the device.
+SYNC_OPS = frozenset({"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal"})
+
+
+def top_level_ops(fn: Callable[[], Any]) -> Counter:
+    """The aten ops ``fn`` issues, by name, counting only top-level ones (an op called by
+    another op is its caller's): what the host dispatches, one by one, and on a GPU about
+    the kernels it launches (views launch none)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: Counter = Counter()
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is None:
+            counts[event.name] += 1
+    return counts
+
+
+VIEW_OPS = frozenset({"aten::view", "aten::slice", "aten::select", "aten::unsqueeze", "aten::unbind", "aten::split",
+                      "aten::split_with_sizes", "aten::chunk", "aten::transpose", "aten::expand", "aten::flatten",
+                      "aten::reshape"})
+
+
+def synthesis_ops(config: Config, *, batch_sizes: tuple[int, ...] = (8, 32), textures=None) -> dict[str, Any]:
+    """Ops per batch of the batched synthesis (:class:`~pouta_core.synthesis.batched.BatchSynthesizer`)
+    at each batch size, on random images of ``config.image_size``: those of
+    :meth:`~pouta_core.synthesis.batched.BatchSynthesizer.draw` (CPU tensors: the host's
+    draws) and of :meth:`~pouta_core.synthesis.batched.BatchSynthesizer.apply` (on the
+    batch's device: on a GPU, its launches), views among them, and the device's ops that read
+    a tensor back on the host (each one a sync on a GPU). Measured on the CPU, where the
+    device ops are the same ones; on CUDA, ``apply`` adds the pinned copy of the draws."""
+    from pouta_core.synthesis.batched import BatchSynthesizer
+
+    bank = textures.bank() if textures is not None else None
+    synth = BatchSynthesizer(config, bank)
+    size = config.image_size
+    result: dict[str, Any] = {"image_size": size, "clean_ratio": config.clean_ratio, "textures": bank is not None}
+    for batch in batch_sizes:
+        g = torch.Generator().manual_seed(config.seed)
+        images = torch.rand(batch, 3, size, size, generator=g)
+        for _ in range(3):   # first: the constants cached per device and size
+            synth(images, g)
+        plans = []
+        host = top_level_ops(lambda: plans.append(synth.draw(batch, size, size, g)))   # noqa: B023
+        device = top_level_ops(lambda: synth.apply(images, plans[0]))   # noqa: B023
+        result[f"batch_{batch}"] = {
+            "host_ops": sum(host.values()), "device_ops": sum(device.values()),
+            "device_views": sum(v for k, v in device.items() if k in VIEW_OPS),
+            "device_syncs": sum(v for k, v in device.items() if k in SYNC_OPS)}
     return result
 
 

@@ -11,6 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from pouta_core.config import Config
 from pouta_core.data.datasets import BatchedLoader, EpochSampler
 from pouta_core.synthesis import AnomalySynthesizer, TextureFolder, foreground_mask, perlin_noise
+from pouta_core.synthesis import augment as A
 from pouta_core.synthesis import batched as B
 
 CFG = Config.from_preset("tiny").replace(synthesis="batched")   # the path under test (not the default)
@@ -30,7 +31,7 @@ def test_perlin_noise_batch_is_the_per_sample_noise(ry, rx):
     # to the batched function, must give the same map (it is the same formula, factorised).
     reference = perlin_noise(50, 70, ry, rx, gen(3))
     angles = 2 * math.pi * torch.rand(ry + 1, rx + 1, generator=gen(3))
-    batched = B.perlin_noise_batch(50, 70, torch.tensor([ry]), torch.tensor([rx]), angles[None])[0]
+    batched = A.perlin_noise_batch(50, 70, torch.tensor([ry]), torch.tensor([rx]), angles[None])[0]
     assert torch.allclose(batched, reference, atol=1e-5)
 
 
@@ -51,7 +52,7 @@ REFERENCES = {
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_batched_augmentations_match_torchvision_per_image(name):
-    fn = getattr(B, name)
+    fn = getattr(A, name)
     x = images(3, 40)
     u = torch.tensor([[0.05, 0.9], [0.5, 0.1], [0.97, 0.6]])
     out = fn(x, u).clamp(0, 1)
@@ -64,7 +65,7 @@ def test_batched_augmentations_match_torchvision_per_image(name):
 def test_batched_rotation_is_torchvision_rotate_per_image(mode):
     x = images(3, 48)
     degrees = torch.tensor([30.0, -70.0, 135.0])
-    out = B._rotate(x, degrees, mode)
+    out = A._rotate(x, degrees, mode)
     for i in range(3):
         expected = TF.rotate(x[i], float(degrees[i]), interpolation=TF.InterpolationMode(mode))
         close = torch.isclose(out[i], expected, atol=1e-5).float().mean()
@@ -153,9 +154,9 @@ def test_batched_masks_have_the_per_sample_area_distribution():
 
     n, size = 1000, 64
     per = torch.stack([perlin_mask(size, size, gen(i)) for i in range(n)]).flatten(1).mean(1)
-    synth = B.BatchSynthesizer(CFG)
-    cpu = torch.device("cpu")
-    bat = torch.cat([synth._perlin_masks(100, size, size, gen(10_000 + k), cpu) for k in range(n // 100)])
+    synth = B.BatchSynthesizer(CFG.replace(clean_ratio=0.0))
+    blank = torch.zeros(100, 3, size, size)
+    bat = torch.cat([synth(blank, gen(10_000 + k)).mask for k in range(n // 100)])
     bat = bat.flatten(1).mean(1)
     per, bat = per[per > 0], bat[bat > 0]
     assert ks_2samp(per.numpy(), bat.numpy()).pvalue > 0.01
@@ -233,3 +234,42 @@ def test_self_source_ratio_one_makes_every_source_from_the_image_itself(tmp_path
     # off (the default), the texture shows: the stream of other draws is unchanged
     off = [B.BatchSynthesizer(CFG.replace(clean_ratio=0.0), t.bank())(clean, gen(3)) for t in banks]
     assert not torch.equal(off[0].image, off[1].image)
+
+
+def test_the_intensity_tables_are_the_seven_maps_in_turn():
+    # The synthesis applies gamma, brightness, invert, solarize, posterize, autocontrast and
+    # equalize (each where drawn) as one table per channel; here each map is applied in turn
+    # with its reference function (tested against torchvision above) to the same 8-bit image.
+    n = 24
+    x = images(n, 32, seed=7)
+    x[3] = 0.5                                              # flat: autocontrast and equalize leave it
+    drawn = torch.rand(n, 10, generator=gen(8)) < 0.5
+    drawn[0], drawn[1] = True, False                        # all of them; none of them
+    u = torch.rand(n, 10, 2, generator=gen(9))
+    tables = torch.cat([A.intensity_tables(drawn, u), drawn[:, [A.AUTOCONTRAST, A.EQUALIZE]]], 1)
+    out = A.apply_tables(x, tables.repeat_interleave(3, 0))
+    expected = (x * A.TO_UINT8).floor() / 255
+    for which in (A.GAMMA, A.BRIGHTNESS, A.INVERT, A.SOLARIZE, A.POSTERIZE, A.AUTOCONTRAST, A.EQUALIZE):
+        rows = drawn[:, which]
+        expected[rows] = A.AUGMENTATIONS[which](expected[rows], u[rows, which]).clamp(0, 1)
+    close = (out - expected).abs() < 1e-5
+    # a value exactly at a posterize step or an 8-bit boundary may round the other way
+    assert close.float().mean() > 0.999, (~close).nonzero()[:5]
+    assert torch.allclose(out[1], expected[1], atol=1e-5) and torch.allclose(out[3], expected[3], atol=1e-5)
+
+
+@pytest.mark.parametrize(("clean_ratio", "bank"), [(0.0, False), (0.5, False), (0.5, True)])
+def test_a_batch_costs_the_same_few_ops_whatever_its_size(clean_ratio, bank, tmp_path):
+    # What a GPU step would launch (issue 29): before, ~1,800 ops per batch of 8 and ~4,400 per
+    # batch of 32, a Python loop over samples, and reads of device tensors on the host.
+    from pouta_core.benchmark import synthesis_ops
+
+    textures = None
+    if bank:
+        Image.new("RGB", (40, 30), (0, 255, 0)).save(tmp_path / "a.png")
+        textures = TextureFolder(tmp_path, 64)
+    r = synthesis_ops(CFG.replace(clean_ratio=clean_ratio), batch_sizes=(8, 32, 64), textures=textures)
+    small, large, larger = r["batch_8"], r["batch_32"], r["batch_64"]
+    assert large == larger      # every kind of augmentation drawn: the full count
+    assert small["device_ops"] <= large["device_ops"] <= 150   # fewer when a batch draws no sharpening, say
+    assert small["device_syncs"] == large["device_syncs"] == 0

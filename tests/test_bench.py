@@ -103,6 +103,17 @@ def test_bench_synthesis_times_both_paths_in_turns(tmp_path):
     assert "anomalib_images_per_s_per_core" not in r   # only with --compare-anomalib
 
 
+def test_bench_synthesis_profile_counts_the_ops_of_a_batch_at_two_sizes():
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "bench", "synthesis", "--profile", "--image-size", "64",
+         "--batch-size", "8", "--clean-ratio", "0.5", "--json"], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    assert (r["image_size"], r["clean_ratio"], r["textures"]) == (64, 0.5, False)
+    small, large = r["batch_8"], r["batch_32"]
+    assert 0 < small["device_ops"] <= large["device_ops"] <= 150 and large["device_syncs"] == 0
+    assert small["host_ops"] > 0 and r["targets"] == {"device_ops<=150": True, "device_syncs==0": True}
+
+
 def test_bench_synthesis_without_the_anomalib_environment_says_how_to_make_it(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "bench", "synthesis", "--compare-anomalib",

@@ -68,6 +68,8 @@ def _cmd_bench_synthesis(args: argparse.Namespace) -> int:
     peer = anomalib_rate(args.anomalib_python, image_size=args.image_size, samples=args.samples,
                          batch_size=args.batch_size, texture_dir=args.texture_dir,
                          clean_ratio=args.clean_ratio) if args.compare_anomalib else None
+    if args.profile:
+        return _profile_synthesis(cfg, textures, args)
     r = bench_synthesis(cfg, n=args.samples, batch_size=args.batch_size, textures=textures, rounds=args.rounds,
                         peer=peer, progress=not args.json)
     if args.json:
@@ -81,6 +83,29 @@ def _cmd_bench_synthesis(args: argparse.Namespace) -> int:
         print(f"anomalib PerlinAnomalyGenerator {r['anomalib_images_per_s_per_core']:.1f} images/s: batched is "
               f"x{r['batched_to_anomalib']:.1f} ({'ok' if r['targets']['batched>=3x anomalib'] else 'MISSED'}: "
               "target x3)")
+    return 0
+
+
+def _profile_synthesis(cfg: Config, textures, args: argparse.Namespace) -> int:
+    from pouta_core.benchmark import synthesis_ops
+
+    sizes = tuple(sorted({args.batch_size, 4 * args.batch_size}))
+    r = synthesis_ops(cfg, batch_sizes=sizes, textures=textures)
+    device = [r[f"batch_{b}"]["device_ops"] for b in sizes]
+    # Independent of the batch size; a small batch that draws no sharpening, say, skips its ops.
+    r["targets"] = {"device_ops<=150": max(device) <= 150,
+                    "device_syncs==0": all(r[f"batch_{b}"]["device_syncs"] == 0 for b in sizes)}
+    if args.json:
+        print_json(r)
+        return 0
+    source = f"textures from {args.texture_dir}" if textures is not None else "procedural sources"
+    print(f"batched synthesis at {r['image_size']} px, {source}, clean_ratio {r['clean_ratio']}: top-level aten ops "
+          "per batch (torch.profiler)")
+    for b in sizes:
+        x = r[f"batch_{b}"]
+        print(f"  batch {b:3}: device {x['device_ops']} (of which views {x['device_views']}, reads on the host "
+              f"{x['device_syncs']}), host draws {x['host_ops']}")
+    print("targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in r["targets"].items()))
     return 0
 
 
@@ -202,6 +227,9 @@ def add_bench_commands(bench: argparse.ArgumentParser) -> None:
                     "(make bench-anomalib-env)")
     bs.add_argument("--anomalib-python", default=".venv-anomalib/bin/python",
                     help="the Python of that environment (default .venv-anomalib/bin/python)")
+    bs.add_argument("--profile", action="store_true",
+                    help="count the batched path's ops per batch at --batch-size and 4 times it (torch.profiler) "
+                    "instead of timing: what a GPU step would launch, and its reads on the host")
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(func=_cmd_bench_synthesis)
     bo = bench_sub.add_parser("orchestration", help="concurrent vs one-category-after-another sweeps, "
