@@ -94,15 +94,14 @@ def per_sample(config: Config, images: torch.Tensor, textures, n: int) -> dict:
 
 def batched(config: Config, images: torch.Tensor, textures, n: int, batch_size: int = 8) -> dict:
     counts: Counter = Counter()
-    originals = bmod.AUGMENTATIONS
+    original = bmod.drawn_augmentations
 
-    def counted(i, f):
-        def call(x, u):
-            counts[i] += len(x)
-            return f(x, u)
-        return call
+    def counted(keys):
+        drawn = original(keys)
+        counts.update(dict(enumerate(drawn.sum(0).tolist())))
+        return drawn
 
-    bmod.AUGMENTATIONS = tuple(counted(i, f) for i, f in enumerate(originals))
+    bmod.drawn_augmentations = counted
     try:
         synth = BatchSynthesizer(config, textures.bank() if textures is not None else None)
         out, clean, masks = [], [], []
@@ -112,7 +111,7 @@ def batched(config: Config, images: torch.Tensor, textures, n: int, batch_size: 
             b = synth(c, torch.Generator().manual_seed(batch_seed(config.seed, 1, 0, step)))
             out.append(b.image), clean.append(c), masks.append(b.mask)
     finally:
-        bmod.AUGMENTATIONS = originals
+        bmod.drawn_augmentations = original
     return summarise(torch.cat(out), torch.cat(clean), torch.cat(masks), counts)
 
 

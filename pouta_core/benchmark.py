@@ -185,10 +185,11 @@ def bench_synthesis(config: Config, *, n: int = 64, batch_size: int = 8, texture
 SYNC_OPS = frozenset({"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal"})
 
 
-def top_level_ops(fn: Callable[[], Any]) -> Counter:
+def top_level_ops(fn: Callable[[], Any], *, skip: str | None = None) -> Counter:
     """The aten ops ``fn`` issues, by name, counting only top-level ones (an op called by
     another op is its caller's): what the host dispatches, one by one, and on a GPU about
-    the kernels it launches (views launch none)."""
+    the kernels it launches (views launch none). ``skip``: leave out the ops inside a
+    ``record_function`` scope of that name (e.g. the synthesis's draws on CPU tensors)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -197,10 +198,11 @@ def top_level_ops(fn: Callable[[], Any]) -> Counter:
     for event in prof.events():
         if not event.name.startswith("aten::"):
             continue
-        parent = event.cpu_parent
+        parent, skipped = event.cpu_parent, False
         while parent is not None and not parent.name.startswith("aten::"):
+            skipped = skipped or parent.name == skip
             parent = parent.cpu_parent
-        if parent is None:
+        if parent is None and not skipped:
             counts[event.name] += 1
     return counts
 

@@ -336,3 +336,28 @@ def test_a_fused_adam_skips_a_non_finite_step_on_the_device(data, device):
     _, finite = train_step(state, net, _batch(images), CFG, device)
     assert bool(finite) and _adam_steps(state) == {1}
     assert not all(torch.equal(a, b) for a, b in zip(weights, state.model.parameters(), strict=True))
+
+
+def test_a_training_step_with_batched_synthesis_reads_nothing_back_on_the_host(data, device):
+    # Issue 29: on the CUDA path (fused Adam, batched synthesis on the device) a step, from
+    # the loader's batch to the optimizer, has no op that reads a tensor back on the host
+    # (the synthesis's draws are CPU tensors: left out).
+    from pouta_core.benchmark import SYNC_OPS, top_level_ops
+    from pouta_core.synthesis.batched import DRAW_SCOPE
+    from pouta_core.training import make_loader, new_state, train_step, training_net
+
+    images, _ = data
+    cfg = CFG.replace(synthesis="batched", clean_ratio=0.5)
+    state = new_state(cfg, device)
+    state.optimizer = torch.optim.Adam(state.model.parameters(), lr=1e-3, fused=True)
+    net = training_net(state, cfg)
+    loader = make_loader(images, cfg, textures=None, batch_size=2, shard=(0, 1), num_workers=0, device=device)
+    loader.sampler.set_epoch(1)
+    batches = iter(loader)
+    next(batches)   # the first step pays the cached constants
+    ops = top_level_ops(lambda: train_step(state, net, next(batches), cfg, device), skip=DRAW_SCOPE)
+    assert sum(ops.values()) > 100 and not {name: n for name, n in ops.items() if name in SYNC_OPS}
+    # The CPU path reads the step's finiteness to skip it (bool(finite)): the count sees it.
+    state.optimizer = torch.optim.Adam(state.model.parameters(), lr=1e-3, fused=False)
+    ops = top_level_ops(lambda: train_step(state, net, next(batches), cfg, device), skip=DRAW_SCOPE)
+    assert any(name in SYNC_OPS for name in ops)

@@ -17,11 +17,15 @@ to the device once (pinned, non-blocking on CUDA) and does the pixel work there.
 
 *Decisions* (issue 29):
 - DRAEM applies its three augmentations in a random order; this path applies the same three
-  (drawn as DRAEM draws them) in a fixed order: sharpness, saturation and hue, the seven
-  per-channel intensity maps (gamma, brightness, invert, solarize, posterize, autocontrast,
-  equalize, composed into one 256-entry table per channel), rotation. One pass per kind for
-  the whole batch instead of one call per (step, augmentation): 30 calls at a batch of 32
-  before. The intensity maps see the source as 8 bits, as DRAEM's imgaug does.
+  (drawn as DRAEM draws them) in a fixed order: rotation, sharpness, saturation and hue, the
+  seven per-channel intensity maps (gamma, brightness, invert, solarize, posterize,
+  autocontrast, equalize, composed into one 256-entry table per channel). One pass per kind
+  for the whole batch instead of one call per (step, augmentation): 30 calls at a batch of
+  32 before. Rotation first, so that the maps after it act on the corners it leaves, as they
+  do in two orders of three in DRAEM: with rotation last instead, the anomalies' brightness
+  against their surroundings drifted from the per-sample path's with a texture folder
+  (bench/synthesis_stats.py; docs/experiments.md). The intensity maps see the source as 8
+  bits, as DRAEM's imgaug does.
 - Every sample's Perlin lattice, and the four octaves of every procedural texture's, are
   computed in one batched product, padded to the largest lattice (about ten times the
   multiply-adds of the smallest, and still a small share of the batch's time).
@@ -69,6 +73,7 @@ TEXTURE_SCALES = torch.tensor([0.5**o for o in range(OCTAVES)])
 # Columns of a batch's uniform draws, one row per synthesised sample.
 RES, MASK_TURN, WEIGHT, SELF_SOURCE, BETA, COPY, COPY_DY, COPY_DX, COPY_TURN, TEXTURE = 0, 2, 3, 4, 5, 6, 7, 8, 9, 10
 ORDER, AUG_U, COLOURS, BASE, COLUMNS = 11, 21, 41, 47, 50
+DRAW_SCOPE = "pouta.synthesis.draw"
 
 
 def batch_seed(seed: int, epoch: int, rank: int, step: int) -> int:
@@ -110,6 +115,12 @@ def _block_diagonal(side: int) -> torch.Tensor:
     return block
 
 
+def drawn_augmentations(keys: torch.Tensor) -> torch.Tensor:
+    """(k, 10) bool: the three augmentations each sample draws from its ten uniform ``keys``
+    (DRAEM's draw: the first three of a random permutation)."""
+    return keys.argsort(1).argsort(1) < AUGMENTATIONS_PER_SOURCE
+
+
 class BatchSynthesizer:
     """The batched path. ``bank``: texture sources as a (N, 3, S, S) uint8 tensor (see
     :meth:`~pouta_core.synthesis.TextureFolder.bank`), kept on the device of the batches."""
@@ -125,7 +136,9 @@ class BatchSynthesizer:
         """``clean``: (B, 3, H, W) float in [0, 1] on any device; ``generator``: a CPU
         generator, the only source of randomness."""
         n, _, h, w = clean.shape
-        return self.apply(clean, self.draw(n, h, w, generator))
+        with torch.profiler.record_function(DRAW_SCOPE):   # CPU work: profiles tell it from the device's
+            plan = self.draw(n, h, w, generator)
+        return self.apply(clean, plan)
 
     # --- on the CPU ------------------------------------------------------------------------
 
@@ -191,7 +204,7 @@ class BatchSynthesizer:
         """Three of the ten augmentations per sample (DRAEM's draw: the first three of a random
         permutation), as the sub-batches of the two spatial ones, the intensity tables, and the
         rotation's angle."""
-        drawn = u[:, ORDER:ORDER + N_AUGMENTATIONS].argsort(1).argsort(1) < AUGMENTATIONS_PER_SOURCE
+        drawn = drawn_augmentations(u[:, ORDER:ORDER + N_AUGMENTATIONS])
         au = u[:, AUG_U:AUG_U + 2 * N_AUGMENTATIONS].view(k, N_AUGMENTATIONS, 2)
         parts = {}
         index = drawn[:, SHARPNESS].nonzero().flatten()
@@ -286,6 +299,7 @@ class BatchSynthesizer:
     @staticmethod
     def _augment(x: torch.Tensor, p: dict[str, torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
         """Each source's three augmentations, one pass per kind (see the module's decisions)."""
+        x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
         if "sharp" in p:
             index = p["sharp"].long()
             x = x.index_copy_(0, index, sharpen(x.index_select(0, index), p["sharp_w"]).clamp_(0, 1))
@@ -293,8 +307,7 @@ class BatchSynthesizer:
             index = p["hue"].long()
             coloured = saturate_and_shift_hue(x.index_select(0, index), p["saturation"], p["hue_shift"])
             x = x.index_copy_(0, index, coloured)
-        x = apply_tables(x, p["tables"])
-        return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return apply_tables(x, p["tables"])
 
 
 def foreground_mask_batch(images: torch.Tensor, threshold: float) -> torch.Tensor:
