@@ -273,3 +273,13 @@ def test_a_batch_costs_the_same_few_ops_whatever_its_size(clean_ratio, bank, tmp
     assert large == larger      # every kind of augmentation drawn: the full count
     assert small["device_ops"] <= large["device_ops"] <= 150   # fewer when a batch draws no sharpening, say
     assert small["device_syncs"] == large["device_syncs"] == 0
+
+
+def test_a_batch_of_oblong_images_gets_masks_and_sources_of_its_shape():
+    # Height and width apart: the lattices of the two axes are weighed in two calls.
+    clean = torch.rand(16, 3, 48, 80, generator=gen(4))
+    out = B.BatchSynthesizer(CFG.replace(clean_ratio=0.0))(clean, gen(5))
+    assert out.image.shape == clean.shape and out.mask.shape == (16, 1, 48, 80)
+    assert out.label.sum() == 16 and 0.005 < float(out.mask.mean()) < 0.2
+    assert 0.0 <= out.image.min() and out.image.max() <= 1.0
+    assert torch.equal(out.image[out.mask.expand_as(clean) == 0], clean[out.mask.expand_as(clean) == 0])
