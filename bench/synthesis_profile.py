@@ -48,11 +48,8 @@ def main() -> None:
            "ops_per_batch": sum(counts.values()), "syncs_per_batch": sum(v for k, v in counts.items() if k in syncs),
            "images_per_s_per_core": round(rate, 2)}
     if hasattr(synth, "draw"):   # since issue 29: the host's draws apart from the device's work
-        plans = []
-        _benchmark.top_level_ops(lambda: plans.append(synth.draw(*images.shape[:1], *images.shape[2:], g)))
-        device = _benchmark.top_level_ops(lambda: synth.apply(images, plans[0]))
-        out["device_ops"] = sum(device.values())
-        out["device_syncs"] = sum(v for k, v in device.items() if k in syncs)
+        split = _benchmark.synthesis_ops(cfg, batch_sizes=(a.batch_size,))[f"batch_{a.batch_size}"]
+        out["device_ops"], out["device_syncs"] = split["device_ops"], split["device_syncs"]
     print(json.dumps(out))
 
 

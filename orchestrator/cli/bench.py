@@ -65,11 +65,11 @@ def _cmd_bench_synthesis(args: argparse.Namespace) -> int:
         raise ConfigError("--samples, --rounds and --batch-size must be >= 1")
     cfg = Config.from_preset("paper", [f"image_size={args.image_size}", f"clean_ratio={args.clean_ratio}"])
     textures = TextureFolder(args.texture_dir, args.image_size) if args.texture_dir else None
+    if args.profile:
+        return _profile_synthesis(cfg, textures, args)
     peer = anomalib_rate(args.anomalib_python, image_size=args.image_size, samples=args.samples,
                          batch_size=args.batch_size, texture_dir=args.texture_dir,
                          clean_ratio=args.clean_ratio) if args.compare_anomalib else None
-    if args.profile:
-        return _profile_synthesis(cfg, textures, args)
     r = bench_synthesis(cfg, n=args.samples, batch_size=args.batch_size, textures=textures, rounds=args.rounds,
                         peer=peer, progress=not args.json)
     if args.json:

@@ -135,10 +135,10 @@ def _brightness(x, u):
 
 
 @functools.lru_cache(maxsize=16)
-def _interior(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _interior(h: int, w: int, device: torch.device) -> torch.Tensor:
     inside = torch.zeros(1, 1, h, w, device=device)
     inside[..., 1:-1, 1:-1] = 1
-    return inside, torch.ones((), device=device)
+    return inside
 
 
 def sharpen(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,7 @@ def sharpen(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (box - 9 x) / 13. The box sum is two sums of unfolded windows (``avg_pool2d`` and a 3x3
     ``conv2d`` are several times slower on a CPU)."""
     box = F.pad(x, (1, 1, 1, 1)).unfold(2, 3, 1).sum(-1).unfold(3, 3, 1).sum(-1)
-    inside = _interior(x.shape[-2], x.shape[-1], x.device)[0]
+    inside = _interior(x.shape[-2], x.shape[-1], x.device)
     return torch.addcmul(x, box.add_(x, alpha=-9), inside * weight)
 
 
@@ -168,14 +168,13 @@ def saturate_and_shift_hue(x: torch.Tensor, saturation: torch.Tensor, hue_sixths
     conversion back, (5, 3, 1) per channel ((n, 3, 1, 1)), in a fixed number of full-size
     steps: the hue is kept in sixths, and the shift is added before the one ``% 6`` of the
     conversion back."""
-    grey_weights = _colour_constants(x.device)[0]
+    grey_weights, sectors = _colour_constants(x.device)
     x = torch.lerp(F.conv2d(x, grey_weights), x, saturation).clamp_(0, 1)
     value, top = x.max(1, keepdim=True)     # (argmax and aminmax over channels are ten times slower on a CPU)
     delta = value - x.amin(1, keepdim=True)
     # The hue in sixths: 2 i + (next - previous) / delta for the channel i holding the maximum
     # (``top``: red first, then green, as torchvision); grey pixels (delta 0) get any hue:
     # their saturation is 0.
-    sectors = _colour_constants(x.device)[1]
     hue6 = torch.addcmul(x.roll(-1, 1) - x.roll(1, 1), sectors, delta).gather(1, top).div_(delta.clamp_min(1e-12))
     k = (hue6 + hue_sixths).remainder_(6)
     return torch.addcmul(value, torch.minimum(k, 4 - k).clamp_(0, 1), delta, value=-1)

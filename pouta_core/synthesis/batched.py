@@ -160,8 +160,9 @@ class BatchSynthesizer:
             gradients[:, k:] *= self._block
         parts: dict[str, torch.Tensor] = {"gradients": gradients}
         parts.update(self._lattices(u, k, h, w, procedural))
-        parts.update(self._augmentations(u, k))
-        parts["affine"] = self._affines(u, k, h, w, parts.pop("turn"))
+        augmentations, turn = self._augmentations(u, k)
+        parts.update(augmentations)
+        parts["affine"] = self._affines(u, k, h, w, turn)
         # Per sample: the period of the copy's sampling coordinates (a shifted copy wraps
         # around; any other is inside (-2, 2) and a period of 1e6 leaves it alone), the weight
         # of the foreign source in I_aug, and 1 - beta.
@@ -200,7 +201,7 @@ class BatchSynthesizer:
         return {"lattice": torch.cat([y, x])} if h == w else {"lattice_y": y, "lattice_x": x}
 
     @staticmethod
-    def _augmentations(u: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    def _augmentations(u: torch.Tensor, k: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Three of the ten augmentations per sample (DRAEM's draw: the first three of a random
         permutation), as the sub-batches of the two spatial ones, the intensity tables, and the
         rotation's angle."""
@@ -218,8 +219,7 @@ class BatchSynthesizer:
         # a row per channel: the table, then whether to autocontrast and to equalize
         tables = torch.cat([intensity_tables(drawn, au), drawn[:, [AUTOCONTRAST, EQUALIZE]]], 1)
         parts["tables"] = tables.repeat_interleave(3, 0)
-        parts["turn"] = torch.where(drawn[:, ROTATE], -45 + 90 * au[:, ROTATE, 0], 0.0)
-        return parts
+        return parts, torch.where(drawn[:, ROTATE], -45 + 90 * au[:, ROTATE, 0], 0.0)
 
     @staticmethod
     def _affines(u: torch.Tensor, k: int, h: int, w: int, turn: torch.Tensor) -> torch.Tensor:
