@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,13 +187,16 @@ class Plan:
         return (config or self.base).replace(**self.per_category.get(category, {}))
 
     def trial_spec(self, config: Config | None = None,
-                   category_values: Mapping[str, Mapping[str, Any]] | None = None) -> TrialSpec:
+                   category_values: Mapping[str, Mapping[str, Any]] | None = None,
+                   tune_metrics: Sequence[str] | None = None) -> TrialSpec:
         """What the trials receive: ``config`` (default ``base``) for every category, then
-        ``category_values`` and the plan's --category-set values (those win) per category."""
+        ``category_values`` and the plan's --category-set values (those win) per category;
+        ``tune_metrics`` (default the plan's metric): what Tune gets as numbers."""
         values = {c: {**(category_values or {}).get(c, {}), **self.per_category.get(c, {})} for c in self.categories}
         return TrialSpec(data=self.data, resources=self.resources, base_config=config or self.base,
                          tune_name=self.run_name, storage_path=self.storage_path,
-                         category_values={c: v for c, v in values.items() if v})
+                         category_values={c: v for c, v in values.items() if v},
+                         tune_metrics=tuple(tune_metrics or (self.metric,)))
 
     def fingerprints(self) -> dict[str, str]:
         """Each category's training-data fingerprint (tags on runs and model versions). Each

@@ -87,6 +87,9 @@ class WorkerTask:
     config: Config
     data: DataSpec
     resources: Resources
+    # Reported to Tune as numbers besides the epochs; the rest travel packed
+    # (:func:`orchestrator.execution.results.packed`).
+    tune_metrics: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ class TrialSpec:
     # Config values of one category only (--category-set, retrain's best known values), over
     # base_config; the sampled values of a trial go over both.
     category_values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The metrics the sweep's schedulers, searches and choices read (its objectives): the only
+    # ones Tune gets as numbers, besides the epochs.
+    tune_metrics: tuple[str, ...] = ("val_pixel_ap",)
 
     def config_for(self, category: str, sampled: Mapping[str, Any] | None = None) -> Config:
         """A trial's config: the base, its category's own values, then the sampled ones, with
@@ -112,7 +118,8 @@ class TrialSpec:
     def task(self, params: Mapping[str, Any]) -> WorkerTask:
         """The worker's task for Tune's ``params`` (``category`` and ``sampled``)."""
         category = params["category"]
-        return WorkerTask(category, self.config_for(category, params.get(SAMPLED)), self.data, self.resources)
+        return WorkerTask(category, self.config_for(category, params.get(SAMPLED)), self.data, self.resources,
+                          self.tune_metrics)
 
 
 def checkpoint_cadence(config: Config) -> int:

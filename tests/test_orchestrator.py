@@ -168,6 +168,14 @@ def test_a_sweep_chooses_on_validation_whatever_the_test_images(env, tmp_path, c
             assert metric not in child.data.metrics and child.data.tags[tracking.TAG_SELECTION] == "validation"
             assert child.data.metrics["nonfinite_steps"] == 0        # counted every epoch (issue 29)
             assert "val_files.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
+            assert {"loss_total", "lr", "latency_ms"} <= set(child.data.metrics)   # from the packed figures
+        # Tune keeps running statistics of what it is given, per trial, in every snapshot of its
+        # state: the numbers it schedules on, not the epoch's other 30 (issue 28).
+        state = json.loads(next((env["root"] / "ray" / name).glob("experiment_state-*.json")).read_text())
+        for _, metadata in state["trial_data"]:
+            analysed = set(json.loads(metadata)["metric_analysis"])
+            assert {"val_pixel_ap", "epoch", "checkpoint_epoch"} <= analysed, analysed
+            assert not analysed & {"val_pixel_auroc", "test_pixel_ap", "loss_total", "lr", "latency_ms"}, analysed
         best = max(trials, key=lambda c: c.data.metrics["val_pixel_ap"])
         assert client.get_model_version_by_alias("pouta-mvtec-tiles", "challenger").run_id == best.info.run_id
         state = load_state(download_checkpoint(f"runs:/{best.info.run_id}", env["uri"], tmp_path / name))

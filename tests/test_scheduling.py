@@ -1,5 +1,6 @@
 """What a sweep tells its Optuna studies (no Ray cluster: the searcher Tune would drive)."""
 
+import numpy as np
 import optuna
 from conftest import small_config
 from optuna.trial import TrialState
@@ -292,9 +293,34 @@ def test_a_trial_stopped_between_checkpoints_is_shown_by_the_epoch_its_checkpoin
     history = results[0].metrics_dataframe.set_index("epoch")
     assert row["epoch"] == 2 and row["val_pixel_ap"] == history.loc[2, "val_pixel_ap"]
     assert type(row["epoch"]) is int and type(row["val_pixel_ap"]) is float   # not numpy's: rows become YAML
-    assert json.loads((Path(row["checkpoint"]) / "metrics.json").read_text())["val_pixel_ap"] == row["val_pixel_ap"]
+    held = json.loads((Path(row["checkpoint"]) / "metrics.json").read_text())
+    assert held["val_pixel_ap"] == row["val_pixel_ap"]
+    # A metric no choice reads reached Tune packed (issue 28), and comes back from that epoch's report.
+    assert "val_image_auroc" not in history and held["val_image_auroc"] == row["val_image_auroc"]
     # Epochs 1 and 3 were evaluated and reported, without a checkpoint.
     assert sorted(p.name for p in Path(results[0].path).glob("checkpoint_*")) == ["checkpoint_000000"]
+
+
+def test_a_report_gives_tune_numbers_to_schedule_on_and_the_rest_packed():
+    """Issue 28: Tune keeps statistics of every number a report holds, per trial, in each
+    snapshot of its state. A report gives it the epoch, the checkpoint's epoch and the metrics
+    the sweep chooses on as numbers; the rest travel as one string and come back intact."""
+    import math
+
+    from orchestrator.execution.results import FIGURES, packed, unpacked
+    from orchestrator.spec import CHECKPOINT_EPOCH
+
+    metrics = {"epoch": 3, CHECKPOINT_EPOCH: 2, "val_pixel_ap": 0.5, "val_image_auroc": np.float32(0.25),
+               "loss_total": float("nan"), "nonfinite_steps": 1}
+    report = packed(metrics, ("val_pixel_ap",))
+    assert {k for k, v in report.items() if isinstance(v, int | float)} == {"epoch", CHECKPOINT_EPOCH, "val_pixel_ap"}
+    assert isinstance(report[FIGURES], str)
+    back = unpacked(report)
+    assert set(back) == set(metrics) and back["val_image_auroc"] == 0.25 and math.isnan(back["loss_total"])
+    assert FIGURES not in packed({"epoch": 1, "val_pixel_ap": 0.5}, ("val_pixel_ap",))   # nothing else: no string
+    # A history row from before a report held figures: pandas fills NaN.
+    assert unpacked({"epoch": 1, FIGURES: float("nan")}) == {"epoch": 1}
+    assert unpacked(None) == {}
 
 
 def test_studies_on_a_network_filesystem_are_a_journal_and_sqlite_there_is_refused(tmp_path):
@@ -384,3 +410,29 @@ def test_an_experiment_started_before_a_config_key_existed_resumes_as_the_same_o
     changed = plan(scale_lr="linear")
     with pytest.raises(ConfigError, match="it differs in config.scale_lr"):
         changed.check_new_or_resumed(True, changed.definition({"tiles": "f"}))
+
+
+def test_tunes_snapshot_period_grows_with_the_trials_and_a_users_own_wins(monkeypatch):
+    """Issue 28: each of Tune's snapshots rewrites every trial's state. Up to 200 trials Tune's
+    own "auto" period; beyond, one that grows with the trials (48 s at 960), set for the fit
+    only; a TUNE_GLOBAL_CHECKPOINT_S the user set is left as it is."""
+    import os
+
+    from ray import tune
+
+    from orchestrator.execution import tuner
+
+    assert tuner.snapshot_period(120) == "auto" and tuner.snapshot_period(960) == "48"
+    assert tuner.snapshot_period(10**6) == "300"
+    seen = []
+    monkeypatch.setattr(tuner, "make_tuner", lambda *a: None)
+    monkeypatch.setattr(tuner, "fit", lambda _: seen.append(os.environ.get(tuner.SNAPSHOT_PERIOD_ENV)))
+    monkeypatch.delenv(tuner.SNAPSHOT_PERIOD_ENV, raising=False)
+    grid = {"category": tune.grid_search([f"c{i}" for i in range(15)]),
+            "sampled": {"seed": tune.grid_search(list(range(16)))}}
+    tuner.run(None, None, grid, tune.TuneConfig(num_samples=4), None, False)        # 15 x 16 x 4 = 960
+    tuner.run(None, None, {}, tune.TuneConfig(num_samples=100), None, False)
+    assert seen == ["48", "auto"] and tuner.SNAPSHOT_PERIOD_ENV not in os.environ
+    monkeypatch.setenv(tuner.SNAPSHOT_PERIOD_ENV, "7")
+    tuner.run(None, None, grid, tune.TuneConfig(num_samples=4), None, False)
+    assert seen[-1] == "7"

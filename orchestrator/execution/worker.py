@@ -22,6 +22,7 @@ import ray.train.torch
 import ray.tune
 import torch
 
+from orchestrator.execution.results import packed
 from orchestrator.execution.tune_parts import checkpoint_folders
 from orchestrator.spec import CHECKPOINT_EPOCH, WorkerTask
 from pouta_core import checkpoint as ckpt
@@ -154,7 +155,8 @@ def train_worker(task: WorkerTask, session: TrainSession | TuneSession | None = 
             # The final checkpoint only (issue 28): a grid is a second pass over the test images,
             # and a trial ASHA stops is not one anybody registers.
             write_heatmaps(checkpoint_dir, shown, device)
-        session.report({k: v for k, v in metrics.items() if _reportable(v)}, checkpoint_dir)
+        session.report(packed({k: v for k, v in metrics.items() if _reportable(v)}, task.tune_metrics),
+                       checkpoint_dir)
 
     def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
         # Staged training's first epochs leave the discriminator without gradients, which DDP

@@ -14,6 +14,7 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator import tracking
+from orchestrator.execution.results import unpacked
 from orchestrator.spec import CHECKPOINT_EPOCH, CONFIRM_OF, DEFAULT_TRIAL, SAMPLED, TrialSpec
 from orchestrator.tracking.outbox import Outbox
 
@@ -163,7 +164,7 @@ class MlflowTrialCallback(Callback):
         if epoch <= self.last_epoch.get(trial.trial_id, -1):
             return
         self.last_epoch[trial.trial_id] = epoch
-        metrics = {k: v for k, v in result.items() if k.startswith(LOGGED_METRICS)}
+        metrics = {k: v for k, v in unpacked(result).items() if k.startswith(LOGGED_METRICS)}
         stamp = int(time.time() * 1000)   # when reported: a repeated delivery is an exact repeat
 
         def deliver(client, state) -> None:
