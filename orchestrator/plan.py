@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.execution.watchdog import DEFAULT_PENDING_TIMEOUT_S
-from orchestrator.spec import DataSpec, Resources, TrialSpec
+from orchestrator.spec import DEFAULT_METRIC, DataSpec, Resources, TrialSpec
 from pouta_core import api
 from pouta_core.config import Config, ConfigError, parse_overrides
 from pouta_core.data import categories as list_categories
@@ -73,7 +73,7 @@ class Plan:
     mlflow_wait: float = 600.0
     # The reported metric the progress lines show (validation: ``val_pixel_ap``); choices read
     # Tune's own metric.
-    metric: str = "val_pixel_ap"
+    metric: str = DEFAULT_METRIC
     mode: str = "max"
     verbose: bool = False     # Tune's tables and Ray's worker logs on the console (pouta -v)
     # The preset the base config starts from (a tag on every run: retrain's --params-from best

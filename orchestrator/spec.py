@@ -25,6 +25,7 @@ SAMPLED = "sampled"   # param_space key holding the searched config values
 CHECKPOINT_EPOCH = "checkpoint_epoch"   # reported by every trial: the epoch of its latest checkpoint
 DEFAULT_TRIAL = "default"   # in a trial's config: True for the sweep's reference trial, the base config
 CONFIRM_OF = "confirm_of"   # in a trial's config: the id of the trial whose config it trains again on a fresh seed
+DEFAULT_METRIC = "val_pixel_ap"   # what a command chooses on unless --metric/--objectives says otherwise
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class TrialSpec:
     category_values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # The metrics the sweep's schedulers, searches and choices read (its objectives): the only
     # ones Tune gets as numbers, besides the epochs.
-    tune_metrics: tuple[str, ...] = ("val_pixel_ap",)
+    tune_metrics: tuple[str, ...] = (DEFAULT_METRIC,)
 
     def config_for(self, category: str, sampled: Mapping[str, Any] | None = None) -> Config:
         """A trial's config: the base, its category's own values, then the sampled ones, with

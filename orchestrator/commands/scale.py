@@ -324,8 +324,8 @@ def bench_scale(categories: int = 15, trials: int = 64, nodes: int = 3, gpus_per
         "mlflow_artifact_mb_total": round(_folder_bytes(artifacts) / 2**20, 1),
         "optuna_storage_kb": round(sum(_folder_bytes(p) if p.is_dir() else p.stat().st_size
                                        for p in experiment.glob("optuna.*")) / 1024, 1),
-        # What Tune rewrites at each snapshot of the experiment (every ~10 s): it grows with the
-        # trials, so its cost per finished trial grows too.
+        # What Tune rewrites at each snapshot of the experiment (every 10 s, or longer beyond 200
+        # trials: orchestrator.execution.tuner.snapshot_period); it grows with the trials.
         "tune_state_kb_per_trial": round(sum(p.stat().st_size for p in experiment.glob("experiment_state-*.json"))
                                          / max(len(runs), 1) / 1024, 1),
         "tune_searcher_state_kb": round(sum(p.stat().st_size for p in experiment.glob("searcher-state-*"))
