@@ -188,15 +188,18 @@ class Plan:
 
     def trial_spec(self, config: Config | None = None,
                    category_values: Mapping[str, Mapping[str, Any]] | None = None,
-                   tune_metrics: Sequence[str] | None = None) -> TrialSpec:
+                   tune_metrics: Sequence[str] | None = None,
+                   scoring_options: Mapping[str, Sequence[Any]] | None = None) -> TrialSpec:
         """What the trials receive: ``config`` (default ``base``) for every category, then
         ``category_values`` and the plan's --category-set values (those win) per category;
-        ``tune_metrics`` (default the plan's metric): what Tune gets as numbers."""
+        ``tune_metrics`` (default the plan's metric): what Tune gets as numbers;
+        ``scoring_options``: what each searched trial chooses among after training."""
         values = {c: {**(category_values or {}).get(c, {}), **self.per_category.get(c, {})} for c in self.categories}
         return TrialSpec(data=self.data, resources=self.resources, base_config=config or self.base,
                          tune_name=self.run_name, storage_path=self.storage_path,
                          category_values={c: v for c, v in values.items() if v},
-                         tune_metrics=tuple(tune_metrics or (self.metric,)))
+                         tune_metrics=tuple(tune_metrics or (self.metric,)),
+                         scoring_options={k: tuple(v) for k, v in (scoring_options or {}).items()})
 
     def fingerprints(self) -> dict[str, str]:
         """Each category's training-data fingerprint (tags on runs and model versions). Each

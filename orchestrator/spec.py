@@ -91,6 +91,13 @@ class WorkerTask:
     # Reported to Tune as numbers besides the epochs; the rest travel packed
     # (:func:`orchestrator.execution.results.packed`).
     tune_metrics: tuple[str, ...] = ()
+    # Scoring key -> values chosen among after training, on validation (none: the config's own).
+    scoring_options: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    @property
+    def scoring_metric(self) -> str:
+        """What the scoring choice reads: the first validation objective, else the default metric."""
+        return next((m for m in self.tune_metrics if m.startswith("val_")), DEFAULT_METRIC)
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,9 @@ class TrialSpec:
     # The metrics the sweep's schedulers, searches and choices read (its objectives): the only
     # ones Tune gets as numbers, besides the epochs.
     tune_metrics: tuple[str, ...] = (DEFAULT_METRIC,)
+    # A space's ``scoring:`` (scoring key -> values): what each searched trial chooses among
+    # after training (:mod:`pouta_core.scoring_choice`).
+    scoring_options: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def config_for(self, category: str, sampled: Mapping[str, Any] | None = None) -> Config:
         """A trial's config: the base, its category's own values, then the sampled ones, with
@@ -119,8 +129,12 @@ class TrialSpec:
     def task(self, params: Mapping[str, Any]) -> WorkerTask:
         """The worker's task for Tune's ``params`` (``category`` and ``sampled``)."""
         category = params["category"]
+        # *Decision* (issue 45): the default trial is what a user gets without the sweep (the
+        # base config's reading); a confirmation trial keeps the reading its finalist chose (in
+        # its sampled values), so that the round sees fresh seeds of one fixed config.
+        chooses = not params.get(DEFAULT_TRIAL) and not params.get(CONFIRM_OF)
         return WorkerTask(category, self.config_for(category, params.get(SAMPLED)), self.data, self.resources,
-                          self.tune_metrics)
+                          self.tune_metrics, dict(self.scoring_options) if chooses else {})
 
 
 def checkpoint_cadence(config: Config) -> int:

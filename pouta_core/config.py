@@ -155,6 +155,11 @@ class Config:
         default=0.01,
         metadata=_spec(gt=0.0, le=1.0, help="share of the map's pixels topk_mean averages"),
     )
+    image_score_pool: int = field(
+        default=21,
+        metadata=_spec(ge=1, le=255, help="side of the average pool whose max is the pooled_max image score "
+                       "(odd; the paper's 21)"),
+    )
     score_norm: str = field(
         default="none",
         metadata=_spec(choices=("none", "pixel"),
@@ -295,6 +300,9 @@ class Config:
             raise ConfigError(
                 f"config key 'beta_min': must be <= beta_max ({self.beta_max}), got {self.beta_min}"
             )
+        if self.image_score_pool % 2 == 0:
+            raise ConfigError("config key 'image_score_pool': must be odd (a centred pool), "
+                              f"got {self.image_score_pool}")
         if self.rec_warmup_epochs >= self.epochs:
             raise ConfigError(
                 f"config key 'rec_warmup_epochs': must be < epochs ({self.epochs}), got {self.rec_warmup_epochs}"
@@ -384,7 +392,7 @@ class Config:
     # How a trained model's map and score are read, not what it learns: ``pouta evaluate
     # --set`` may change them on a trained checkpoint.
     SCORING_KEYS: ClassVar[tuple[str, ...]] = ("map_heads_weight", "image_score", "image_score_topk",
-                                               "score_norm")
+                                               "image_score_pool", "score_norm")
 
     def replace(self, **changes: Any) -> Config:
         return self.from_dict({**self.to_dict(), **changes})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from pouta_core.inference import predict
 from pouta_core.losses import pouta_loss
 from pouta_core.metrics import compute, f1_max
 from pouta_core.model import build_model
+from pouta_core.scoring_choice import CHOICE_FILE, choose_scoring
 from pouta_core.synthesis import AnomalySynthesizer, TextureFolder
 from pouta_core.synthesis.batched import BatchSynthesizer
 
@@ -174,12 +175,14 @@ def training_net(state: TrainState, config: Config, wrap_model: Callable[[nn.Mod
     return torch.compile(net) if config.compile else net
 
 
-def restore(state: TrainState, path: Path, config: Config, device: torch.device) -> None:
-    """Load ``path`` into ``state``; refuse a checkpoint trained with another config."""
+def restore(state: TrainState, path: Path, config: Config, device: torch.device, *,
+            free: tuple[str, ...] = ()) -> None:
+    """Load ``path`` into ``state``; refuse a checkpoint trained with another config (but for
+    the runtime keys and ``free``: the scoring keys of a run that chose them after training)."""
     saved = ckpt.load_state(path, device)
     # Through Config, so keys added since the checkpoint was written compare as defaults.
     changed = [k for k in _diff_keys(Config.from_dict(saved["config"]).to_dict(), config.to_dict())
-               if k not in Config.RUNTIME_KEYS]
+               if k not in Config.RUNTIME_KEYS and k not in free]
     if changed:
         raise ConfigError(f"{path}: was trained with a different config ({', '.join(changed)}); "
                           "use another --out or remove it")
@@ -402,11 +405,16 @@ def fit(
     shard: tuple[int, int] = (0, 1),
     extra_state: dict[str, Any] | None = None,
     sidecars: dict[str, dict[str, Any]] | None = None,
+    scoring_options: Mapping[str, Sequence[Any]] | None = None,
+    scoring_metric: str = "val_pixel_ap",
 ) -> dict[str, Any]:
     """Train on ``train_images`` (N, 3, S, S) uint8 good images; write ``out_dir/checkpoint.pt``,
     ``config.yaml``, ``metrics.json`` and the JSON ``sidecars`` (rank 0 only). Every
     evaluation scores ``val_set`` (``val_*`` metrics and the stored threshold) and
-    ``test_set`` (``test_*``, only reported). Returns the final metrics dict."""
+    ``test_set`` (``test_*``, only reported). With ``scoring_options`` (scoring key -> values),
+    the last evaluation first chooses among them on ``val_set`` by ``scoring_metric``
+    (:mod:`pouta_core.scoring_choice`): the final checkpoint's config holds the choice and its
+    folder ``scoring_choice.json`` every candidate. Returns the final metrics dict."""
     out_dir, device = Path(out_dir), torch.device(device)
     is_main = shard[0] == 0
     if len(train_images) < 2:
@@ -414,8 +422,9 @@ def fit(
     if is_main:
         check_scoring_data(config, val_set)
     state = new_state(config, device, world=shard[1])
+    free = Config.SCORING_KEYS if scoring_options else ()
     if resume and (out_dir / ckpt.CHECKPOINT).exists():
-        restore(state, out_dir / ckpt.CHECKPOINT, config, device)
+        restore(state, out_dir / ckpt.CHECKPOINT, config, device, free=free)
         if report is not None and state.metrics:
             # A restored run first reports where it stands: the caller may have lost the report
             # made just before the interruption (Tune, MLflow drop epochs they already have).
@@ -434,6 +443,10 @@ def fit(
         bar.set_postfix(loss=f"{metrics['loss_total']:.4f}")
         last = epoch == config.epochs
         if epoch % config.eval_every == 0 or last:
+            if is_main and last and scoring_options and val_set is not None and len(val_set):
+                choice = choose_scoring(state.model, val_set, device, scoring_options, scoring_metric, config)
+                config = config.replace(**choice.chosen)
+                keep["sidecars"] = {**(sidecars or {}), CHOICE_FILE: choice.record()}
             if is_main:
                 evaluated, state.threshold = evaluate_splits(state.model, val_set, test_set, device)
                 metrics.update(evaluated)

@@ -8,11 +8,17 @@
       epochs: 60
     reference:        # optional: the sweep's default trial (what its choice must beat), when
       lambda_1: 0.4   #   it is not the base config's values of the searched keys
+    scoring:          # optional: scoring keys (Config.SCORING_KEYS), chosen after training on
+      image_score: [pooled_max, topk_mean]   # each searched trial's own validation images
 
 Distributions: ``uniform`` / ``loguniform`` (low, high; floats), ``int`` (low, high, optional
 step; integers, inclusive), ``choice`` (values; sampled), ``grid`` (values; every value is
 run). Every key must be a config key, and every value a search could produce must be valid
-for it: the file is checked against the config's own validation when it is loaded.
+for it: the file is checked against the config's own validation when it is loaded. The
+scoring keys change no weight: they are never trials of their own (``space:`` refuses them);
+``scoring:`` lists their values, and every searched trial reads its trained model each way and
+keeps the best on its validation images (:mod:`pouta_core.scoring_choice`): the weights produced
+once, used several ways, for no more trials.
 Files are read with ``yaml.safe_load``: they carry data, never code.
 """
 
@@ -66,6 +72,7 @@ class SearchSpace:
     fixed: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     reference: dict[str, Any] = field(default_factory=dict)   # the default trial's values of searched keys
+    scoring: dict[str, tuple[Any, ...]] = field(default_factory=dict)   # chosen after training, per trial
 
     @property
     def has_grid(self) -> bool:
@@ -94,6 +101,9 @@ def _dimension(path: Path, key: str, spec: Any) -> Dimension:
         raise _err(path, key, "is not a config key")
     if key in SELECTION_KEYS:
         raise _err(path, key, "chooses the validation images trials are compared on; it cannot be searched")
+    if key in Config.SCORING_KEYS:
+        raise _err(path, key, "changes no weight: list its values under 'scoring:' (chosen after training on each "
+                              "trial's validation images, for no more trials)")
     if not isinstance(spec, dict) or "distribution" not in spec:
         raise _err(path, key, "expected a mapping with a 'distribution'")
     dist = spec["distribution"]
@@ -140,7 +150,7 @@ def load(path: str | Path, base: Config | None = None) -> SearchSpace:
         raise _err(path, None, f"not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("space"), dict) or not data["space"]:
         raise _err(path, None, "expected a mapping with a non-empty 'space' mapping")
-    unknown = set(data) - {"space", "fixed", "description", "reference"}
+    unknown = set(data) - {"space", "fixed", "description", "reference", "scoring"}
     if unknown:
         raise _err(path, None, f"unknown top-level key(s) {', '.join(sorted(unknown))}")
     dims = tuple(_dimension(path, str(k), v) for k, v in data["space"].items())
@@ -155,7 +165,11 @@ def load(path: str | Path, base: Config | None = None) -> SearchSpace:
         if key not in searched:
             raise _err(path, str(key), "is in 'reference' but not searched: a reference point names values of "
                                        "the searched keys (other keys go in 'fixed')")
-    space = SearchSpace(path, dims, dict(fixed), str(data.get("description", "")), dict(reference))
+    scoring = data.get("scoring") or {}
+    if not isinstance(scoring, dict):
+        raise _err(path, None, "'scoring' must be a mapping of scoring keys to lists of values")
+    space = SearchSpace(path, dims, dict(fixed), str(data.get("description", "")), dict(reference),
+                        {str(k): tuple(v) if isinstance(v, list) else v for k, v in scoring.items()})
     _check_against_config(space, base or Config())
     return space
 
@@ -179,6 +193,17 @@ def _check_against_config(space: SearchSpace, base: Config) -> None:
         start.replace(**space.reference)
     except ConfigError as exc:
         raise _err(space.path, None, f"in 'reference': {exc}") from None
+    for key, values in space.scoring.items():
+        if key not in Config.SCORING_KEYS:
+            raise _err(space.path, key, f"is in 'scoring' but not a scoring key ({', '.join(Config.SCORING_KEYS)}); "
+                                        "keys that change the weights are searched under 'space:'")
+        if not isinstance(values, tuple) or not values:
+            raise _err(space.path, key, "'scoring' needs a non-empty list of values")
+        for value in values:
+            try:
+                start.replace(**{key: value})
+            except ConfigError as exc:
+                raise _err(space.path, key, f"scoring value {value!r} is invalid: {exc}") from None
 
 
 def bundled() -> list[Path]:

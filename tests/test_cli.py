@@ -108,7 +108,8 @@ def test_evaluate_rescores_with_scoring_keys_and_refuses_other_keys(trained, tmp
     out = pouta(*common, "--set", "epochs=3", check=False)
     assert out.returncode == 2
     assert out.stderr.strip().endswith("--set epochs: a trained model's config cannot change; only its scoring "
-                                       "keys can (map_heads_weight, image_score, image_score_topk, score_norm)")
+                                       "keys can (map_heads_weight, image_score, image_score_topk, "
+                                       "image_score_pool, score_norm)")
 
 
 def api_load(root, run):

@@ -171,3 +171,30 @@ def test_rescore_keeps_another_scoring_in_a_new_run_folder_without_retraining(da
         api.rescore(run, tmp_path / "x", scoring=scoring, data_root=data / "data", dataset="mvtec",
                     category="pills", device="cpu", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_scoring_options_are_chosen_after_training_on_validation_and_kept_with_the_weights(data, tmp_path):
+    # The weights are those of a run trained without options (same seed): scoring trains nothing.
+    from pouta_core.scoring_choice import CHOICE_FILE
+
+    options = {"image_score": ["pooled_max", "topk_mean"], "image_score_pool": [21, 11],
+               "score_norm": ["none", "pixel"]}
+    chosen_run = tmp_path / "chosen"
+    api.train(small_config(), data_root=data / "data", dataset="mvtec", category="tiles", out=chosen_run,
+              device="cpu", progress=False, scoring_options=options)
+    plain = train(data, tmp_path / "plain")
+    model, config, state = load_model(chosen_run)
+    weights = {k: v for k, v in load_model(plain)[0].state_dict().items() if not k.startswith("scorer.")}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    record = json.loads((chosen_run / CHOICE_FILE).read_text())
+    tried = record["candidates"]
+    assert len(tried) == 8 and tried[0]["values"] == {"image_score": "pooled_max", "image_score_pool": 21,
+                                                        "score_norm": "none"}   # the config's own first
+    # The rule: the best validation pixel AP, then image AUROC; the first of equals.
+    best = max(tried, key=lambda c: (c["val_pixel_ap"], c["val_image_auroc"]))
+    assert record["chosen"] == best["values"] == {k: getattr(config, k) for k in options}
+    # What the run reports on validation is what the chosen reading gives, and a re-evaluation agrees.
+    assert state["metrics"]["val_image_auroc"] == pytest.approx(best["val_image_auroc"], abs=1e-6)
+    assert evaluate(data, chosen_run, "val")["image_auroc"] == pytest.approx(best["val_image_auroc"], abs=1e-6)
+    # The pixel maps do not depend on these keys: every candidate has the same pixel AP.
+    assert len({round(c["val_pixel_ap"], 9) for c in tried}) == 1

@@ -51,7 +51,7 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
 def add_scoring_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="scoring", metavar="KEY=VALUE", action="append", default=[],
                    help="read the trained model another way, without retraining: a scoring key "
-                   "(map_heads_weight, image_score, image_score_topk, score_norm); repeatable")
+                   "(map_heads_weight, image_score, image_score_topk, image_score_pool, score_norm); repeatable")
 
 
 def add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> None:

@@ -87,7 +87,8 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     plan.check_new_or_resumed(resume, definition, num_samples=None if space.has_grid else num_samples)
     warn_about_config(plan)
     keys = both_splits([k for k, _ in objectives] + list(SUMMARY_METRICS))
-    spec = plan.trial_spec(plan.base.replace(**space.fixed), tune_metrics=[k for k, _ in objectives])
+    spec = plan.trial_spec(plan.base.replace(**space.fixed), tune_metrics=[k for k, _ in objectives],
+                           scoring_options=space.scoring)
     configs = {c: spec.config_for(c) for c in plan.categories}
     storage_url = check_study_storage(study_storage) if study_storage else None
     # Checked before anything starts: MLflow answers us (a server that refuses the host name or

@@ -17,6 +17,9 @@ from orchestrator.spec import CHECKPOINT_EPOCH, CONFIRM_OF
 # seconds: 35 kB per trial at 34 numbers, 34 MB per snapshot at 960 trials. A string it stores
 # and passes on, unread; :func:`unpacked` gives the numbers back.
 FIGURES = "figures"
+# In a trial's final report, when its space lists scoring options: the scoring keys' values it
+# chose after training (issue 45), as one JSON string.
+SCORING = "scoring"
 # Always numbers in a report: what Tune's schedulers, the searches and the driver read.
 TUNE_KEYS = ("epoch", CHECKPOINT_EPOCH)
 
@@ -61,9 +64,15 @@ def trial_rows(results, metric_keys: list[str]) -> list[dict[str, Any]]:
         # Ray Train runs name their checkpoint in the metrics; one-worker trials are Tune's own.
         checkpoint = metrics.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint and metrics else None)
         rows.append({"trial_id": r.metrics.get("trial_id"), "config": r.config, "path": r.path,
-                     "checkpoint": checkpoint,
+                     "checkpoint": checkpoint, **scoring_of(r.metrics),
                      **{k: (metrics or unpacked(r.metrics)).get(k) for k in ["epoch", *metric_keys]}})
     return rows
+
+
+def scoring_of(result: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{"scoring": {key: value}}``, what a trial chose after training, or {} (none chosen)."""
+    text = (result or {}).get(SCORING)
+    return {SCORING: json.loads(text)} if isinstance(text, str) else {}
 
 
 def at_checkpoint(result) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 from optuna.exceptions import UpdateFinishedTrialError
 from ray.tune.search import Searcher
 
+from orchestrator.execution.results import SCORING, scoring_of
 from orchestrator.spec import CONFIRM_OF, DEFAULT_TRIAL, SAMPLED
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class CategorySearch(_PickledState, Searcher):
         self.ended: dict[str, float | None] = {}             # Tune trial id -> its value (None: not a finalist)
         self.confirming: dict[str, tuple[str, str, int]] = {}   # Tune trial id -> (category, of trial, k)
         self.confirmed: set[tuple[str, int]] = set()          # (of trial, k) started
+        self.scoring: dict[str, dict[str, Any]] = {}          # Tune trial id -> scoring it chose after training
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True   # every per-category searcher was built with its metric, mode and space
@@ -201,7 +203,9 @@ class CategorySearch(_PickledState, Searcher):
     def _confirmation_config(self, trial_id: str) -> dict[str, Any]:
         category, of, k = self.confirming[trial_id]
         params = self.params.get(of, self._default_params() if of in self.defaults else {SAMPLED: {}})
-        sampled = {**params.get(SAMPLED, {}), "seed": confirmation_seed(self.seeds.get(category, 0), k)}
+        # The finalist's config as it ended: its sampled values and the reading it chose after training.
+        chosen = getattr(self, "scoring", {}).get(of, {})   # a state saved before issue 45 has none
+        sampled = {**params.get(SAMPLED, {}), **chosen, "seed": confirmation_seed(self.seeds.get(category, 0), k)}
         return {"category": category, **params, SAMPLED: sampled, CONFIRM_OF: of}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -219,6 +223,8 @@ class CategorySearch(_PickledState, Searcher):
             return
         early = not error and bool(result) and self._stopped_early(trial_id, result)
         value = (result or {}).get(self.metric) if not error and not early else None
+        if not error and not early and scoring_of(result):
+            self.scoring = {**getattr(self, "scoring", {}), trial_id: scoring_of(result)[SCORING]}
         self.ended[trial_id] = float(value) if isinstance(value, int | float) and value == value else None
         if trial_id in self.defaults:
             return

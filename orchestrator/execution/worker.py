@@ -10,6 +10,7 @@ A one-worker trial runs the same function inside the Tune trial's own process
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ import ray.train.torch
 import ray.tune
 import torch
 
-from orchestrator.execution.results import packed
+from orchestrator.execution.results import SCORING, packed
 from orchestrator.execution.tune_parts import checkpoint_folders
 from orchestrator.spec import CHECKPOINT_EPOCH, WorkerTask
 from pouta_core import checkpoint as ckpt
@@ -151,12 +152,15 @@ def train_worker(task: WorkerTask, session: TrainSession | TuneSession | None = 
         if checkpoint_dir is not None or held["epoch"] is None:
             held["epoch"] = int(metrics.get("epoch", 0))
         metrics = {**metrics, "latency_ms": latency, CHECKPOINT_EPOCH: held["epoch"]}
+        reported = packed({k: v for k, v in metrics.items() if _reportable(v)}, task.tune_metrics)
         if checkpoint_dir is not None and metrics.get("epoch", 0) >= config.epochs:
             # The final checkpoint only (issue 28): a grid is a second pass over the test images,
             # and a trial ASHA stops is not one anybody registers.
             write_heatmaps(checkpoint_dir, shown, device)
-        session.report(packed({k: v for k, v in metrics.items() if _reportable(v)}, task.tune_metrics),
-                       checkpoint_dir)
+            if task.scoring_options:   # what the trial chose after training: its final config holds it
+                final = Config.from_yaml(checkpoint_dir / ckpt.CONFIG)
+                reported[SCORING] = json.dumps({k: getattr(final, k) for k in task.scoring_options})
+        session.report(reported, checkpoint_dir)
 
     def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
         # Staged training's first epochs leave the discriminator without gradients, which DDP
@@ -170,7 +174,8 @@ def train_worker(task: WorkerTask, session: TrainSession | TuneSession | None = 
             num_workers=task.resources.loader_workers,
             extra_state={"dataset": data_spec.dataset, "category": task.category, "val_split": data.selection.mode,
                          ckpt.BIT_DEPTH: data.bit_depth},
-            sidecars={ckpt.VAL_FILES: data.selection_record()})
+            sidecars={ckpt.VAL_FILES: data.selection_record()},
+            scoring_options=task.scoring_options, scoring_metric=task.scoring_metric)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -14,18 +14,20 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator import tracking
-from orchestrator.execution.results import unpacked
+from orchestrator.execution.results import SCORING, scoring_of, unpacked
 from orchestrator.spec import CHECKPOINT_EPOCH, CONFIRM_OF, DEFAULT_TRIAL, SAMPLED, TrialSpec
 from orchestrator.tracking.outbox import Outbox
+from pouta_core.scoring_choice import CHOICE_FILE
 
 log = logging.getLogger(__name__)
 # What every trial's run gets (a few hundred kB). Its checkpoint stays in Ray's storage, named by
 # the run's pouta.checkpoint tag; only the registered version's run gets weights (registry.py).
-ARTIFACTS = ("config.yaml", "metrics.json", "heatmaps.png", "val_files.json")
+ARTIFACTS = ("config.yaml", "metrics.json", "heatmaps.png", "val_files.json", CHOICE_FILE)
 TAG_CHECKPOINT = "pouta.checkpoint"
 TAG_CHECKPOINT_EPOCH = "pouta.checkpoint_epoch"   # the epoch those weights are of
 TAG_DEFAULT = "pouta.default"   # "true" on a sweep's default trial (the base config)
 TAG_CONFIRM_OF = "pouta.confirm_of"   # on a confirmation trial: the trial whose config it trains on a fresh seed
+TAG_SCORING = "pouta.scoring."   # + a scoring key: the value the trial chose after training (issue 45)
 
 
 def trial_artifacts(checkpoint_dir: Path) -> list[Path]:
@@ -180,6 +182,7 @@ class MlflowTrialCallback(Callback):
         key = self._open(trial)
         path = (trial.checkpoint.path if trial.checkpoint else None) or self.checkpoints.get(trial.trial_id)
         held = (trial.last_result or {}).get(CHECKPOINT_EPOCH)
+        chosen = scoring_of(trial.last_result).get(SCORING, {})
         files: list[Path] = []
         if path and Path(path).is_dir():
             files = trial_artifacts(Path(path))
@@ -192,6 +195,8 @@ class MlflowTrialCallback(Callback):
                 client.set_tag(run_id, TAG_CHECKPOINT, path)
                 if held is not None:   # its metrics.json artifact is that epoch's
                     client.set_tag(run_id, TAG_CHECKPOINT_EPOCH, str(held))
+            for k, v in chosen.items():
+                client.set_tag(run_id, f"{TAG_SCORING}{k}", str(v))
             for file in files:
                 client.log_artifact(run_id, str(file))
             tracking.finish(client, run_id, ok=True)

@@ -16,6 +16,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
+from orchestrator.execution.results import SCORING
 from orchestrator.plan import SUMMARY_METRICS, Plan
 from orchestrator.spec import SAMPLED, decode_sampled, short
 from orchestrator.tracking.callback import MlflowTrialCallback
@@ -43,11 +44,13 @@ def register_choices(plan: Plan, cb: MlflowTrialCallback, chosen: dict[str, dict
         if best is None:
             summary[category] = entry
             continue
-        sampled = best["config"].get(SAMPLED, {})
+        # The searched values and, when the space lists scoring options, the reading chosen after training.
+        sampled = {**best["config"].get(SAMPLED, {}), **best.get(SCORING, {})}
         name, version = register_best(plan, cb, category, best["trial_id"], best["checkpoint"],
                                       searched=decode_sampled(sampled), kind=kind,
                                       note=(entry.get("versus_default") or {}).get("line"))
-        summary[category] = {**entry, "best": {k: best.get(k) for k in ["trial_id", "epoch", *keys]},
+        summary[category] = {**entry, "best": {k: best.get(k) for k in ["trial_id", "epoch", SCORING, *keys]
+                                               if k != SCORING or k in best},
                              "config": cb.spec.config_for(category, sampled).to_dict(),   # what it trained with
                              "registered_model": name, "version": version}
     return summary

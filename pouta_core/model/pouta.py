@@ -63,7 +63,7 @@ class AnomalyDetector(nn.Module):
         self.scorer = Scorer(image_size=config.image_size,
                              heads_weight=config.map_heads_weight if self.spec.mss else 0.0,
                              image_score=config.image_score, topk=config.image_score_topk,
-                             norm=config.score_norm)
+                             norm=config.score_norm, pool=config.image_score_pool)
         init_weights(self, config.init)
 
     def forward(self, x: torch.Tensor) -> PoutaOutput:

@@ -10,6 +10,7 @@ image score") are ours, and are chosen on validation (docs/experiments.md):
 - ``image_score``: ``pooled_max`` (the paper's) or ``topk_mean``, the mean of the
   ``image_score_topk`` largest share of the map's pixels (a defect must cover that share to
   score high; one bright spot does not).
+- ``image_score_pool``: the side of the average pool ``pooled_max`` reads (the paper's 21).
 - ``score_norm``: ``pixel`` standardises the map the score reads, per pixel, by statistics of
   the category's validation good images, ``(s - mean(x, y)) / (std(x, y) + std_all)``, where
   ``std_all`` is the standard deviation over all their pixels (it keeps the scale finite where
@@ -71,9 +72,10 @@ class Scorer(nn.Module):
     """
 
     def __init__(self, *, image_size: int, heads_weight: float = 0.0, image_score: str = "pooled_max",
-                 topk: float = 0.01, norm: str = "none") -> None:
+                 topk: float = 0.01, norm: str = "none", pool: int = SCORE_POOL) -> None:
         super().__init__()
         self.heads_weight, self.image_score, self.topk, self.norm = heads_weight, image_score, topk, norm
+        self.pool = pool
         self.register_buffer("norm_mean", torch.zeros(1, 1, image_size, image_size))
         self.register_buffer("norm_scale", torch.ones(1, 1, image_size, image_size))
         self.register_buffer("norm_images", torch.zeros((), dtype=torch.long))
@@ -86,7 +88,7 @@ class Scorer(nn.Module):
 
     def score_map(self, amap: torch.Tensor) -> torch.Tensor:
         """What the image score reduces: the pooled map (pooled_max) or the map itself."""
-        return pooled(amap) if self.image_score == "pooled_max" else amap
+        return pooled(amap, self.pool) if self.image_score == "pooled_max" else amap
 
     def reduce(self, smap: torch.Tensor) -> torch.Tensor:
         return smap.flatten(1).amax(dim=1) if self.image_score == "pooled_max" else topk_mean(smap, self.topk)
