@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
+import torch
 import yaml
 from conftest import small_args
 from mlflow.tracking import MlflowClient
@@ -23,11 +24,14 @@ from servers import ray_head
 
 from orchestrator import cli, tracking
 from orchestrator.execution import cluster
+from orchestrator.tracking import models
 from orchestrator.tracking.models import download_checkpoint
-from pouta_core.checkpoint import load_state
+from pouta_core.checkpoint import bit_depth, load_model, load_state
 from pouta_core.data import read_split
 from pouta_core.data.demo import generate
+from pouta_core.data.images import model_input, read_rgb
 from pouta_core.data.validation import split_for_selection
+from pouta_core.inference import predict
 
 SMALL = small_args()
 
@@ -388,16 +392,24 @@ def test_a_failing_category_does_not_stop_the_others(env, capsys):
     assert "tiles          " in captured.out and "tiles          failed" not in captured.out
 
 
+def predict_images(checkpoint, scoring, files):
+    """Image scores of ``files`` by the model at ``checkpoint`` read with ``scoring``
+    (``key=value``), the images read and resized as predict reads them."""
+    model, config, state = load_model(checkpoint, scoring=scoring)
+    batch = torch.stack([model_input(read_rgb(f, bit_depth(state)), config.image_size) for f in files])
+    return [float(s) for s in predict(model, batch)[0]]
+
+
 def sweep_trials(env, name):
     return [r for r in runs(env, **{"pouta.kind": "trial"})
             if r.data.tags[tracking.TAG_KEY].startswith(f"sweep:{name}/")]
 
 
-def sweep_against_default(env, tmp_path, name, space_text, *extra):
+def sweep_against_default(env, tmp_path, name, space_text, *extra, scheduler="none"):
     space = tmp_path / f"{name}.yaml"
     space.write_text(space_text)
     best_out = tmp_path / f"{name}-best.yaml"
-    code = cli.main(["sweep", "--space", str(space), "--categories", "tiles", "--scheduler", "none",
+    code = cli.main(["sweep", "--space", str(space), "--categories", "tiles", "--scheduler", scheduler,
                      *common(env, name), "--best-out", str(best_out), *extra])
     version = env["client"].get_model_version_by_alias("pouta-mvtec-tiles", "challenger")
     parent = next(r for r in runs(env, **{"pouta.kind": "sweep"}) if r.info.run_name == name)
@@ -405,11 +417,11 @@ def sweep_against_default(env, tmp_path, name, space_text, *extra):
 
 
 def test_a_sweep_that_finds_nothing_better_keeps_the_default_and_says_so(env, tmp_path, capsys):
-    # image_score reads the image score, not the maps: each searched trial trains the default's
-    # model again (same seed, same data), so on val_pixel_ap nothing searched is better. Without
+    # amp is ignored on CPU: each searched trial trains the default's model again (same seed,
+    # same data), so on val_pixel_ap nothing searched is better. Without
     # a confirmation round (--finalists 0 --confirm-seeds 0) the choice rests on the first seeds.
     code, version, run, parent, best = sweep_against_default(
-        env, tmp_path, "nothing-better", "space:\n  image_score: {distribution: choice, values: [topk_mean]}\n",
+        env, tmp_path, "nothing-better", "space:\n  amp: {distribution: choice, values: [false]}\n",
         "--num-samples", "2", "--finalists", "0", "--confirm-seeds", "0")
     out = capsys.readouterr().out
     assert code == 0
@@ -424,21 +436,27 @@ def test_a_sweep_that_finds_nothing_better_keeps_the_default_and_says_so(env, tm
     assert parent.data.metrics.get("vs_default_p_better.tiles", 0.0) < 0.95
 
 
-def test_a_sweep_over_a_key_that_matters_registers_the_better_config_with_its_interval(env, tmp_path, capsys):
-    # The base config's lr cannot learn (1e-9); the space offers one that can, in 30 epochs at
-    # widths of 8, validated on half of 12 test images. Measured beside, validation pixel AP of
-    # lr 0.003 against 1e-9 on seeds 0, 1000, 2000, 3000: 0.30/0.009, 0.42/0.012, 0.09/0.010,
-    # 0.28/0.012. (On synthetic validation anomalies, seed 0 alone learned them: 0.25 against
-    # 0.02-0.09 for the others, the lucky seed the confirmation round exists for.)
+def test_a_sweep_over_a_key_that_matters_and_one_that_does_not_registers_the_one_that_matters(
+        env, tmp_path, capsys):
+    # Issue 45's "done when". The base config's lr cannot learn (1e-9); the space offers one that
+    # can, in 30 epochs at widths of 8, validated on half of 12 test images (measured beside,
+    # validation pixel AP of lr 0.003 against 1e-9 on seeds 0, 1000, 2000, 3000: 0.30/0.009,
+    # 0.42/0.012, 0.09/0.010, 0.28/0.012), and a key that changes nothing here (amp, ignored on
+    # CPU). Under ASHA with 4 searched trials and 2 finalists: one rung (epoch 15), the 2 best
+    # searched trials there go on to the end, and the round trains them and the default again.
+    # The scoring options are chosen after training, inside each trial: no trial of their own.
     generate(tmp_path / "data", categories=1, image_size=48, n_train=24, n_test_good=6, n_test_defect=6)
+    space = ("space:\n  lr: {distribution: choice, values: [1.0e-9, 0.003]}\n"
+             "  amp: {distribution: choice, values: [true, false]}\n"
+             "scoring:\n  image_score: [pooled_max, topk_mean]\n  image_score_pool: [21, 11]\n")
     code, version, run, parent, best = sweep_against_default(
-        env, tmp_path, "lr-matters", "space:\n  lr: {distribution: choice, values: [0.003]}\n", "--num-samples", "1",
-        "--finalists", "1", "--confirm-seeds", "1",
-        "--data-root", str(tmp_path / "data"), "--set", "lr=1e-9", "--set", "epochs=30", "--set", "eval_every=30",
-        "--set", "val_split=from_test", "--set", "val_ratio=0.5", *(x for w in ("rec", "disc", "fcm")
-                                                                     for x in ("--set", f"{w}_width=8")))
+        env, tmp_path, "lr-matters", space, "--num-samples", "4", "--finalists", "2", "--confirm-seeds", "1",
+        "--data-root", str(tmp_path / "data"), "--set", "lr=1e-9", "--set", "epochs=30", "--set", "eval_every=5",
+        "--set", "val_split=from_test", "--set", "val_ratio=0.5",
+        *(x for w in ("rec", "disc", "fcm") for x in ("--set", f"{w}_width=8")), scheduler="asha")
     out = capsys.readouterr().out
     assert code == 0
+    assert "asha: tiles: rungs at epoch(s) 15; the 2 best searched trial(s) at each rung always go on to the end" in out
     line = next(x for x in out.splitlines() if x.startswith("tiles: "))
     found = re.search(r"Δ val_pixel_ap = ([-+]\d\.\d+) \(means over 1 fresh seed\(s\) each\), 95% interval "
                       r"([-+]\d\.\d+)\.\.([-+]\d\.\d+), P\(better\) = (\d\.\d+)\); it is registered", line)
@@ -446,21 +464,51 @@ def test_a_sweep_over_a_key_that_matters_registers_the_better_config_with_its_in
     delta, low, high, p = map(float, found.groups())
     assert low <= delta <= high and delta > 0 and p >= 0.95
     assert run.data.tags.get("pouta.default") is None and run.data.params["lr"] == "0.003"
-    # The confirmation round: the finalist and the default, each on one fresh seed.
-    assert "confirmation round: after each category's search, its 1 best searched config(s) and its default" in out
+    # 1 default + 4 searched + the round (2 finalists and the default, 1 fresh seed each):
+    # the 4 scoring candidates add none.
+    assert "confirmation round: after each category's search, its 2 best searched config(s) and its default" in out
     trials = sweep_trials(env, "lr-matters")
     confirming = {r.data.tags["pouta.confirm_of"]: r for r in trials if "pouta.confirm_of" in r.data.tags}
-    assert len(trials) == 4 and len(confirming) == 2
-    searched = next(r for r in trials if "pouta.default" not in r.data.tags and "pouta.confirm_of" not in r.data.tags)
-    again = confirming[searched.data.tags["pouta.key"].rsplit("/", 1)[1]]
-    assert again.data.params["lr"] == "0.003" and again.data.params["seed"] != searched.data.params["seed"]
-    assert again.info.run_name.endswith(f"-confirm-seed{again.data.params['seed']}")
+    assert len(trials) == 8 and len(confirming) == 3
+    searched = [r for r in trials if "pouta.default" not in r.data.tags and "pouta.confirm_of" not in r.data.tags]
+    finalists = [r for r in searched if r.data.tags["pouta.key"].rsplit("/", 1)[1] in confirming]
+    last_epoch = {r.info.run_id: max(m.step for m in env["client"].get_metric_history(r.info.run_id, "val_pixel_ap"))
+                  for r in searched}
+    assert len(finalists) == 2 and all(last_epoch[r.info.run_id] == 30 for r in finalists)
+    assert set(last_epoch.values()) <= {15, 30}      # to the end, or stopped at the rung
+    assert {r.data.params["lr"] for r in finalists} >= {"0.003"}
+    for r in finalists:
+        again = confirming[r.data.tags["pouta.key"].rsplit("/", 1)[1]]
+        assert again.data.params["lr"] == r.data.params["lr"] and again.data.params["seed"] != r.data.params["seed"]
+        assert again.info.run_name.endswith(f"-confirm-seed{again.data.params['seed']}")
     # registered: the better config's run with the best validation value among its seeds
-    assert run.info.run_id == max((searched, again), key=lambda r: r.data.metrics["val_pixel_ap"]).info.run_id
+    winner = next(r for r in finalists if r.info.run_id == run.info.run_id
+                  or confirming[r.data.tags["pouta.key"].rsplit("/", 1)[1]].info.run_id == run.info.run_id)
+    again = confirming[winner.data.tags["pouta.key"].rsplit("/", 1)[1]]
+    assert run.info.run_id == max((winner, again), key=lambda r: r.data.metrics["val_pixel_ap"]).info.run_id
     assert "the chosen config beat the default" in version.description and "searched.lr" in version.tags
     assert parent.data.metrics["vs_default_delta.tiles"] == pytest.approx(delta, abs=1e-4)
     assert parent.data.metrics["vs_default_p_better.tiles"] >= 0.95
-    assert yaml.safe_load(best)["tiles"]["lr"] == 0.003
+    chosen = yaml.safe_load(best)["tiles"]
+    assert chosen["lr"] == 0.003
+    # The reading chosen on the registered run's own validation images: tagged on its run, kept
+    # as an artifact, in the registered checkpoint's config, and what predict scores with.
+    record = json.loads(Path(env["client"].download_artifacts(run.info.run_id, "scoring_choice.json",
+                                                              str(tmp_path))).read_text())
+    assert len(record["candidates"]) == 4
+    picked = {k: run.data.tags[f"pouta.scoring.{k}"] for k in ("image_score", "image_score_pool")}
+    assert picked == {k: str(v) for k, v in record["chosen"].items()}
+    ref = "models:/pouta-mvtec-tiles@challenger"
+    images = tmp_path / "data" / "tiles" / "test"
+    files = sorted((f.resolve() for f in images.rglob("*.png")), key=str)
+    with models.resolved(ref, env["uri"]) as checkpoint:
+        config = load_model(checkpoint)[1]
+        assert {k: getattr(config, k) for k in record["chosen"]} == record["chosen"]
+        expected = predict_images(checkpoint, [f"{k}={v}" for k, v in record["chosen"].items()], files)
+    assert cli.main(["predict", "--model", ref, str(images), "--out", str(tmp_path / "predicted"),
+                     "--tracking-uri", env["uri"], "--json"]) == 0
+    scored = {r["image"]: r["score"] for r in json.loads(capsys.readouterr().out)["scored"]}
+    assert [scored[str(f)] for f in files] == pytest.approx(expected, abs=1e-5)
 
 
 def test_a_sweep_over_seeds_alone_keeps_the_default_once_its_finalists_train_on_fresh_seeds(env, tmp_path, capsys):

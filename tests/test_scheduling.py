@@ -436,3 +436,46 @@ def test_tunes_snapshot_period_grows_with_the_trials_and_a_users_own_wins(monkey
     monkeypatch.setenv(tuner.SNAPSHOT_PERIOD_ENV, "7")
     tuner.run(None, None, grid, tune.TuneConfig(num_samples=4), None, False)
     assert seen[-1] == "7"
+
+
+def test_asha_keeps_the_finalists_best_searched_trials_to_the_end_and_its_rungs_follow_the_budget(tmp_path):
+    # The default reports first and best: ASHA alone stops every searched trial below it at
+    # the rung (what the demo's sweeps did); the floor lets the 2 best searched ones go on.
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestrator.execution.tune_parts import asha, rungs_for
+
+    assert [rungs_for(n, 2) for n in (1, 2, 3, 4, 7, 8, 64)] == [0, 0, 0, 1, 1, 2, 2]
+    assert rungs_for(4, 1) == 2
+    space = tmp_path / "lr.yaml"
+    space.write_text("space:\n  lr: {distribution: loguniform, low: 1.0e-5, high: 1.0e-2}\n")
+    configs = {"tiles": small_config(epochs=8, eval_every=1)}
+
+    def run(scheduler, values):
+        decisions = {}
+        for name, value in values:
+            trial = Trial("t", config={"category": "tiles", "default": name == "default"}, trial_id=name, stub=True)
+            scheduler.on_trial_add(None, trial)
+            for epoch in range(1, 5):   # the one rung: epoch 4, a half of 8
+                decision = scheduler.on_trial_result(None, trial, {"epoch": epoch, "val_pixel_ap": value})
+            decisions[name] = decision
+        return decisions
+
+    values = [("default", 0.9), ("a", 0.3), ("b", 0.5), ("c", 0.2), ("d", 0.6)]
+    scheduler = asha(configs, search_spaces.load(space), num_samples=4, keep=2)
+    scheduler.set_search_properties("val_pixel_ap", "max")
+    assert scheduler.floors["tiles"].milestones == [4]
+    assert run(scheduler, values) == {"default": TrialScheduler.CONTINUE, "a": TrialScheduler.CONTINUE,
+                                      "b": TrialScheduler.CONTINUE, "c": TrialScheduler.STOP,
+                                      "d": TrialScheduler.CONTINUE}   # c: 2 searched better at the rung
+    alone = asha(configs, search_spaces.load(space), num_samples=4, keep=2)
+    alone.set_search_properties("val_pixel_ap", "max")
+    alone.floors.clear()
+    assert run(alone, values) == {"default": TrialScheduler.CONTINUE, "a": TrialScheduler.STOP,
+                                  "b": TrialScheduler.STOP, "c": TrialScheduler.STOP, "d": TrialScheduler.CONTINUE}
+    # A budget of 2 samples for 2 finalists affords no rung below the end: nothing is stopped.
+    none = asha(configs, search_spaces.load(space), num_samples=2, keep=2)
+    none.set_search_properties("val_pixel_ap", "max")
+    assert none.floors["tiles"].milestones == []
+    assert set(run(none, values[:3]).values()) == {TrialScheduler.CONTINUE}

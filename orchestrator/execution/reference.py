@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.execution.search import Confirmation
-from orchestrator.spec import CONFIRM_OF, DEFAULT_TRIAL
+from orchestrator.spec import CONFIRM_OF, DEFAULT_TRIAL, SAMPLED
 from pouta_core.config import Config
 
 
@@ -79,6 +79,23 @@ def _mean(values: list[Any]) -> float:
     return sum(ok) / len(ok) if ok else float("nan")
 
 
+def _none_searched(rows: list[dict[str, Any]], config: Config) -> str | None:
+    """Why no searched trial could be compared with the default, in a few words, when none
+    trained to its end (every one errored or was stopped early); None when one did."""
+    searched = [r for r in rows if not (r.get("config") or {}).get(DEFAULT_TRIAL)
+                and not (r.get("config") or {}).get(CONFIRM_OF)]
+
+    def to_end(r: dict[str, Any]) -> bool:
+        epochs = ((r.get("config") or {}).get(SAMPLED) or {}).get("epochs", config.epochs)
+        return "error" not in r and r.get("checkpoint") and (r.get("epoch") or 0) >= epochs
+
+    if any(to_end(r) for r in searched):
+        return None
+    failed = sum("error" in r for r in searched)
+    return (f"no searched trial trained to its end ({len(searched) - failed} stopped early, {failed} failed, of "
+            f"{len(searched)}): nothing to compare with the default")
+
+
 def versus_default(plan, configs: dict[str, Config], chosen: dict[str, dict[str, Any]],
                    objectives: list[tuple[str, str]], reference: Reference) -> dict[str, dict[str, Any]]:
     """Per category, ``chosen[category]`` with ``versus_default`` (what was compared and
@@ -105,7 +122,8 @@ def versus_default(plan, configs: dict[str, Config], chosen: dict[str, dict[str,
             verdict, winner = _confirmed(rows, groups, default, metric, mode, paired, evidence, reference)
         elif best["trial_id"] == default["trial_id"]:
             verdict = {"chosen": "default", "compared": False,
-                       "reason": "no searched config beat the default (it is the best trial on validation)"}
+                       "reason": _none_searched(rows, configs[category]) or
+                       "no searched config beat the default (it is the best trial on validation)"}
         elif not paired:
             verdict = {"chosen": "searched", "compared": False,
                        "reason": f"no paired test for {metric} ({mode}): chosen by its value"}

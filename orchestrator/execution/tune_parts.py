@@ -86,9 +86,11 @@ class GridTrials(BasicVariantGenerator):
         self.max_concurrent = slots
 
 
-def scheduler_for(name: str, configs: Mapping[str, Config], space: SearchSpace) -> TrialScheduler:
-    """``--scheduler``: ``asha`` (per category, :func:`asha`) or ``none`` (trials in order)."""
-    return asha(configs, space) if name == "asha" else ResumingScheduler()
+def scheduler_for(name: str, configs: Mapping[str, Config], space: SearchSpace, num_samples: int = 1,
+                  keep: int = 1) -> TrialScheduler:
+    """``--scheduler``: ``asha`` (per category, :func:`asha`, keeping ``keep`` searched trials of
+    ``num_samples`` to the end) or ``none`` (trials in order)."""
+    return asha(configs, space, num_samples, keep) if name == "asha" else ResumingScheduler()
 
 
 def trial_generator(search: Searcher | None, max_concurrent: int | None) -> SearchAlgorithm:
@@ -203,38 +205,95 @@ def replay_rungs(scheduler: TrialScheduler, trial, history: list[dict]) -> None:
             bracket.on_result(trial, row[time_attr], op * row[metric])
 
 
+class FinalistFloor:
+    """The searched trials a category's ASHA may not stop: at each rung, the ``keep`` best
+    searched values recorded there (the default and confirmation trials are not counted; they
+    are never stopped). The first ``keep`` searched trials to reach a rung pass it, so at least
+    ``keep`` searched trials (or all of them, if fewer) train to their end whatever ASHA's
+    cutoffs say, and the confirmation round always has its finalists.
+
+    *Decision*: ASHA alone, on a sweep of a few trials, stopped every searched trial of the
+    demo's two categories at its first rung (the default's value set the cutoff, and a
+    searched trial half-trained is rarely better than the default half-trained): the search
+    ended with no finalist. The floor keeps ASHA's saving on the trials behind it."""
+
+    def __init__(self, milestones: list[float], keep: int) -> None:
+        self.milestones = sorted(milestones, reverse=True)
+        self.keep = keep
+        self.recorded: dict[float, dict[str, float]] = {m: {} for m in self.milestones}
+
+    def record(self, trial_id: str, epoch: float, value: float) -> None:
+        """``value`` (higher is better) at the highest rung ``epoch`` reached, if not recorded
+        there yet (ASHA's own rule: the first value at or past a milestone)."""
+        rung = next((m for m in self.milestones if epoch >= m), None)
+        if rung is not None:
+            self.recorded[rung].setdefault(trial_id, value)
+
+    def keeps(self, trial_id: str, epoch: float) -> bool:
+        """Whether ``trial_id`` is among the ``keep`` best at the highest rung it was recorded on."""
+        rung = next((m for m in self.milestones if epoch >= m and trial_id in self.recorded[m]), None)
+        if rung is None:
+            return False
+        values = self.recorded[rung]
+        return sum(v > values[trial_id] for t, v in values.items() if t != trial_id) < self.keep
+
+
 class PerCategoryScheduler(ResumingScheduler):
     """A scheduler per category (``make(category)``, e.g. ASHA), fed only that category's
     trials: a weak trial is stopped against its own category's rungs. Trials start in FIFO
-    order, as the per-category searchers proposed them."""
+    order, as the per-category searchers proposed them. With ``floors`` (category → a
+    :class:`FinalistFloor`), a searched trial among its rung's best few is never stopped."""
 
-    def __init__(self, make: Callable[[str], TrialScheduler], categories: list[str]) -> None:
+    def __init__(self, make: Callable[[str], TrialScheduler], categories: list[str],
+                 floors: Mapping[str, FinalistFloor] | None = None) -> None:
         super().__init__()
         self.schedulers = {c: make(c) for c in categories}
+        self.floors = dict(floors or {})
+        self.objective, self.sign = None, 1.0
 
     def _of(self, trial) -> TrialScheduler:
         return self.schedulers[trial.config["category"]]
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         ok = [s.set_search_properties(metric, mode, **spec) for s in self.schedulers.values()]
+        if metric is not None and mode is not None:
+            self.objective, self.sign = metric, (1.0 if mode == "max" else -1.0)
         return all(ok)
+
+    def _floor_of(self, trial) -> FinalistFloor | None:
+        searched = not (trial.config.get(DEFAULT_TRIAL) or trial.config.get(CONFIRM_OF))
+        return self.floors.get(trial.config["category"]) if searched and self.objective else None
+
+    def _record(self, trial, result: dict) -> None:
+        floor = self._floor_of(trial)
+        if floor is not None and result.get("epoch") is not None and result.get(self.objective) is not None:
+            floor.record(trial.trial_id, result["epoch"], self.sign * result[self.objective])
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
         scheduler = self._of(trial)
         scheduler.on_trial_add(tune_controller, trial)
         if restored(trial):
-            replay_rungs(scheduler, trial, trial_history(trial))
+            history = trial_history(trial)
+            replay_rungs(scheduler, trial, history)
+            for row in history:
+                self._record(trial, row)
 
     def on_trial_error(self, tune_controller, trial) -> None:
         self._of(trial).on_trial_error(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = self._of(trial).on_trial_result(tune_controller, trial, result)
+        self._record(trial, result)
+        if decision != TrialScheduler.STOP:
+            return decision
         # The default trial is the reference the chosen one is compared with: it trains to
         # its end (its results still set the rungs the others are judged on).
         # So does a confirmation trial: its value is compared at the end of training.
-        if decision == TrialScheduler.STOP and (trial.config.get(DEFAULT_TRIAL) or trial.config.get(CONFIRM_OF)):
+        if trial.config.get(DEFAULT_TRIAL) or trial.config.get(CONFIRM_OF):
+            return TrialScheduler.CONTINUE
+        floor = self._floor_of(trial)
+        if floor is not None and floor.keeps(trial.trial_id, result.get("epoch", 0)):
             return TrialScheduler.CONTINUE
         return decision
 
@@ -258,21 +317,56 @@ def epoch_range(space: SearchSpace, config: Config) -> tuple[int, int]:
     return min(values), max(values)
 
 
-def asha(configs: Mapping[str, Config], space: SearchSpace) -> PerCategoryScheduler:
+MOST_RUNGS = 2   # ASHA's rungs below the last epoch, at most: at a half and a quarter of training
+
+
+def rungs_for(num_samples: int, keep: int) -> int:
+    """How many ASHA rungs (each halving the trials, reduction factor 2) a budget of
+    ``num_samples`` searched trials affords while ``keep`` of them still reach the end: the
+    rungs halve ``num_samples`` down to ``keep``, at most :data:`MOST_RUNGS`.
+
+    *Decision*: the rungs are at a half and a quarter of training at most (the grace period
+    was a quarter before this rule; earlier rungs judge models that have not yet learnt the
+    synthetic anomalies, docs/experiments.md). A budget of 4 samples keeping 2 finalists gets
+    one rung; 2 samples keeping 2 get none: ASHA stops nothing, as it could only stop a
+    finalist."""
+    rungs = 0
+    while rungs < MOST_RUNGS and num_samples >= keep * 2 ** (rungs + 1):
+        rungs += 1
+    return rungs
+
+
+def asha(configs: Mapping[str, Config], space: SearchSpace, num_samples: int = 1,
+         keep: int = 1) -> PerCategoryScheduler:
     """ASHA per category (a pills trial is never stopped for being worse than a tiles trial),
-    its rungs on each category's own epochs. When the space searches ``epochs``, ``max_t`` is
-    the most it can sample, so no trial is cut at the base config's length (a 800-epoch trial
-    of ``full.yaml`` was stopped at the paper preset's 600 while ``-best.yaml`` said 800), and
-    the grace period is a quarter of the fewest."""
+    its rungs on each category's own epochs, as many as the budget affords (:func:`rungs_for`),
+    with a floor of ``keep`` searched trials trained to the end (:class:`FinalistFloor`). When
+    the space searches ``epochs``, ``max_t`` is the most it can sample, so no trial is cut at the
+    base config's length (a 800-epoch trial of ``full.yaml`` was stopped at the paper preset's
+    600 while ``-best.yaml`` said 800), and the rungs are placed on the fewest."""
     from ray.tune.schedulers import ASHAScheduler
 
-    def make(category: str) -> ASHAScheduler:
-        fewest, most = epoch_range(space, configs[category])
-        eval_every = configs[category].eval_every
-        return ASHAScheduler(time_attr="epoch", max_t=most, grace_period=min(fewest, max(eval_every, fewest // 4)),
-                             reduction_factor=2)
+    rungs = rungs_for(num_samples, keep)
 
-    return PerCategoryScheduler(make, list(configs))
+    def grace(category: str) -> int:
+        fewest, _ = epoch_range(space, configs[category])
+        return min(fewest, max(configs[category].eval_every, fewest // 2 ** rungs))
+
+    def make(category: str) -> ASHAScheduler:
+        return ASHAScheduler(time_attr="epoch", max_t=epoch_range(space, configs[category])[1],
+                             grace_period=grace(category), reduction_factor=2)
+
+    def milestones(category: str) -> list[float]:
+        most = epoch_range(space, configs[category])[1]
+        return [m for m in (grace(category) * 2 ** k for k in range(rungs + 1)) if m < most]
+
+    scheduler = PerCategoryScheduler(make, list(configs),
+                                     floors={c: FinalistFloor(milestones(c), keep) for c in configs})
+    for category in configs:
+        rung_epochs = ", ".join(str(int(m)) for m in sorted(scheduler.floors[category].milestones)) or "none"
+        print(f"asha: {category}: rungs at epoch(s) {rung_epochs}; the {keep} best searched trial(s) at each "
+              "rung always go on to the end", flush=True)
+    return scheduler
 
 
 def trials_at_once(resources: Resources, cluster: Mapping[str, float]) -> int:

@@ -97,8 +97,6 @@ def study_plots(storage, study_names: dict[str, str], objectives: list[tuple[str
     import optuna
     from optuna.visualization import matplotlib as ovm
 
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
     names = [k.removeprefix("val_") for k, _ in objectives]
     multi = len(objectives) > 1
     first = {"target": (lambda t: t.values[0]) if multi else None, "target_name": f"val {names[0]}"}
@@ -108,22 +106,36 @@ def study_plots(storage, study_names: dict[str, str], objectives: list[tuple[str
     if multi:
         plots["pareto"] = lambda s: ovm.plot_pareto_front(s, target_names=[f"val {n}" for n in names])
     written = []
-    for category, study_name in study_names.items():
-        study = optuna.load_study(study_name=study_name, storage=storage)
-        for kind, plot in plots.items():
-            path = folder / f"{category}-{kind}.png"
-            try:
-                ax = plot(study)
-                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-                fig.set_size_inches(8, 5)
-                fig.suptitle(f"{category}: {kind}")
-                fig.tight_layout()
-                atomic_write(path, lambda fh, f=fig: f.savefig(fh, format="png", dpi=100))
-                written.append(path)
-            except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-                log.info("no %s plot for %s yet: %s", kind, category, exc)
-            finally:
-                plt.close("all")
+    # *Decision*: the console of a sweep shows no library warnings (issue 45): Optuna's
+    # ExperimentalWarning for its matplotlib module, its "no complete trials" log lines and
+    # matplotlib's layout warnings say nothing a user can act on. A study without a complete
+    # trial gets no plots, and the log says why.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for category, study_name in study_names.items():
+                study = optuna.load_study(study_name=study_name, storage=storage)
+                if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                    log.info("no plots for %s: its study has no complete trials", category)
+                    continue
+                for kind, plot in plots.items():
+                    path = folder / f"{category}-{kind}.png"
+                    try:
+                        ax = plot(study)
+                        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                        fig.set_size_inches(8, 5)
+                        fig.suptitle(f"{category}: {kind}")
+                        fig.tight_layout()
+                        atomic_write(path, lambda fh, f=fig: f.savefig(fh, format="png", dpi=100))
+                        written.append(path)
+                    except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+                        log.info("no %s plot for %s yet: %s", kind, category, exc)
+                    finally:
+                        plt.close("all")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return written
 
 
