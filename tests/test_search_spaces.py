@@ -18,7 +18,13 @@ def test_every_bundled_space_loads_against_its_preset(path):
 
 def test_bundled_files_cover_the_documented_spaces():
     names = {p.stem for p in search_spaces.bundled()}
-    assert {"mss_lambdas", "focal", "schedule", "full", "ablation", "scoring", "contrast"} <= names
+    assert {"mss_lambdas", "focal", "schedule", "full", "ablation", "scoring", "contrast", "texture", "object"} <= names
+    # full is the union of object and texture (object holds texture's keys and the foreground mask).
+    texture, object_, full = (search_spaces.load(n) for n in ("texture", "object", "full"))
+    dims = [{d.key: d for d in s.dimensions} for s in (texture, object_, full)]
+    assert all(small.items() < large.items() for small, large in zip(dims, dims[1:], strict=False))
+    assert dims[1].keys() - dims[0].keys() == {"foreground_threshold"}
+    assert texture.scoring == object_.scoring and texture.scoring.items() <= full.scoring.items()
     ablation = search_spaces.load("ablation")
     assert ablation.has_grid and list(ablation.dimensions[0].values) == [
         "vanilla", "pouta-base", "pouta-hsg", "pouta-mss", "pouta"]
@@ -50,6 +56,16 @@ def write(tmp_path, text):
      "key 'epochs': is in 'reference' but not searched"),
     ("space:\n  focal_alpha: {distribution: uniform, low: 0.1, high: 0.9}\nreference: {focal_alpha: 3.0}\n",
      "in 'reference': config key 'focal_alpha': must be in [0.0, 1.0]"),
+    ("space:\n  image_score: {distribution: choice, values: [pooled_max, topk_mean]}\n",
+     "key 'image_score': changes no weight: list its values under 'scoring:'"),
+    ("space:\n  seed: {distribution: int, low: 1, high: 9}\nscoring:\n  lr: [0.1]\n",
+     "key 'lr': is in 'scoring' but not a scoring key"),
+    ("space:\n  seed: {distribution: int, low: 1, high: 9}\nscoring:\n  image_score_pool: [21, 10]\n",
+     "key 'image_score_pool': scoring value 10 is invalid: config key 'image_score_pool': must be odd"),
+    ("space:\n  seed: {distribution: int, low: 1, high: 9}\nscoring:\n  score_norm: []\n",
+     "key 'score_norm': 'scoring' needs a non-empty list of values"),
+    ("space:\n  seed: {distribution: int, low: 1, high: 9}\nscoring: [score_norm]\n",
+     "'scoring' must be a mapping of scoring keys to lists of values"),
 ])
 def test_bad_space_names_file_key_and_problem(tmp_path, text, needle):
     with pytest.raises(SearchSpaceError) as exc:
@@ -126,8 +142,8 @@ def test_asha_runs_to_the_most_epochs_the_space_can_sample():
     from orchestrator.execution.tune_parts import asha
 
     paper = Config.from_preset("paper")
-    full = asha({"tiles": paper}, search_spaces.load("full", paper)).schedulers["tiles"]
-    assert (full._max_t, full._brackets[0]._rungs[-1][0]) == (800, 100)   # grace: a quarter of the fewest
+    full = asha({"tiles": paper}, search_spaces.load("full", paper), num_samples=8, keep=2).schedulers["tiles"]
+    assert (full._max_t, full._brackets[0]._rungs[-1][0]) == (800, 100)   # 8 samples for 2: a quarter of the fewest
     fixed = asha({"tiles": paper}, search_spaces.load("mss_lambdas", paper)).schedulers["tiles"]
     assert fixed._max_t == paper.epochs == 600
 
