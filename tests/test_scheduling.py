@@ -474,6 +474,11 @@ def test_asha_keeps_the_finalists_best_searched_trials_to_the_end_and_its_rungs_
     alone.floors.clear()
     assert run(alone, values) == {"default": TrialScheduler.CONTINUE, "a": TrialScheduler.STOP,
                                   "b": TrialScheduler.STOP, "c": TrialScheduler.STOP, "d": TrialScheduler.CONTINUE}
+    # Two rungs (4 samples for 1) at a quarter and a half, on evaluations: 30 epochs every 5
+    # gives 10 and 20 (7.5 rounded down, ASHA's doubling fitted a third rung at 28).
+    thirty = asha({"tiles": small_config(epochs=30, eval_every=5)}, search_spaces.load(space), num_samples=4, keep=1)
+    assert sorted(thirty.floors["tiles"].milestones) == [10, 20]
+    assert [m for m, _ in thirty.schedulers["tiles"]._brackets[0]._rungs] == [20, 10]
     # A budget of 2 samples for 2 finalists affords no rung below the end: nothing is stopped.
     none = asha(configs, search_spaces.load(space), num_samples=2, keep=2)
     none.set_search_properties("val_pixel_ap", "max")

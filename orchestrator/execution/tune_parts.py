@@ -10,6 +10,7 @@ Each rule is stated where it is applied, with the Ray 2.60 attributes it reads o
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 
 import ray
@@ -349,8 +350,12 @@ def asha(configs: Mapping[str, Config], space: SearchSpace, num_samples: int = 1
     rungs = rungs_for(num_samples, keep)
 
     def grace(category: str) -> int:
+        # The first rung at 1/2**rungs of the fewest epochs, rounded up to an evaluation (a
+        # rung between two is judged at the next one anyway): 30 epochs evaluated every 5 with
+        # 2 rungs gives 10 and 20. Rounded down (7), ASHA's doubling fitted a third rung (28).
         fewest, _ = epoch_range(space, configs[category])
-        return min(fewest, max(configs[category].eval_every, fewest // 2 ** rungs))
+        every = configs[category].eval_every
+        return min(fewest, every * math.ceil(fewest / 2 ** rungs / every))
 
     def make(category: str) -> ASHAScheduler:
         return ASHAScheduler(time_attr="epoch", max_t=epoch_range(space, configs[category])[1],
