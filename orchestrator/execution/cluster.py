@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -75,6 +76,18 @@ def merge_runtime_env(ours: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Messages of logger ``name`` below ERROR are dropped inside the ``with`` block."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None,
             runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True) -> str:
     """Join the cluster at ``address`` (else ``$RAY_ADDRESS``), or start an in-process one
@@ -96,9 +109,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         port = free_port()
         gcs = f"127.0.0.1:{port}"
         _set_env({_GCS_PORT_ENV: str(port), ADDRESS_ENV: gcs})
-        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
-                 include_dashboard=True,
-                 runtime_env=merge_runtime_env({**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}}))
+        # Ray 2.60 turns token authentication on for a new local cluster (what we want: README,
+        # cluster/SECURITY.md) and, with RAY_AUTH_MODE unset, says so as a WARNING on every
+        # command, inviting the user to opt out: noise on the demo's console (issue 45).
+        # Behaviour unchanged; only that one message is left out.
+        with _quiet_logger("ray._private.authentication.authentication_token_setup"):
+            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
+                     include_dashboard=True,
+                     runtime_env=merge_runtime_env({**extra, "env_vars": {**env_vars, ADDRESS_ENV: gcs}}))
         reclaim_sigterm()
         global _started_here
         _started_here = True

@@ -33,6 +33,7 @@ def _cell(v: Any) -> str:
 
 def table(summary: dict[str, dict[str, Any]], keys: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
     """-> (columns, one row per trial of every category)."""
+    from orchestrator.execution.results import SCORING
     from orchestrator.spec import CONFIRM_OF, DEFAULT_TRIAL, SAMPLED
 
     searched: list[str] = []
@@ -40,7 +41,8 @@ def table(summary: dict[str, dict[str, Any]], keys: list[str]) -> tuple[list[str
     for category, entry in summary.items():
         chosen = (entry.get("best") or {}).get("trial_id")
         for r in entry.get("trials", []):
-            values = (r.get("config") or {}).get(SAMPLED, {})
+            # the searched values and, where a trial trained to its end, the scoring it chose after
+            values = {**(r.get("config") or {}).get(SAMPLED, {}), **(r.get(SCORING) or {})}
             searched += [k for k in values if k not in searched]
             rows.append({"category": category, "trial_id": r.get("trial_id"),
                          "chosen": "yes" if r.get("trial_id") == chosen and chosen else "",
