@@ -19,17 +19,20 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 DEMO_DIR ?= demo
-# The main job on the embedded default: demo data, then a sweep of the MSS weights
-# (2 categories x 4 trials, tiny preset shortened to 30 epochs, Optuna + ASHA) on an
-# in-process Ray, tracked in the default MLflow store (./mlflow-data, sqlite), where
-# `pouta ui`, `pouta predict --model models:/...` and `pouta promote` look without flags.
+# The main job on the embedded default: demo data, then a sweep of object.yaml (the anomaly
+# synthesis and the foreground mask, the scoring chosen after training) over 2 categories x
+# (the default + 4 searched trials), tiny preset shortened to 20 epochs, Optuna + ASHA (its
+# best searched trial goes on at each rung), then the confirmation round (1 finalist and the
+# default on 1 fresh seed: the demo's budget; the defaults are 2 and 2), on an in-process Ray,
+# tracked in the default MLflow store (./mlflow-data, sqlite), where `pouta ui`,
+# `pouta predict --model models:/...` and `pouta promote` look without flags.
 # Rerunning it resumes / reprints.
 demo: $(STAMP)
 	test -d $(DEMO_DIR)/data/tiles || $(VENV)/bin/pouta demo-data --out $(DEMO_DIR)/data --categories 2
-	$(VENV)/bin/pouta sweep --space mss_lambdas --data-root $(DEMO_DIR)/data --dataset mvtec \
+	$(VENV)/bin/pouta sweep --space object --data-root $(DEMO_DIR)/data --dataset mvtec \
 		--categories tiles,pills --num-samples 4 --scheduler asha --max-concurrent 2 \
-		--preset tiny --set epochs=30 --set 'lr_milestones=[24,27]' --set eval_every=5 \
-		--category-set pills:foreground_threshold=0.3 \
+		--finalists 1 --confirm-seeds 1 \
+		--preset tiny --set epochs=20 --set 'lr_milestones=[16,18]' --set eval_every=5 \
 		--storage-path $(DEMO_DIR)/ray-results --name demo --resume
 	@echo "Use the chosen weights by name: $(VENV)/bin/pouta predict --model models:/pouta-mvtec-tiles@challenger $(DEMO_DIR)/data/tiles/test --out $(DEMO_DIR)/predictions"
 

@@ -35,11 +35,17 @@ def f(row: dict, key: str) -> float:
     return float(row[key]) if row.get(key) not in (None, "") else float("nan")
 
 
-def category_figures(rows: list[dict]) -> dict:
+def trial_rows(rows: list[dict]) -> tuple[list[dict], list[dict], dict, list[dict]]:
+    """A category's rows of trials.csv -> (those with a value, the first seeds among them, the
+    default's first seed, the searched trials' first seeds)."""
     ok = [r for r in rows if not r["error"] and r[f"val_{METRIC}"]]
     first = [r for r in ok if not r["confirms"]]
     default = next(r for r in first if r["default"] == "yes")
-    searched = [r for r in first if r["default"] != "yes"]
+    return ok, first, default, [r for r in first if r["default"] != "yes"]
+
+
+def category_figures(rows: list[dict]) -> dict:
+    ok, first, default, searched = trial_rows(rows)
     seeds: dict[str, list[dict]] = {}
     for r in ok:
         if r["confirms"]:
