@@ -108,7 +108,7 @@ def test_asha_never_stops_the_default_trial(local_ray, tmp_path):
     from ray.tune import ExperimentAnalysis
     from ray.tune.schedulers import ASHAScheduler
 
-    from orchestrator.execution.tune_parts import PerCategoryScheduler
+    from orchestrator.execution.schedulers import PerCategoryScheduler
 
     def scripted(config):
         for epoch in range(1, 5):
@@ -146,7 +146,7 @@ def test_asha_rungs_are_rebuilt_from_a_restored_experiment(local_ray, tmp_path):
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from orchestrator.execution.tune_parts import PerCategoryScheduler
+    from orchestrator.execution.schedulers import PerCategoryScheduler
 
     def make(category):
         return ASHAScheduler(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)
@@ -189,7 +189,7 @@ def test_a_restored_trial_whose_checkpoint_is_gone_continues_from_the_newest_on_
 
     from ray import tune
 
-    from orchestrator.execution.tune_parts import ResumingScheduler
+    from orchestrator.execution.schedulers import ResumingScheduler
 
     def counting(config):
         """Reports epochs 1-4 with a checkpoint each, from its checkpoint's epoch; fails at epoch 3
@@ -444,7 +444,7 @@ def test_asha_keeps_the_finalists_best_searched_trials_to_the_end_and_its_rungs_
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from orchestrator.execution.tune_parts import asha, rungs_for
+    from orchestrator.execution.schedulers import asha, rungs_for
 
     assert [rungs_for(n, 2) for n in (1, 2, 3, 4, 7, 8, 64)] == [0, 0, 0, 1, 1, 2, 2]
     assert rungs_for(4, 1) == 2

@@ -139,7 +139,7 @@ def test_pareto_front_keeps_only_non_dominated_trials():
 def test_asha_runs_to_the_most_epochs_the_space_can_sample():
     """full.yaml searches epochs 400..800 over the paper preset's 600: ASHA's max_t follows the
     space, not the preset (issue 27); a space without epochs keeps the config's own."""
-    from orchestrator.execution.tune_parts import asha
+    from orchestrator.execution.schedulers import asha
 
     paper = Config.from_preset("paper")
     full = asha({"tiles": paper}, search_spaces.load("full", paper), num_samples=8, keep=2).schedulers["tiles"]

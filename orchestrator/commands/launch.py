@@ -11,7 +11,8 @@ from orchestrator import tracking
 from orchestrator.execution import tuner
 from orchestrator.execution.cluster import init_ray
 from orchestrator.execution.results import trial_rows
-from orchestrator.execution.tune_parts import ResumingScheduler, trial_generator, trial_slots
+from orchestrator.execution.schedulers import ResumingScheduler
+from orchestrator.execution.tune_parts import trial_generator, trial_slots
 from orchestrator.plan import SUMMARY_METRICS, Plan, both_splits, warn_about_config
 from orchestrator.tracking import report
 from orchestrator.tracking.parent import drain, open_parent

@@ -21,6 +21,7 @@ from orchestrator.execution import tuner
 from orchestrator.execution.cluster import init_ray
 from orchestrator.execution.reference import DEFAULT, Reference, versus_default
 from orchestrator.execution.results import choose
+from orchestrator.execution.schedulers import scheduler_for
 from orchestrator.execution.scheduling import (
     check_study_storage,
     default_study_storage,
@@ -29,7 +30,7 @@ from orchestrator.execution.scheduling import (
     open_study_storage,
     sweep_search,
 )
-from orchestrator.execution.tune_parts import scheduler_for, trial_generator, trial_slots
+from orchestrator.execution.tune_parts import trial_generator, trial_slots
 from orchestrator.plan import SUMMARY_METRICS, Plan, both_splits, selection_metric, warn_about_config
 from orchestrator.tracking import report
 from orchestrator.tracking.parent import drain, open_parent

@@ -2,7 +2,7 @@
 seeded Optuna study per category in RDB storage.
 
 All categories run in one Tune experiment: one search per category behind a single searcher
-(and one ASHA per category behind a single scheduler, :mod:`orchestrator.execution.tune_parts`),
+(and one ASHA per category behind a single scheduler, :mod:`orchestrator.execution.schedulers`),
 so the studies of every category share the cluster's trial slots (a slot freed by one category
 goes to whichever study has work left) while no category's trials are ever compared with
 another's.

@@ -109,7 +109,7 @@ def take_new_settings(tuner: tune.Tuner, tune_config: tune.TuneConfig, run_confi
     command's trial budget and bound (:class:`orchestrator.execution.tune_parts.StudyTrials`).
     So is the scheduler (Tune never saves one): it rebuilds ASHA's rungs and repairs
     checkpoints as the restored trials are added
-    (:class:`orchestrator.execution.tune_parts.ResumingScheduler`). *Decision*: ``Tuner.restore``
+    (:class:`orchestrator.execution.schedulers.ResumingScheduler`). *Decision*: ``Tuner.restore``
     takes no configs, so they are set on the Tuner's ``TunerInternal`` (``_tune_config``,
     ``_run_config``, Ray 2.60), before ``fit`` builds the controller from them."""
     internal = tuner._local_tuner

@@ -24,7 +24,7 @@ import ray.tune
 import torch
 
 from orchestrator.execution.results import SCORING, packed
-from orchestrator.execution.tune_parts import checkpoint_folders
+from orchestrator.execution.schedulers import checkpoint_folders
 from orchestrator.spec import CHECKPOINT_EPOCH, WorkerTask
 from pouta_core import checkpoint as ckpt
 from pouta_core.api import load_category
