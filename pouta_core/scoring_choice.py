@@ -84,11 +84,8 @@ def _value(metrics: Mapping[str, float], key: str) -> float:
 def apply_scoring(model: nn.Module, config: Config) -> None:
     """Read ``model`` as ``config``'s scoring keys say, in place; the score normalisation is
     marked as not computed (``training.score_set(..., calibrate=True)`` computes it)."""
-    scorer: Scorer = model.scorer
-    scorer.heads_weight = config.map_heads_weight if model.spec.mss else 0.0
-    scorer.image_score, scorer.topk, scorer.norm = config.image_score, config.image_score_topk, config.score_norm
-    scorer.pool = config.image_score_pool
-    scorer.norm_images.zero_()
+    model.scorer.read_as(config, mss=model.spec.mss)
+    model.scorer.norm_images.zero_()
 
 
 @torch.no_grad()
@@ -117,9 +114,7 @@ def choose_scoring(model: nn.Module, val_set: EvalDataset, device: torch.device 
             _, amaps = predict(model, val_set.images, device=device)
             maps[weight] = (amaps, compute(np.zeros(len(amaps)), labels, amaps, masks))   # pixel metrics
         amaps, pixel = maps[weight]
-        scorer = Scorer(image_size=cfg.image_size, heads_weight=weight, image_score=cfg.image_score,
-                        topk=cfg.image_score_topk, norm=cfg.score_norm, pool=cfg.image_score_pool)
-        scores = scorer.calibrate(amaps, labels)
+        scores = Scorer.for_config(cfg, mss=model.spec.mss).calibrate(amaps, labels)
         found = {**pixel, "image_auroc": auroc(scores, labels), "image_f1max": f1_max(scores, labels)[0]}
         tried.append({"values": combo, **{f"val_{k}": v for k, v in found.items()}})
         rank = (_value(found, name), _value(found, TIE_BREAK))

@@ -60,10 +60,7 @@ class AnomalyDetector(nn.Module):
                 fcm_depth=config.fcm_depth, fcm_input=config.fcm_input)
         else:
             self.discriminative = UNetDiscriminator(6, config.disc_width)
-        self.scorer = Scorer(image_size=config.image_size,
-                             heads_weight=config.map_heads_weight if self.spec.mss else 0.0,
-                             image_score=config.image_score, topk=config.image_score_topk,
-                             norm=config.score_norm, pool=config.image_score_pool)
+        self.scorer = Scorer.for_config(config, mss=self.spec.mss)
         init_weights(self, config.init)
 
     def forward(self, x: torch.Tensor) -> PoutaOutput:

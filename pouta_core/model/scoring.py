@@ -80,6 +80,20 @@ class Scorer(nn.Module):
         self.register_buffer("norm_scale", torch.ones(1, 1, image_size, image_size))
         self.register_buffer("norm_images", torch.zeros((), dtype=torch.long))
 
+    @classmethod
+    def for_config(cls, config, *, mss: bool) -> Scorer:
+        """The reading ``config``'s scoring keys say (``Config.SCORING_KEYS``); the heads'
+        weight only where the model has MSS heads (``mss``)."""
+        scorer = cls(image_size=config.image_size)
+        scorer.read_as(config, mss=mss)
+        return scorer
+
+    def read_as(self, config, *, mss: bool) -> None:
+        """Read as ``config``'s scoring keys say, in place (the buffers are kept)."""
+        self.heads_weight = config.map_heads_weight if mss else 0.0
+        self.image_score, self.topk, self.norm = config.image_score, config.image_score_topk, config.score_norm
+        self.pool = config.image_score_pool
+
     def anomaly_map(self, logits: torch.Tensor, scale_logits: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         amap = anomaly_map(logits)
         if self.heads_weight and scale_logits:
