@@ -223,8 +223,9 @@ class CategorySearch(_PickledState, Searcher):
             return
         early = not error and bool(result) and self._stopped_early(trial_id, result)
         value = (result or {}).get(self.metric) if not error and not early else None
-        if not error and not early and scoring_of(result):
-            self.scoring = {**getattr(self, "scoring", {}), trial_id: scoring_of(result)[SCORING]}
+        chosen = scoring_of(result).get(SCORING) if not error and not early else None
+        if chosen:
+            self.scoring = {**getattr(self, "scoring", {}), trial_id: chosen}
         self.ended[trial_id] = float(value) if isinstance(value, int | float) and value == value else None
         if trial_id in self.defaults:
             return
