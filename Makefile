@@ -19,7 +19,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 DEMO_DIR ?= demo
-# The main job on the embedded default: demo data, then a sweep of object.yaml (the anomaly
+# The main job on the embedded default: demo data (48 good and 32 images per defect type in
+# each category's test folder, so that its validation third, ~44 images, can tell a real gain
+# from chance: docs/experiments.md, 2026-12-07), then a sweep of object.yaml (the anomaly
 # synthesis and the foreground mask, the scoring chosen after training) over 2 categories x
 # (the default + 4 searched trials), tiny preset shortened to 20 epochs, Optuna + ASHA (its
 # best searched trial goes on at each rung), then the confirmation round (1 finalist and the
@@ -28,7 +30,8 @@ DEMO_DIR ?= demo
 # `pouta predict --model models:/...` and `pouta promote` look without flags.
 # Rerunning it resumes / reprints.
 demo: $(STAMP)
-	test -d $(DEMO_DIR)/data/tiles || $(VENV)/bin/pouta demo-data --out $(DEMO_DIR)/data --categories 2
+	test -d $(DEMO_DIR)/data/tiles || $(VENV)/bin/pouta demo-data --out $(DEMO_DIR)/data --categories 2 \
+		--test-good 48 --test-defect 32
 	$(VENV)/bin/pouta sweep --space object --data-root $(DEMO_DIR)/data --dataset mvtec \
 		--categories tiles,pills --num-samples 4 --scheduler asha --max-concurrent 2 \
 		--finalists 1 --confirm-seeds 1 \
