@@ -23,7 +23,8 @@ from pouta_core.data.errors import DataError
 from pouta_core.data.images import bit_depth_of, list_images, model_input, read_rgb, warn_about
 from pouta_core.data.validation import SelectionSplit, split_for_selection, synthetic_validation
 from pouta_core.inference import ExportWrapper, predict, resize_map
-from pouta_core.metrics import compute, f1_max
+from pouta_core.metrics import compute, f1_max, fpr_threshold, operating_point
+from pouta_core.serving import decision_line, threshold_policy
 from pouta_core.synthesis import TextureFolder
 from pouta_core.training import ReportFn, evaluate_splits, fit, resolve_device, score_set, write_run
 from pouta_core.visualize import overlay
@@ -141,10 +142,26 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path, datase
     if by_defect and data.selection.mode == "synthetic" and split == "val":
         raise DataError(f"{data_root} [{category}]: the validation images are synthetic (no defect types); "
                         "use --split test")
-    if chosen is not data.val_set and model.scorer.norm != "none":
-        score_set(model, data.val_set, dev, calibrate=True)    # the normalisation, from validation
+    budget = config.false_alarm_budget()
+
+    def policy_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+        return f1_max(scores, labels)[1] if budget is None else fpr_threshold(scores, labels, budget)
+
+    # The decision's threshold: the stored one; re-scored another way (``scoring``), the one the
+    # policy sets again on validation (the stored one belongs to the other reading).
+    stored = state.get("threshold")
+    stored = float("nan") if stored is None else float(stored)
+    if chosen is not data.val_set and (model.scorer.norm != "none" or scoring):
+        val_scores, _ = score_set(model, data.val_set, dev, calibrate=True)   # the normalisation, from validation
+        stored = policy_threshold(val_scores, data.val_set.labels.numpy()) if scoring else stored
     scores, maps = score_set(model, chosen, dev, calibrate=chosen is data.val_set)
-    metrics = {**_metrics_of(scores, maps, chosen), "f1_threshold": f1_max(scores, chosen.labels.numpy())[1]}
+    labels = chosen.labels.numpy()
+    if scoring and chosen is data.val_set:
+        stored = policy_threshold(scores, labels)
+    metrics = {**_metrics_of(scores, maps, chosen), "f1_threshold": f1_max(scores, labels)[1],
+               # the threshold threshold_policy sets on these images (on val: the stored one), and
+               # what the decision's threshold does on them
+               "policy_threshold": policy_threshold(scores, labels), **operating_point(scores, labels, stored)}
     if not by_defect:
         return metrics
     defects = [s.defect for s in samples]
@@ -173,7 +190,7 @@ def rescore(checkpoint: str | Path, out: str | Path, *, scoring: list[str] | tup
             raise ConfigError(f"{checkpoint}: was trained on {key} '{state[key]}', not '{given}'")
     data = load_category(data_root, dataset, category, config, cache_dir=cache_dir, progress=progress,
                          bit_depth=ckpt.bit_depth(state))
-    metrics, threshold = evaluate_splits(model, data.val_set, data.test_set, dev)
+    metrics, threshold = evaluate_splits(model, data.val_set, data.test_set, dev, config.false_alarm_budget())
     weights = {k: v.cpu() for k, v in model.state_dict().items()}
     saved = {**state, "model": weights, "config": config.to_dict(), "threshold": threshold,
              "metrics": {**state.get("metrics", {}), **metrics}}
@@ -212,6 +229,7 @@ class Prediction:
 
     scored: list[dict[str, Any]]
     failed: list[tuple[str, str]]
+    decision: str = ""    # which threshold decided and what set it (pouta_core.serving.decision_line)
 
 
 def _inputs(paths: list[str | Path]) -> list[tuple[Path, Path]]:
@@ -247,11 +265,12 @@ def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Pa
     dev = resolve_device(device)
     model, config, state = ckpt.load_model(checkpoint, dev)
     ckpt.require_calibrated(model, checkpoint)
+    decision, policy = decision_line(state, threshold), "request" if threshold is not None else threshold_policy(state)
     if threshold is None:
         threshold = state.get("threshold")
         if threshold is None:
-            raise ConfigError(f"{checkpoint}: no threshold stored (trained without anomalous test "
-                              "images); pass --threshold")
+            raise ConfigError(f"{checkpoint}: no threshold stored (trained without validation images to set "
+                              "it on); pass --threshold")
     inputs = _inputs(paths)
     out = Path(out)
     scored, failed, readable = [], [], []
@@ -276,9 +295,9 @@ def predict_paths(checkpoint: str | Path, paths: list[str | Path], out: str | Pa
             if save_maps:
                 ckpt.atomic_write(target / f"{rel.name}.map.npy", lambda fh, a=amap: np.save(fh, a))
             scored.append({"image": str(f), "score": float(score), "anomalous": bool(score >= threshold),
-                           "threshold": float(threshold), "overlay": str(overlay_path)})
+                           "threshold": float(threshold), "threshold_policy": policy, "overlay": str(overlay_path)})
     warn_about(readable, config.image_size, "predict")
-    return Prediction(scored, failed)
+    return Prediction(scored, failed, decision)
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, *, check: bool = True) -> dict[str, float]:

@@ -167,6 +167,14 @@ class Config:
                        "images' statistics (stored in the checkpoint), so that spots bright on every good "
                        "image do not decide the score"),
     )
+    # --- the decision a served model makes (issue 47; the paper reports none) ----------
+    threshold_policy: str = field(
+        default="fpr:0.01",
+        metadata=_spec(help="how the stored image threshold is set on the validation images: fpr:<rate> the "
+                       "lowest that flags at most <rate> of the good ones (a false-alarm budget; the default "
+                       "fpr:0.01), or f1 the F1-max (where defects are the majority and the model weak, "
+                       "that can be 'everything is anomalous')"),
+    )
     # --- loss (eq. 1, 5-8) -------------------------------------------------------------
     lambda_1: float = field(default=0.4, metadata=_spec(ge=0.0, le=100.0, help="MSS weight, scale 1"))
     lambda_2: float = field(default=0.3, metadata=_spec(ge=0.0, le=100.0, help="MSS weight, scale 2"))
@@ -303,6 +311,7 @@ class Config:
         if self.image_score_pool % 2 == 0:
             raise ConfigError("config key 'image_score_pool': must be odd (a centred pool), "
                               f"got {self.image_score_pool}")
+        self.false_alarm_budget()   # checks threshold_policy
         if self.rec_warmup_epochs >= self.epochs:
             raise ConfigError(
                 f"config key 'rec_warmup_epochs': must be < epochs ({self.epochs}), got {self.rec_warmup_epochs}"
@@ -393,6 +402,21 @@ class Config:
     # --set`` may change them on a trained checkpoint.
     SCORING_KEYS: ClassVar[tuple[str, ...]] = ("map_heads_weight", "image_score", "image_score_topk",
                                                "image_score_pool", "score_norm")
+
+    def false_alarm_budget(self) -> float | None:
+        """``threshold_policy`` read: the rate of ``fpr:<rate>``, None for ``f1``."""
+        policy = self.threshold_policy
+        if policy == "f1":
+            return None
+        kind, _, rate = policy.partition(":")
+        try:
+            value = float(rate) if kind == "fpr" else None
+        except ValueError:
+            value = None
+        if value is None or not 0.0 < value < 1.0:
+            raise ConfigError(f"config key 'threshold_policy': expected f1 or fpr:<rate> with 0 < rate < 1 "
+                              f"(fpr:0.01 flags at most 1% of good validation images), got {policy!r}")
+        return value
 
     def replace(self, **changes: Any) -> Config:
         return self.from_dict({**self.to_dict(), **changes})

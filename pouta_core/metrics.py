@@ -68,6 +68,31 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float(f1[k]), float(u[k])
 
 
+def fpr_threshold(scores: np.ndarray, labels: np.ndarray, rate: float) -> float:
+    """The lowest image threshold at which at most ``rate`` of the good images (label 0) score
+    ``>= threshold``: just above the good score ranked ``floor(rate * n_good) + 1`` from the
+    top (with ``rate * n_good < 1``, just above the highest good score). NaN without good
+    images. On n good images the false-alarm rate a new good image meets is about
+    ``(floor(rate * n) + 1) / (n + 1)``: a rate below ``1 / n`` cannot be shown on n images."""
+    neg, _ = _split(scores, labels)
+    if neg.size == 0:
+        return float("nan")
+    allowed = int(np.floor(rate * neg.size + 1e-9))
+    if allowed >= neg.size:
+        return float(neg[0])
+    return float(np.nextafter(neg[neg.size - 1 - allowed], np.inf))
+
+
+def operating_point(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """What deciding ``score >= threshold`` does on these images: ``false_alarm_rate`` (share
+    of good images flagged) and ``miss_rate`` (share of defective images passed); NaN where a
+    class is absent or the threshold is not a number."""
+    neg, pos = _split(scores, labels)
+    ok = np.isfinite(threshold)
+    return {"false_alarm_rate": float(np.mean(neg >= threshold)) if neg.size and ok else float("nan"),
+            "miss_rate": float(np.mean(pos < threshold)) if pos.size and ok else float("nan")}
+
+
 def _regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Label connected anomalous regions (8-connectivity) with ids unique across images."""
     out = np.zeros(masks.shape, dtype=np.int64)

@@ -26,7 +26,7 @@ from pouta_core.inference import predict, resize_map
 from pouta_core.training import resolve_device
 
 # What each answer holds, in this order; absent values are None.
-FIELDS = ("score", "anomalous", "threshold", "map", "error")
+FIELDS = ("score", "anomalous", "threshold", "threshold_policy", "map", "error")
 # Map values are probabilities in [0, 1]: 6 decimals keep what float32 holds that matters and
 # make the JSON about 2.5 times smaller than float32's full repr (17 digits).
 MAP_DECIMALS = 6
@@ -58,6 +58,31 @@ def map_shape(height: int, width: int, map_size: int | None) -> tuple[int, int] 
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def threshold_policy(state: dict[str, Any]) -> str | None:
+    """The policy that set a checkpoint's stored threshold (``Config.threshold_policy``); ``f1``
+    for checkpoints written before the key existed (they stored the F1-max); None when none is
+    stored."""
+    if state.get("threshold") is None:
+        return None
+    return (state.get("config") or {}).get("threshold_policy", "f1")
+
+
+def decision_line(state: dict[str, Any], threshold: float | None = None) -> str:
+    """One line that says which threshold decides ``anomalous`` and what it was expected to do:
+    the caller's ``threshold``, else the stored one with its policy and the false alarms and
+    misses it made on the validation images it was set on."""
+    if threshold is not None:
+        return f"threshold {float(threshold):.6g} (given by the caller; the stored one is not used)"
+    policy = threshold_policy(state)
+    if policy is None:
+        return "no threshold stored: pass one"
+    metrics = state.get("metrics") or {}
+    far, miss = metrics.get("val_false_alarm_rate"), metrics.get("val_miss_rate")
+    said = (f": on validation it flagged {far:.1%} of the good images and passed {miss:.1%} of the defective ones"
+            if isinstance(far, float) and isinstance(miss, float) and far == far and miss == miss else "")
+    return f"threshold {float(state['threshold']):.6g} set by {policy} on the validation images{said}"
+
+
 class ImageScorer:
     """A trained checkpoint, ready to score encoded images."""
 
@@ -67,15 +92,19 @@ class ImageScorer:
         ckpt.require_calibrated(self.model, checkpoint)
         stored = state.get("threshold")
         self.threshold = float(stored) if stored is not None else None
+        self.policy = threshold_policy(state)
+        self.decision = decision_line(state)
         self.bits = ckpt.bit_depth(state)
 
     def score(self, images: Sequence[str | bytes], *, threshold: float | None = None, map_size: int | None = None,
               batch_size: int = 16) -> list[dict[str, Any]]:
         """One answer per image, in order: ``score``; ``anomalous`` (``score >= threshold``,
         with ``threshold`` if given, else the one stored at training time; None when there is
-        neither); ``threshold``; ``map`` (the anomaly map as nested lists of rows, see
+        neither); ``threshold``; ``threshold_policy`` (what set it: ``request``, or the stored
+        threshold's policy, e.g. ``fpr:0.01``); ``map`` (the anomaly map as nested lists of rows, see
         :func:`map_shape`, rounded to :data:`MAP_DECIMALS`); ``error`` (why the image could not be read, else None)."""
         limit = self.threshold if threshold is None else float(threshold)
+        policy = self.policy if threshold is None else "request"
         map_shape(1, 1, map_size)                       # a bad map_size fails the request, not each image
         answers: list[dict[str, Any]] = [dict.fromkeys(FIELDS) for _ in images]
         decoded: list[tuple[int, np.ndarray]] = []
@@ -90,7 +119,7 @@ class ImageScorer:
             scores, maps = predict(self.model, batch, device=self.device, batch_size=batch_size)
             for (i, rgb), score, amap in zip(chunk, scores, maps, strict=True):
                 shape = map_shape(*rgb.shape[:2], map_size)
-                answers[i].update(score=float(score), threshold=limit,
+                answers[i].update(score=float(score), threshold=limit, threshold_policy=policy,
                                   anomalous=None if limit is None else bool(score >= limit),
                                   map=None if shape is None else
                                   np.round(resize_map(amap, shape).astype(np.float64), MAP_DECIMALS).tolist())

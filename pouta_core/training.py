@@ -32,7 +32,7 @@ from pouta_core.config import Config, ConfigError
 from pouta_core.data.datasets import BatchedLoader, EpochSampler, EvalDataset, TrainDataset
 from pouta_core.inference import predict
 from pouta_core.losses import pouta_loss
-from pouta_core.metrics import compute, f1_max
+from pouta_core.metrics import compute, f1_max, fpr_threshold, operating_point
 from pouta_core.model import build_model
 from pouta_core.scoring_choice import CHOICE_FILE, choose_scoring
 from pouta_core.synthesis import AnomalySynthesizer, TextureFolder
@@ -63,28 +63,36 @@ def score_set(model: nn.Module, dataset: EvalDataset, device: torch.device, *, c
 
 
 def evaluate(model: nn.Module, test_set: EvalDataset, device: torch.device, batch_size: int = 16, *,
-             calibrate: bool = False) -> tuple[dict[str, float], float]:
-    """-> (metrics of pouta_core.metrics.compute, image threshold maximising F1)."""
+             calibrate: bool = False, false_alarms: float | None = None,
+             threshold: float | None = None) -> tuple[dict[str, float], float]:
+    """-> (metrics of pouta_core.metrics.compute with the ``false_alarm_rate`` and ``miss_rate``
+    of the image decision, the image threshold). The threshold is ``threshold`` when given (the
+    one chosen on validation, applied to another split), else set on these images: the lowest
+    that flags at most ``false_alarms`` of the good ones, or the F1-max when None."""
     scores, maps = score_set(model, test_set, device, calibrate=calibrate, batch_size=batch_size)
     labels = test_set.labels.numpy()
     metrics = compute(scores, labels, maps, test_set.masks[:, 0].numpy())
-    return metrics, f1_max(scores, labels)[1]
+    if threshold is None:
+        threshold = f1_max(scores, labels)[1] if false_alarms is None else fpr_threshold(scores, labels, false_alarms)
+    return {**metrics, **operating_point(scores, labels, threshold)}, threshold
 
 
 def evaluate_splits(model: nn.Module, val_set: EvalDataset | None, test_set: EvalDataset | None,
-                    device: torch.device) -> tuple[dict[str, float], float | None]:
-    """``val_<metric>`` and ``test_<metric>`` -> (metrics, threshold). The threshold (F1-max)
-    and the score normalisation come from validation only; test metrics are reported, never
-    used."""
+                    device: torch.device, false_alarms: float | None = None) -> tuple[dict[str, float], float | None]:
+    """``val_<metric>`` and ``test_<metric>`` -> (metrics, threshold). The threshold (``false_alarms``:
+    the false-alarm budget of ``Config.threshold_policy``, None for the F1-max) and the score
+    normalisation come from validation only; ``test_false_alarm_rate``/``test_miss_rate`` are
+    that threshold's on test, reported like every test metric, never used."""
     metrics: dict[str, float] = {}
     threshold = None
     if val_set is not None and len(val_set):
-        val, threshold = evaluate(model, val_set, device, calibrate=True)
+        val, threshold = evaluate(model, val_set, device, calibrate=True, false_alarms=false_alarms)
+        threshold = threshold if math.isfinite(threshold) else None
         metrics.update({f"val_{k}": v for k, v in val.items()})
         if test_set is val_set:   # val_split=none: one set, scored once
             metrics.update({f"test_{k}": v for k, v in val.items()})
     if test_set is not None and test_set is not val_set and len(test_set):
-        test, _ = evaluate(model, test_set, device)
+        test, _ = evaluate(model, test_set, device, threshold=float("nan") if threshold is None else threshold)
         metrics.update({f"test_{k}": v for k, v in test.items()})
     return metrics, threshold
 
@@ -112,7 +120,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     epoch: int = 0                                # last finished epoch
-    threshold: float | None = None                # image threshold, F1-max on validation
+    threshold: float | None = None                # image threshold on validation (config.threshold_policy)
     metrics: dict[str, Any] = field(default_factory=dict)   # of the last evaluation
     nonfinite_epochs: int = 0                     # epochs in a row with no finite step (not saved)
 
@@ -448,7 +456,8 @@ def fit(
                 config = config.replace(**choice.chosen)
                 keep["sidecars"] = {**(sidecars or {}), CHOICE_FILE: choice.record()}
             if is_main:
-                evaluated, state.threshold = evaluate_splits(state.model, val_set, test_set, device)
+                evaluated, state.threshold = evaluate_splits(state.model, val_set, test_set, device,
+                                                             config.false_alarm_budget())
                 metrics.update(evaluated)
             checkpoint_dir = None
             if is_main and (epoch % config.checkpoint_every == 0 or last):

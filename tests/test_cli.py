@@ -48,7 +48,7 @@ def test_evaluate_split_val_scores_exactly_the_validation_files(trained):
     val = json.loads(pouta("evaluate", *common, "--split", "val").stdout)
     stored = json.loads((run / "metrics.json").read_text())
     assert val["pixel_ap"] == pytest.approx(stored["val_pixel_ap"], abs=1e-6)
-    assert val["f1_threshold"] == pytest.approx(stored["threshold"], abs=1e-6)
+    assert val["policy_threshold"] == pytest.approx(stored["threshold"], abs=1e-6)   # threshold_policy, again
 
 
 def test_evaluate_prints_the_metric_dict_as_json(trained):

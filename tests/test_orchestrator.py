@@ -320,6 +320,9 @@ def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_pa
     assert "validation (chosen on)" in version.description and parent.info.run_id in version.description
     # ... and how it fared against the default: a searched config beat it, or the default is registered.
     assert "Against the sweep's default:" in version.description
+    # ... and what its decision does: the policy that set the threshold, its false alarms and misses.
+    assert re.search(r"Decision \(`anomalous`\): threshold \S+ set by fpr:0\.01 on the validation images: "
+                     r"on validation it flagged \d+\.\d% of the good images", version.description)
     assert ("searched.lambda_1" in version.tags) == ("it is registered" in version.description
                                                     and "the default is registered" not in version.description)
 

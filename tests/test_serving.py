@@ -147,9 +147,11 @@ def test_pouta_serve_answers_a_plain_http_client_and_its_printed_curl_line(serve
             proc.wait(0.5) if proc.poll() is not None else __import__("time").sleep(0.5)
         line = re.search(r"  try: (curl .*)", deadline_text).group(1)
         assert f"serving models:/{NAME}@challenger at {url}/invocations" in deadline_text
+        assert "  decision: threshold " in deadline_text and "set by fpr:0.01 on the validation images" in deadline_text
         out = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=60, check=True).stdout
         (answer,) = json.loads(out)["predictions"]
         assert answer["error"] is None and isinstance(answer["score"], float) and answer["map"] is None
+        assert answer["threshold_policy"] == "fpr:0.01"
         children = descendants(proc.pid)
         assert children, "the server runs in processes of its own"
     finally:

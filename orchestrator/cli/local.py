@@ -86,8 +86,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         result = api.predict_paths(checkpoint, args.paths, args.out, threshold=args.threshold,
                                    save_maps=args.save_maps, device=args.device)
     if args.json:
-        print_json({"scored": result.scored, "failed": [{"image": p, "error": e} for p, e in result.failed]})
+        print_json({"decision": result.decision, "scored": result.scored,
+                    "failed": [{"image": p, "error": e} for p, e in result.failed]})
     else:
+        print(f"pouta: {result.decision}", file=sys.stderr)
         for r in result.scored:
             print(f"{r['score']:.4f}  {'ANOMALOUS' if r['anomalous'] else 'ok':9}  {r['image']}")
     if result.failed:

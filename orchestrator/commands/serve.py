@@ -85,18 +85,23 @@ def serve(ref: str, *, tracking_uri: str | None, host: str, port: int, workers: 
           start_timeout: float) -> int:
     """Serve ``ref`` until interrupted or the server exits -> the server's exit status."""
     from orchestrator.tracking.models import resolved
+    from pouta_core.checkpoint import load_state
+    from pouta_core.serving import decision_line
 
     tmp = Path(tempfile.mkdtemp(prefix="pouta-serve-"))
     try:
         with resolved(ref, tracking_uri) as checkpoint:
             folder = save_served_model(checkpoint, tmp)
+            decision = decision_line(load_state(checkpoint))
         with model_server(folder, host=host, port=port, workers=workers, timeout=timeout,
                           start_timeout=start_timeout) as (proc, url):
             print(f"serving {ref} at {url}/invocations (Ctrl-C stops it)\n"
+                  f"  decision: {decision} (a request's params.threshold overrides it)\n"
                   f"  try: {curl_example(url)}\n"
                   f"  an image file: {curl_example(url, 'IMAGE.png')}\n"
-                  "  each answer: " + json.dumps({"score": 0.0, "anomalous": False, "threshold": 0.0, "map": None,
-                                                  "error": None}), flush=True)
+                  "  each answer: " + json.dumps({"score": 0.0, "anomalous": False, "threshold": 0.0,
+                                                  "threshold_policy": "fpr:0.01", "map": None, "error": None}),
+                  flush=True)
             return proc.wait()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

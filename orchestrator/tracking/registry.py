@@ -95,7 +95,7 @@ def log_image_model(state: dict[str, Any], registered_model_name: str | None = N
 
 def describe_version(client, name: str, version: str, *, category: str, fingerprint: str,
                      metrics: dict[str, float], searched: dict[str, Any], source: str, parent_run_id: str,
-                     selection: str, note: str | None = None) -> None:
+                     selection: str, note: str | None = None, decision: str = "") -> None:
     """Tags and a Markdown description on a model version, so its page in the MLflow UI says
     what it is and why it was chosen: category, data fingerprint, validation metrics (the
     choice) and test metrics (reported only), the searched values, and the source run."""
@@ -114,9 +114,10 @@ def describe_version(client, name: str, version: str, *, category: str, fingerpr
     rows = "\n".join(f"| {k} | {cell(metrics.get(f'val_{k}'))} | {cell(metrics.get(f'test_{k}'))} |" for k in shown)
     values = ", ".join(f"`{k}={short(v)}`" for k, v in searched.items()) or "the base config (nothing searched)"
     against = f"Against the sweep's default: {note.split(': ', 1)[-1]}.\n\n" if note else ""
+    decides = f"Decision (`anomalous`): {decision}.\n\n" if decision else ""
     description = (f"POUTA model for **{category}**, chosen by {source} on the **{selection}** split "
                    f"(parent run `{parent_run_id}`).\n\n| metric | validation (chosen on) | test (reported) |\n"
-                   f"|---|---|---|\n{rows}\n\nSearched values: {values}.\n\n{against}"
+                   f"|---|---|---|\n{rows}\n\nSearched values: {values}.\n\n{against}{decides}"
                    f"Training data fingerprint: `{fingerprint[:16]}`.\n\nServe it with `pouta serve --model "
                    f"models:/{name}/{version}`: base64 images in (column `image`), per image `score`, `anomalous`, "
                    f"`threshold` and `map` out (params `threshold`, `map_size`). `pouta predict --model "
@@ -132,6 +133,7 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     optimizer state), register it as ``pouta-<dataset>-<category>`` and point ``challenger``
     at the new version."""
     from pouta_core.checkpoint import load_model, require_calibrated
+    from pouta_core.serving import decision_line
 
     run_id = cb.run_id_for(category, trial_id)
     client = cb.client
@@ -149,6 +151,7 @@ def register_best(plan: Plan, cb: MlflowTrialCallback, category: str, trial_id: 
     client.set_registered_model_alias(name, tracking.CHALLENGER, version)
     describe_version(client, name, version, category=category, fingerprint=cb.fingerprints.get(category, ""),
                      metrics=state.get("metrics", {}), searched=searched or {}, source=f"{kind} {plan.run_name}",
-                     parent_run_id=cb.parent_run_id, selection=tracking.selection_tag(config.val_split), note=note)
+                     parent_run_id=cb.parent_run_id, selection=tracking.selection_tag(config.val_split), note=note,
+                     decision=decision_line(state))
     tracking.finish(client, run_id)
     return name, version
