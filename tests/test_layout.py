@@ -68,6 +68,17 @@ def test_no_orchestrator_module_is_over_400_lines():
     assert not (PACKAGE / "experiment.py").exists()
 
 
+def test_package_faces_only_hand_names_on():
+    """An ``__init__.py`` is where a reader starts: under 40 lines, no function or class of its own
+    (issue 49: tracking's face held 250 lines of logic)."""
+    import ast
+
+    for face in [*PACKAGE.rglob("__init__.py"), *(ROOT / "pouta_core").rglob("__init__.py")]:
+        text = face.read_text()
+        defined = [n.name for n in ast.parse(text).body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+        assert len(text.splitlines()) < 40 and not defined, f"{face.relative_to(ROOT)}: {defined}"
+
+
 def test_orchestrator_imports_form_no_cycle():
     assert cycles(graph(lazy=False)) == []
     assert cycles(graph(lazy=True)) == []
