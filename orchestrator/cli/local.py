@@ -156,7 +156,8 @@ def add_local_commands(sub) -> None:
     add_model_args(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=float, help="decision threshold (default: the stored one)")
+    p.add_argument("--threshold", type=float,
+                   help="decision threshold (default: the stored one, set on validation by the run's threshold_policy)")
     p.add_argument("--save-maps", action="store_true", help="also write raw maps as .npy")
     add_image_limit_arg(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -7,7 +7,7 @@ strings of any size)::
 
     {"inputs": {"image": ["iVBORw0KGgo..."]}, "params": {"map_size": 0}}
 
-Response: ``{"predictions": [{"score", "anomalous", "threshold", "map", "error"}, ...]}``,
+Response: ``{"predictions": [{"score", "anomalous", "threshold", "threshold_policy", "map", "error"}, ...]}``,
 one entry per image in order (:mod:`pouta_core.serving`). Params: ``threshold`` (default:
 the one stored at training time, picked on validation), ``map_size`` (default: the map at
 the input's size; 0: no map; N: longer side N pixels).
