@@ -25,10 +25,21 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+_handed: set[int] = set()
+
+
 def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and never handed out before by this process: the kernel may give a
+    port just closed again, and two components of one ``ray start`` on the same port refuse
+    to start (seen: client_server and dashboard both on 42919)."""
+    for _ in range(100):
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed:
+            _handed.add(port)
+            return port
+    raise RuntimeError("no free port that was not handed out already")
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
