@@ -23,7 +23,7 @@ from pouta_core.data.errors import DataError
 from pouta_core.data.images import bit_depth_of, list_images, model_input, read_rgb, warn_about
 from pouta_core.data.validation import SelectionSplit, split_for_selection, synthetic_validation
 from pouta_core.inference import ExportWrapper, predict, resize_map
-from pouta_core.metrics import compute, f1_max, fpr_threshold, operating_point
+from pouta_core.metrics import compute, decision_threshold, f1_max, operating_point
 from pouta_core.serving import decision_line, threshold_policy
 from pouta_core.synthesis import TextureFolder
 from pouta_core.training import ReportFn, evaluate_splits, fit, resolve_device, score_set, write_run
@@ -143,25 +143,22 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path, datase
         raise DataError(f"{data_root} [{category}]: the validation images are synthetic (no defect types); "
                         "use --split test")
     budget = config.false_alarm_budget()
-
-    def policy_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-        return f1_max(scores, labels)[1] if budget is None else fpr_threshold(scores, labels, budget)
-
     # The decision's threshold: the stored one; re-scored another way (``scoring``), the one the
     # policy sets again on validation (the stored one belongs to the other reading).
     stored = state.get("threshold")
     stored = float("nan") if stored is None else float(stored)
     if chosen is not data.val_set and (model.scorer.norm != "none" or scoring):
         val_scores, _ = score_set(model, data.val_set, dev, calibrate=True)   # the normalisation, from validation
-        stored = policy_threshold(val_scores, data.val_set.labels.numpy()) if scoring else stored
+        stored = decision_threshold(val_scores, data.val_set.labels.numpy(), budget) if scoring else stored
     scores, maps = score_set(model, chosen, dev, calibrate=chosen is data.val_set)
     labels = chosen.labels.numpy()
     if scoring and chosen is data.val_set:
-        stored = policy_threshold(scores, labels)
+        stored = decision_threshold(scores, labels, budget)
     metrics = {**_metrics_of(scores, maps, chosen), "f1_threshold": f1_max(scores, labels)[1],
                # the threshold threshold_policy sets on these images (on val: the stored one), and
                # what the decision's threshold does on them
-               "policy_threshold": policy_threshold(scores, labels), **operating_point(scores, labels, stored)}
+               "policy_threshold": decision_threshold(scores, labels, budget),
+               **operating_point(scores, labels, stored)}
     if not by_defect:
         return metrics
     defects = [s.defect for s in samples]

@@ -83,6 +83,12 @@ def fpr_threshold(scores: np.ndarray, labels: np.ndarray, rate: float) -> float:
     return float(np.nextafter(neg[neg.size - 1 - allowed], np.inf))
 
 
+def decision_threshold(scores: np.ndarray, labels: np.ndarray, false_alarms: float | None) -> float:
+    """The image threshold ``Config.threshold_policy`` sets on these images: :func:`fpr_threshold`
+    at the budget ``false_alarms`` (``Config.false_alarm_budget``), the F1-max when None."""
+    return f1_max(scores, labels)[1] if false_alarms is None else fpr_threshold(scores, labels, false_alarms)
+
+
 def operating_point(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
     """What deciding ``score >= threshold`` does on these images: ``false_alarm_rate`` (share
     of good images flagged) and ``miss_rate`` (share of defective images passed); NaN where a

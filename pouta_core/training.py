@@ -32,7 +32,7 @@ from pouta_core.config import Config, ConfigError
 from pouta_core.data.datasets import BatchedLoader, EpochSampler, EvalDataset, TrainDataset
 from pouta_core.inference import predict
 from pouta_core.losses import pouta_loss
-from pouta_core.metrics import compute, f1_max, fpr_threshold, operating_point
+from pouta_core.metrics import compute, decision_threshold, operating_point
 from pouta_core.model import build_model
 from pouta_core.scoring_choice import CHOICE_FILE, choose_scoring
 from pouta_core.synthesis import AnomalySynthesizer, TextureFolder
@@ -73,7 +73,7 @@ def evaluate(model: nn.Module, test_set: EvalDataset, device: torch.device, batc
     labels = test_set.labels.numpy()
     metrics = compute(scores, labels, maps, test_set.masks[:, 0].numpy())
     if threshold is None:
-        threshold = f1_max(scores, labels)[1] if false_alarms is None else fpr_threshold(scores, labels, false_alarms)
+        threshold = decision_threshold(scores, labels, false_alarms)
     return {**metrics, **operating_point(scores, labels, threshold)}, threshold
 
 
