@@ -107,8 +107,10 @@ class MlflowServer:
     cluster/SECURITY.md starts a server (``--allowed-hosts`` with the name and localhost,
     ``--cors-allowed-origins`` for the UI); else MLflow's default (localhost, private IPs)."""
 
-    def __init__(self, root: Path, *, by_name: bool = False, port: int | None = None) -> None:
+    def __init__(self, root: Path, *, by_name: bool = False, port: int | None = None,
+                 admin: tuple[str, str] | None = None) -> None:
         self.root, self.port = root, port or free_port()
+        self.admin = admin   # (user, password): MLflow's basic-auth app on, this admin in its user database
         self.host = socket.gethostname() if by_name else "127.0.0.1"
         self.url = f"http://{self.host}:{self.port}"
         self.by_name = by_name
@@ -128,6 +130,14 @@ class MlflowServer:
         # MLflow 3's job runner (GenAI evaluation jobs; POUTA starts none) is one more process
         # importing MLflow on a 2-core machine: off.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if self.admin:   # as cluster/SECURITY.md starts it; the user database survives a restart
+            ini = self.root / "basic_auth.ini"
+            ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                           f"database_uri = sqlite:///{self.root / 'basic_auth.db'}\n"
+                           f"admin_username = {self.admin[0]}\nadmin_password = {self.admin[1]}\n"
+                           "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            argv += ["--app-name", "basic-auth"]
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY=f"pouta-test-{self.port}")
         self.proc = subprocess.Popen(argv, stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
                                      env=env)
         reap_with_us(self.proc)

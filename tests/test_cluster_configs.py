@@ -267,6 +267,9 @@ def test_the_mlflow_server_allows_the_names_its_clients_use_and_the_drivers_carr
     assert {"localhost:*", "127.0.0.1:*"} <= set(allowed)
     assert set(re.findall(r"mlflow(?:\[auth\])?==([\d.]+)", script)) == {MLFLOW_PIN}
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].endswith(f":v{MLFLOW_PIN}")
+    # MLflow 3.17's auth app does not start without its CSRF key (found starting one in tests)
+    server_env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert server_env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-server"
     # Kubernetes clients reach the manifest's server; the VM cluster (ray-cluster.yaml, cron)
     # the one cluster/SECURITY.md starts.
     documented = re.search(r'--allowed-hosts "([^"]+)"', (CLUSTER / "SECURITY.md").read_text()).group(1).split(",")

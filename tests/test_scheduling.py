@@ -378,8 +378,8 @@ def test_studies_on_a_network_filesystem_are_a_journal_and_sqlite_there_is_refus
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL] and trials[0].value == 0.5
     from orchestrator.tracking.report import study_plots
 
-    plots = study_plots(open_study_storage(url), {"tiles": "exp-tiles"}, [("val_pixel_ap", "max")], tmp_path)
-    assert "tiles-history.png" in [p.name for p in plots]
+    plots = study_plots(open_study_storage(url), {"tiles": "exp-tiles"}, [("val_pixel_ap", "max")])
+    assert plots["tiles-history.png"].startswith(b"\x89PNG")
 
 
 def test_an_experiment_started_before_a_config_key_existed_resumes_as_the_same_one(tmp_path):

@@ -158,6 +158,39 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tracking_replay(args: argparse.Namespace) -> int:
+    """Deliver what the drivers of an experiment left in its MLflow journal."""
+    from orchestrator import tracking
+    from orchestrator.errors import TrackingIncomplete
+    from orchestrator.tracking import journal, records
+
+    experiment = Path(args.storage_path).resolve() / args.name
+    files = journal.journals(experiment)
+    if not experiment.is_dir():
+        raise ConfigError(f"--storage-path {args.storage_path} --name {args.name}: no experiment at {experiment}")
+    if not files:
+        print(f"{experiment}: no MLflow journal; nothing to replay")
+        return 0
+    header = journal.read(files[0]).header
+    uri = args.tracking_uri or header.get("tracking_uri")
+    name = args.experiment or header.get("experiment", "pouta")
+    with tracking.quick_requests(10):   # one try per call: the journal waits, not the user
+        try:
+            client, exp_id = tracking.setup(uri, name)
+        except Exception as exc:
+            if not records.transient(exc):
+                raise
+            raise TrackingIncomplete(f"MLflow at {uri} is unreachable ({str(exc).splitlines()[0][:160]}); the records "
+                                     f"of {experiment.name} are still in its journal") from None
+        done = journal.replay(experiment, client, exp_id, by="pouta tracking replay")
+    print(f"{experiment.name}: {done.summary} ({uri}, experiment {name})")
+    if done.left:
+        raise TrackingIncomplete(f"{done.left} records of {experiment.name} are still in its journal: {done.problem}")
+    if done.live:
+        print(f"{done.live} journal(s) belong to a driver that still runs: it sends them itself")
+    return 0
+
+
 def add_cluster_commands(sub) -> None:
     """On Ray, tracked in MLflow: launch, sweep, retrain; and the registry: ui, promote."""
     p = sub.add_parser("launch", help="train every category on Ray (in-process or a cluster)")
@@ -218,6 +251,16 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="retrain every category, changed or not")
     p.add_argument("--dry-run", action="store_true", help="check the arguments and data, run nothing")
     p.set_defaults(func=_cmd_retrain)
+
+    p = sub.add_parser("tracking", help="MLflow bookkeeping of an experiment")
+    tsub = p.add_subparsers(dest="tracking_command", required=True)
+    p = tsub.add_parser("replay", help="send to MLflow what a stopped driver left in the experiment's journal "
+                        "(records of an outage, an interrupt, a refused password) and end the runs it left RUNNING")
+    p.add_argument("--storage-path", default="ray-results", help="as given to the sweep / launch / retrain")
+    p.add_argument("--name", required=True, help="the experiment's --name")
+    p.add_argument("--tracking-uri", help="default: where the journal's driver sent its records")
+    p.add_argument("--experiment", help="MLflow experiment (default: the journal's)")
+    p.set_defaults(func=_cmd_tracking_replay)
 
     p = sub.add_parser("ui", help="the MLflow UI on this project's tracking store (127.0.0.1 by default)")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else ./mlflow-data")

@@ -26,14 +26,17 @@ RESUME_HINTS = {"sweep": "rerun the same command with --resume",
                 "train": "rerun the same command to resume from the last checkpoint"}
 
 
-def _end_open_runs(status: str = "KILLED") -> None:
+def _end_open_runs(status: str = "KILLED", reason: str = "") -> None:
+    outbox = sys.modules.get("orchestrator.tracking.outbox")
+    if outbox is not None:   # first: no run is opened after this (what is queued stays in the journal)
+        outbox.halt_all()
     tracking = sys.modules.get("orchestrator.tracking")   # loaded only by commands that track
     if tracking is not None:
-        tracking.end_open_runs(status)
+        tracking.end_open_runs(status, reason)
 
 
 def _kill_open_runs() -> None:
-    _end_open_runs("KILLED")
+    _end_open_runs("KILLED", "the command was interrupted (Ctrl-C, SIGTERM or ray job stop); --resume continues it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,12 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with interrupts.stop_on_signals(first=_kill_open_runs):
             return args.func(args)
     except (*USER_ERRORS, DataError) as exc:
-        _end_open_runs("FAILED")   # refused after a run was opened: it does not stay RUNNING
+        _end_open_runs("FAILED", "the command stopped on an error")   # it does not stay RUNNING
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         print(f"pouta: error: {msg}", file=sys.stderr)
         return 2
     except ClusterStalled as exc:
-        _kill_open_runs()
+        _end_open_runs("KILLED", "the cluster could not hold a trial")
         print(f"pouta: error: {exc}; rerun the same command (sweep: with --resume) once it fits", file=sys.stderr)
         return 3
     except TrackingIncomplete as exc:
@@ -89,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pouta: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return interrupts.EXIT_CODE
     except Exception as exc:   # a bug, or a failure nobody foresaw: the runs say so, the traceback too
-        _end_open_runs("FAILED")
+        _end_open_runs("FAILED", f"unexpected {type(exc).__name__}")
         logging.getLogger("pouta").exception("unexpected error")
         print(f"pouta: error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
               "(traceback above; open MLflow runs marked FAILED)", file=sys.stderr)

@@ -15,7 +15,7 @@ from orchestrator.execution.schedulers import ResumingScheduler
 from orchestrator.execution.tune_parts import trial_generator, trial_slots
 from orchestrator.plan import SUMMARY_METRICS, Plan, both_splits, warn_about_config
 from orchestrator.tracking import report
-from orchestrator.tracking.parent import drain, open_parent
+from orchestrator.tracking.parent import drain, finish, open_parent
 from orchestrator.tracking.registry import register_best
 
 
@@ -57,5 +57,5 @@ def run_launch(plan: Plan, *, resume: bool, per_category: dict[str, dict[str, An
     report.publish(client, parent_id, report.folder(plan.storage_path, plan.run_name), f"{kind} {plan.run_name}",
                    {c: {"trials": [e], "best": e} if "error" not in e else {"trials": [e]}
                     for c, e in summary.items()}, keys)
-    tracking.finish(client, parent_id, ok=all("error" not in e for e in summary.values()))
+    finish(parent, ok=all("error" not in e for e in summary.values()))
     return summary

@@ -33,7 +33,7 @@ from orchestrator.execution.scheduling import (
 from orchestrator.execution.tune_parts import trial_generator, trial_slots
 from orchestrator.plan import SUMMARY_METRICS, Plan, both_splits, selection_metric, warn_about_config
 from orchestrator.tracking import report
-from orchestrator.tracking.parent import drain, open_parent
+from orchestrator.tracking.parent import drain, finish, open_parent
 from orchestrator.tracking.registry import register_choices
 from pouta_core.checkpoint import atomic_write
 from pouta_core.config import ConfigError
@@ -129,7 +129,7 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     studies = open_study_storage(search.storage_url) if search.storage_url else None
     report.publish(parent.client, parent.run_id, folder, f"sweep {plan.run_name} ({space.path.name})", summary, keys,
                    study_storage=studies, study_names=search.studies, objectives=objectives)
-    tracking.finish(parent.client, parent.run_id, ok=not any("error" in e for e in summary.values()))
+    finish(parent, ok=not any("error" in e for e in summary.values()))
     if best_out:
         best_configs = {c: e["config"] for c, e in summary.items() if "config" in e}
         # Which config each category got, and why, as comments: the file stays {category: config}.

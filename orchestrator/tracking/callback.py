@@ -1,11 +1,14 @@
 """A Tune callback that mirrors every trial into MLflow from the driver: one child run per
 category-trial under the command's parent run, every reported metric with its epoch as the
-step, and at the end the trial's config, checkpoint, metrics and heat-map grid. The writes go
-through an outbox (:mod:`.outbox`): an MLflow outage neither stops nor stalls the sweep."""
+step, and at the end the trial's config, checkpoint, metrics and heat-map grid. The writes are
+records (:mod:`.records`) written to the driver's journal (:mod:`.journal`) and sent by an
+outbox (:mod:`.outbox`): an MLflow outage neither stops nor stalls the sweep, and what it could
+not send before the driver stopped is sent by the next command on the experiment."""
 
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +19,7 @@ from ray.tune import Callback
 from orchestrator import tracking
 from orchestrator.execution.results import SCORING, scoring_of, unpacked
 from orchestrator.spec import CHECKPOINT_EPOCH, CONFIRM_OF, DEFAULT_TRIAL, SAMPLED, TrialSpec
+from orchestrator.tracking import journal, records
 from orchestrator.tracking.outbox import Outbox
 from pouta_core.scoring_choice import CHOICE_FILE
 
@@ -23,11 +27,8 @@ log = logging.getLogger(__name__)
 # What every trial's run gets (a few hundred kB). Its checkpoint stays in Ray's storage, named by
 # the run's pouta.checkpoint tag; only the registered version's run gets weights (registry.py).
 ARTIFACTS = ("config.yaml", "metrics.json", "heatmaps.png", "val_files.json", CHOICE_FILE)
-TAG_CHECKPOINT = "pouta.checkpoint"
-TAG_CHECKPOINT_EPOCH = "pouta.checkpoint_epoch"   # the epoch those weights are of
 TAG_DEFAULT = "pouta.default"   # "true" on a sweep's default trial (the base config)
 TAG_CONFIRM_OF = "pouta.confirm_of"   # on a confirmation trial: the trial whose config it trains on a fresh seed
-TAG_SCORING = "pouta.scoring."   # + a scoring key: the value the trial chose after training (issue 45)
 
 
 def trial_artifacts(checkpoint_dir: Path) -> list[Path]:
@@ -45,8 +46,11 @@ class MlflowTrialCallback(Callback):
     delivers what is left."""
 
     def __init__(self, tracking_uri: str, mlflow_experiment: str, spec: TrialSpec, parent_run_id: str,
-                 parent_key: str, tags: dict[str, str], fingerprints: Mapping[str, str]) -> None:
+                 parent_key: str, tags: dict[str, str], fingerprints: Mapping[str, str], *,
+                 experiment_path: str | None = None, replay_hint: str = "") -> None:
         self.tracking_uri = tracking_uri
+        self.experiment_path = experiment_path   # where the journal goes (None: no journal)
+        self.replay_hint = replay_hint
         self.mlflow_experiment = mlflow_experiment
         self.spec = spec
         self.parent_run_id = parent_run_id
@@ -88,10 +92,22 @@ class MlflowTrialCallback(Callback):
     @property
     def outbox(self) -> Outbox:
         if self._outbox is None:
-            box = Outbox(lambda: self._connect(box))
-            box.state.update(runs={}, steps={})
+            book = None
+            where = getattr(self, "experiment_path", None)   # None: restored from a sweep made before journals
+            if where is not None:
+                book = journal.open_journal(Path(where), self.journal_header())
+            box = Outbox(lambda: self._connect(box), records.deliver, journal=book,
+                         hint=getattr(self, "replay_hint", ""))
+            box.state.update(records.new_state())
+            box.state["run_ids"] = self.run_ids   # a created run's id goes into Tune's saved state
             self._outbox = box
         return self._outbox
+
+    def journal_header(self) -> dict[str, Any]:
+        """Where the journal's records go, and the command's parent run (ended by a replay
+        when the command did not end it)."""
+        return {"tracking_uri": self.tracking_uri, "experiment": self.mlflow_experiment,
+                "parent_key": self.parent_key, "parent_run_id": self.parent_run_id}
 
     def _connect(self, box: Outbox):
         client, box.state["exp_id"] = tracking.setup(self.tracking_uri, self.mlflow_experiment)
@@ -115,7 +131,9 @@ class MlflowTrialCallback(Callback):
                 tracking.TAG_FINGERPRINT: self.fingerprints.get(category, "unknown"),
                 **({TAG_DEFAULT: "true"} if trial.config.get(DEFAULT_TRIAL) else {}),
                 **({TAG_CONFIRM_OF: trial.config[CONFIRM_OF]} if trial.config.get(CONFIRM_OF) else {})}
-        params = {**config.to_dict(), "category": category, "dataset": dataset}
+        # As MLflow keeps them (strings), so that a replayed record logs the same values.
+        params = {k: str(v) for k, v in tracking.flatten("", {**config.to_dict(), "category": category,
+                                                             "dataset": dataset}).items()}
         suffix = ("-default" if trial.config.get(DEFAULT_TRIAL) else "") + \
             (f"-confirm-seed{config.seed}" if trial.config.get(CONFIRM_OF) else "")
         name, parent = f"{category}-{trial.trial_id}{suffix}", self.parent_run_id
@@ -124,21 +142,9 @@ class MlflowTrialCallback(Callback):
         # between creating the run and Tune saving its state): only then is the run searched for.
         # A new trial's run is created at once: no search across an ever-growing experiment.
         restored = self._at_start is None or trial.trial_id in self._at_start
-
-        def deliver(client, state) -> None:
-            if known:
-                run_id = tracking.reopen_run(client, known)
-            elif restored:
-                run_id = tracking.get_or_create_run(client, state["exp_id"], key, name=name, tags=tags,
-                                                    parent_id=parent)
-            else:
-                run_id = tracking.create_run(client, state["exp_id"], key, name=name, tags=tags, parent_id=parent)
-            self.run_ids[key] = run_id
-            tracking.log_params(client, run_id, params)
-            state["steps"][run_id] = tracking.last_step(client, run_id) if known or restored else -1
-            state["runs"][key] = run_id
-
-        self.outbox.put(deliver, f"the run of trial {trial.trial_id}")
+        record = {"op": records.OPEN, "key": key, "name": name, "tags": tags, "params": params, "parent": parent,
+                  "known": known, "restored": restored}
+        self.outbox.put(record, f"the run of trial {trial.trial_id}")
         return key
 
     def run_id_for(self, category: str, trial_id: str) -> str:
@@ -166,17 +172,11 @@ class MlflowTrialCallback(Callback):
         if epoch <= self.last_epoch.get(trial.trial_id, -1):
             return
         self.last_epoch[trial.trial_id] = epoch
-        metrics = {k: v for k, v in unpacked(result).items() if k.startswith(LOGGED_METRICS)}
+        metrics = {k: float(v) for k, v in unpacked(result).items()
+                   if k.startswith(LOGGED_METRICS) and isinstance(v, numbers.Real) and not isinstance(v, bool)}
         stamp = int(time.time() * 1000)   # when reported: a repeated delivery is an exact repeat
-
-        def deliver(client, state) -> None:
-            run_id = state["runs"][key]
-            if epoch <= state["steps"].get(run_id, -1):
-                return    # a restarted trial reports epochs MLflow already has
-            tracking.log_metrics(client, run_id, metrics, step=epoch, timestamp_ms=stamp)
-            state["steps"][run_id] = epoch
-
-        self.outbox.put(deliver, f"epoch {epoch} of trial {trial.trial_id}")
+        self.outbox.put({"op": records.METRICS, "key": key, "epoch": epoch, "metrics": metrics, "stamp": stamp},
+                        f"epoch {epoch} of trial {trial.trial_id}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         key = self._open(trial)
@@ -188,22 +188,10 @@ class MlflowTrialCallback(Callback):
             files = trial_artifacts(Path(path))
         elif path:
             log.warning("checkpoint %s is not on a local or mounted filesystem; artifacts not logged", path)
-
-        def deliver(client, state) -> None:
-            run_id = state["runs"][key]
-            if path:
-                client.set_tag(run_id, TAG_CHECKPOINT, path)
-                if held is not None:   # its metrics.json artifact is that epoch's
-                    client.set_tag(run_id, TAG_CHECKPOINT_EPOCH, str(held))
-            for k, v in chosen.items():
-                client.set_tag(run_id, f"{TAG_SCORING}{k}", str(v))
-            for file in files:
-                client.log_artifact(run_id, str(file))
-            tracking.finish(client, run_id, ok=True)
-
-        self.outbox.put(deliver, f"the artifacts of trial {trial.trial_id}")
+        self.outbox.put({"op": records.COMPLETE, "key": key, "checkpoint": path, "checkpoint_epoch": held,
+                         "scoring": chosen, "files": [str(f) for f in files]},
+                        f"the artifacts of trial {trial.trial_id}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         key = self._open(trial)
-        self.outbox.put(lambda client, state: tracking.finish(client, state["runs"][key], ok=False),
-                        f"the end of trial {trial.trial_id}")
+        self.outbox.put({"op": records.ERROR, "key": key}, f"the end of trial {trial.trial_id}")

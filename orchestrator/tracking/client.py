@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # What orchestrator.tracking hands on.
 __all__ = [
-    "CHALLENGER", "CHAMPION", "DEFAULT_HOME", "TAG_FINGERPRINT", "TAG_KEY", "TAG_KIND", "TAG_PRESET",
+    "CHALLENGER", "CHAMPION", "DEFAULT_HOME", "TAG_END_REASON", "TAG_FINGERPRINT", "TAG_KEY", "TAG_KIND", "TAG_PRESET",
     "TAG_SELECTION", "TrackingAccessError", "access_error", "artifact_root", "create_run", "end_open_runs",
     "find_run", "finish", "flatten", "get_or_create_run", "git_commit", "last_step", "log_metrics", "log_params",
     "quick_requests", "reopen_run", "resolve_tracking_uri", "selection_tag", "setup",
@@ -189,14 +189,20 @@ def quick_requests(timeout_s: int = 2) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def end_open_runs(status: str = "KILLED") -> list[str]:
+TAG_END_REASON = "pouta.end_reason"   # why a run ended KILLED or FAILED
+
+
+def end_open_runs(status: str = "KILLED", reason: str = "") -> list[str]:
     """Mark every run this process left RUNNING as ``status`` (KILLED: stopped, a rerun
-    reopens them; FAILED: an unexpected error), one quick try each. -> their ids."""
+    reopens them; FAILED: an unexpected error), with ``reason`` in ``pouta.end_reason``, one
+    quick try each. -> their ids."""
     ended = []
     with quick_requests():
         for run_id, client in list(_open_runs.items()):
             try:
                 client.set_terminated(run_id, status)
+                if reason:
+                    client.set_tag(run_id, TAG_END_REASON, reason)
                 ended.append(run_id)
                 _ended.add(run_id)
             except Exception as exc:  # the store may be gone; say so, keep going

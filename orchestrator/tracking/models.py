@@ -133,7 +133,7 @@ def _weights_hint(run_id: str, store: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking.callback import TAG_CHECKPOINT
+    from orchestrator.tracking.records import TAG_CHECKPOINT
 
     try:
         where = MlflowClient(store).get_run(run_id).data.tags.get(TAG_CHECKPOINT)

@@ -1,5 +1,7 @@
 """The command's parent MLflow run (one per launch / sweep / retrain, found again by its key on
-a rerun) and the Tune callback that mirrors each trial into a child run under it."""
+a rerun) and the Tune callback that mirrors each trial into a child run under it. Before any
+trial starts, whatever an earlier driver of the same experiment left in its journal is
+delivered, and the runs it left RUNNING are ended (:mod:`.journal`)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from orchestrator import tracking
 from orchestrator.errors import TrackingIncomplete
 from orchestrator.plan import Plan
 from orchestrator.spec import TrialSpec
-from orchestrator.tracking import outbox
+from orchestrator.tracking import journal, outbox
 from orchestrator.tracking.callback import MlflowTrialCallback
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ def open_parent(plan: Plan, kind: str, spec: TrialSpec, fingerprints: Mapping[st
                 tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> Parent:
     """The parent run of ``kind:<run name>`` (created, or found again on a rerun) with the
     command's tags and params, and the callback that logs ``spec``'s trials as its children."""
+    hint = replay_command(plan)
     client, exp_id = tracking.setup(plan.tracking_uri, plan.mlflow_experiment)
     key = f"{kind}:{plan.run_name}"
     commit = tracking.git_commit()
@@ -43,8 +46,27 @@ def open_parent(plan: Plan, kind: str, spec: TrialSpec, fingerprints: Mapping[st
                                          "categories": ",".join(plan.categories), "name": plan.run_name,
                                          **(params or {})})
     cb = MlflowTrialCallback(tracking.resolve_tracking_uri(plan.tracking_uri), plan.mlflow_experiment, spec,
-                             run_id, key, {"git_commit": commit, tracking.TAG_PRESET: plan.preset}, fingerprints)
+                             run_id, key, {"git_commit": commit, tracking.TAG_PRESET: plan.preset}, fingerprints,
+                             experiment_path=str(plan.experiment_path), replay_hint=hint)
+    # This driver's journal at once, not at the first record (its lock says the driver runs; a
+    # driver killed before any trial reported leaves the parent run for the next command to end),
+    # then what earlier drivers left: delivered before any trial of this command reports.
+    header = cb.journal_header()
+    journal.begin(plan.experiment_path, header, client, exp_id, by=f"pouta {kind} {plan.run_name}")
     return Parent(client, run_id, cb)
+
+
+def replay_command(plan: Plan) -> str:
+    """What delivers an experiment's journal by hand."""
+    uri = f" --tracking-uri {plan.tracking_uri}" if plan.tracking_uri else ""
+    return f"pouta tracking replay --storage-path {plan.storage_path} --name {plan.run_name}{uri}"
+
+
+def finish(parent: Parent, ok: bool) -> None:
+    """End the command's parent run; the command is done with MLflow, so its journal, every
+    record delivered, is removed."""
+    tracking.finish(parent.client, parent.run_id, ok=ok)
+    journal.close_journals(done=True)
 
 
 def drain(parent: Parent, plan: Plan) -> None:
@@ -52,10 +74,14 @@ def drain(parent: Parent, plan: Plan) -> None:
     a resumed Tuner logs through the one it restored), waiting up to
     ``plan.mlflow_wait`` seconds for an unreachable MLflow. Still unreachable: raise
     :class:`TrackingIncomplete` (nothing is registered; Ray's results stay for a rerun)."""
-    lost, unreachable = outbox.close_all(plan.mlflow_wait)
-    if unreachable:
+    left = outbox.close_all(plan.mlflow_wait)
+    if left.undelivered or left.lost:
+        why = f"refused our credentials ({left.credentials})" if left.credentials else "stayed unreachable"
+        kept = f"{left.undelivered} records kept in its journal ({replay_command(plan)} sends them)" \
+            if left.undelivered else ""
+        lost = f"{left.lost} records not logged" if left.lost else ""
         raise TrackingIncomplete(
-            f"MLflow at {parent.callback.tracking_uri} stayed unreachable: {lost} records not logged and nothing "
+            f"MLflow at {parent.callback.tracking_uri} {why}: {', '.join(x for x in (kept, lost) if x)}, nothing "
             f"registered; Ray's results are intact in {plan.experiment_path}")
-    if lost:
-        log.warning("%d MLflow records were refused (see the warnings above)", lost)
+    if left.refused:
+        log.warning("%d MLflow records were refused (see the warnings above)", left.refused)

@@ -87,11 +87,10 @@ def best_metrics(summary: dict[str, dict[str, Any]], keys: list[str]) -> dict[st
     return out
 
 
-def study_plots(storage, study_names: dict[str, str], objectives: list[tuple[str, str]],
-                folder: Path) -> list[Path]:
+def study_plots(storage, study_names: dict[str, str], objectives: list[tuple[str, str]]) -> dict[str, bytes]:
     """Optuna's matplotlib plots of each category's study in ``storage`` (an Optuna storage or
-    its URL) -> the PNG files written. A plot a
-    study cannot have yet (importances need two finished trials that differ) is skipped."""
+    its URL) -> PNG bytes by file name. A plot a study cannot have yet (importances need two
+    finished trials that differ) is skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +106,7 @@ def study_plots(storage, study_names: dict[str, str], objectives: list[tuple[str
              "parallel": lambda s: ovm.plot_parallel_coordinate(s, **first)}
     if multi:
         plots["pareto"] = lambda s: ovm.plot_pareto_front(s, target_names=[f"val {n}" for n in names])
-    written = []
+    drawn: dict[str, bytes] = {}
     # *Decision*: the console of a sweep shows no library warnings (issue 45): Optuna's
     # ExperimentalWarning for its matplotlib module, its "no complete trials" log lines and
     # matplotlib's layout warnings say nothing a user can act on. A study without a complete
@@ -123,45 +122,39 @@ def study_plots(storage, study_names: dict[str, str], objectives: list[tuple[str
                     log.info("no plots for %s: its study has no complete trials", category)
                     continue
                 for kind, plot in plots.items():
-                    path = folder / f"{category}-{kind}.png"
                     try:
                         ax = plot(study)
                         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
                         fig.set_size_inches(8, 5)
                         fig.suptitle(f"{category}: {kind}")
                         fig.tight_layout()
-                        atomic_write(path, lambda fh, f=fig: f.savefig(fh, format="png", dpi=100))
-                        written.append(path)
+                        png = io.BytesIO()
+                        fig.savefig(png, format="png", dpi=100)
+                        drawn[f"{category}-{kind}.png"] = png.getvalue()
                     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
                         log.info("no %s plot for %s yet: %s", kind, category, exc)
                     finally:
                         plt.close("all")
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return written
+    return drawn
 
 
 def write(folder: Path, title: str, summary: dict[str, dict[str, Any]], keys: list[str], *,
           study_storage: Any = None, study_names: dict[str, str] | None = None,
           objectives: list[tuple[str, str]] | None = None) -> list[Path]:
-    """Write the report into ``folder`` -> its files."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write the report into ``folder`` -> its files. Everything is made first, then written
+    (each file to a temporary name, renamed)."""
     columns, rows = table(summary, keys)
-    atomic_write(folder / "trials.csv", lambda fh: fh.write(_csv(columns, rows).encode()))
     notes = [e["versus_default"]["line"] for e in summary.values() if "line" in e.get("versus_default", {})]
-    atomic_write(folder / "trials.md", lambda fh: fh.write(_markdown(title, columns, rows, notes).encode()))
-    files = [folder / "trials.csv", folder / "trials.md"]
+    contents = {"trials.csv": _csv(columns, rows).encode(),
+                "trials.md": _markdown(title, columns, rows, notes).encode()}
     if study_storage is not None and study_names:
-        files += study_plots(study_storage, study_names, objectives or [], folder)
-    return files
-
-
-def log_to_parent(client, run_id: str, folder: Path, summary: dict[str, dict[str, Any]], keys: list[str]) -> None:
-    """Best metrics as parent-run metrics; the report folder as its ``report`` artifact."""
-    from orchestrator import tracking
-
-    tracking.log_metrics(client, run_id, best_metrics(summary, keys), step=0)
-    client.log_artifacts(run_id, str(folder), artifact_path="report")
+        contents.update(study_plots(study_storage, study_names, objectives or []))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in contents.items():
+        atomic_write(folder / name, lambda fh, d=data: fh.write(d))
+    return [folder / name for name in contents]
 
 
 def folder(parent: str | Path, run_name: str) -> Path:
@@ -171,11 +164,16 @@ def folder(parent: str | Path, run_name: str) -> Path:
 
 def publish(client, run_id: str, folder: Path, title: str, summary: dict[str, dict[str, Any]], keys: list[str],
             **plots: Any) -> Path:
-    """Write the report into ``folder`` and onto the parent run; a failure to draw or log it
-    is a warning, never a failed sweep. -> ``folder``."""
+    """Write the report into ``folder`` and onto the parent run (the best metrics as its
+    metrics, the folder as its ``report`` artifact); a failure to draw or log it is a warning,
+    never a failed sweep. -> ``folder``."""
+    from orchestrator import tracking
+
     try:
+        metrics = best_metrics(summary, keys)
         write(folder, title, summary, keys, **plots)
-        log_to_parent(client, run_id, folder, summary, keys)
+        tracking.log_metrics(client, run_id, metrics, step=0)
+        client.log_artifacts(run_id, str(folder), artifact_path="report")
     except Exception as exc:  # noqa: BLE001 - the trained models matter more than their report
         log.warning("the report in %s is incomplete: %s", folder, exc)
     return folder
