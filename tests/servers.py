@@ -188,15 +188,20 @@ def ray_head(root: Path, num_cpus: int = 2, num_gpus: int = 0, cwd: Path | None 
 
 
 @contextlib.contextmanager
-def ray_worker_node(head: dict, root: Path, name: str, num_cpus: int = 1):
+def ray_worker_node(head: dict, root: Path, name: str, num_cpus: int = 1, hide: Path | None = None):
     """A second raylet joining the ``ray_head`` ``head`` (``ray start --address``), as a worker
-    machine would. -> its ``ray start --block`` process; all the node's processes descend from it."""
+    machine would. ``hide``: a folder this node does not see (an empty tmpfs over it, in a
+    mount namespace of its own: a machine that does not mount the head's disk). -> its
+    ``ray start --block`` process; all the node's processes descend from it."""
     log = root / f"ray-{name}.log"
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **head["env"]}
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--address", head["address"], "--block", "--node-ip-address", "127.0.0.1",
-         "--num-cpus", str(num_cpus), "--disable-usage-stats"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    argv = [str(BIN / "ray"), "start", "--address", head["address"], "--block", "--node-ip-address", "127.0.0.1",
+            "--num-cpus", str(num_cpus), "--disable-usage-stats"]
+    if hide is not None:
+        hide.mkdir(parents=True, exist_ok=True)
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f'mount -t tmpfs pouta-hidden "{hide}" && exec "$@"', "sh", *argv]
+    proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     reap_with_us(proc)
     try:
         deadline = time.monotonic() + 180

@@ -1,17 +1,20 @@
 """A worker machine lost mid-trial: on a real two-raylet cluster (a head with no CPUs, two
 worker nodes of one CPU, each a ``ray start --address`` of its own), SIGKILL the node that
 runs the trial. The trial continues from its last checkpoint on the other node, the sweep
-finishes, and MLflow holds the trial once with every epoch once."""
+finishes, and MLflow holds the trial once with every epoch once. And a worker machine that
+does not mount the storage path: refused before any trial starts (issue 46)."""
 
 import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import small_args
 from mlflow.tracking import MlflowClient
 from servers import descendants, kill_tree, ray_head, ray_worker_node
@@ -91,3 +94,26 @@ def test_a_trial_on_a_lost_node_continues_on_the_other(tmp_path):
     errors = [f.read_text() for f in (tmp_path / "ray").rglob("error.txt")]
     assert any("Failure #" in e for e in errors), errors
     assert client.get_model_version_by_alias("pouta-mvtec-tiles", "challenger")
+
+
+def test_a_storage_path_a_worker_node_cannot_see_is_refused_before_any_trial(tmp_path):
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("hiding a folder from one node needs unshare and root (a mount namespace); CI has both")
+    data = tmp_path / "data"
+    generate(data, categories=1, image_size=32, n_train=4, n_test_good=2, n_test_defect=2)
+    storage = tmp_path / "head-only"   # like a job's working folder on the head: no other node mounts it
+    with ray_head(tmp_path, num_cpus=0) as head, ray_worker_node(head, tmp_path, "blind", hide=storage):
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **head["env"]}
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "launch", "--data-root", str(data), "--dataset", "mvtec",
+             "--categories", "tiles", "--storage-path", str(storage), "--ray-address", head["address"],
+             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--name", "blind", *small_args()],
+            capture_output=True, text=True, env=env, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.match(rf"pouta: error: --storage-path {re.escape(str(storage))}: not shared: \S+ \(node [0-9a-f]+\) "
+                    "cannot see a file the driver wrote there", last), last
+    assert "every node mounts" in last and "Traceback" not in done.stderr
+    assert not list(storage.rglob("result.json")) and not list(storage.glob(".pouta-shared-*"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")   # MLflow was checked first: no run opened
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from orchestrator.execution.interrupts import reclaim_sigterm
+from orchestrator.execution.storage import check_storage_shared
 from orchestrator.execution.watchdog import check_feasible
 
 if TYPE_CHECKING:
@@ -151,10 +152,13 @@ def disconnect() -> None:
 
 def init_ray(plan: Plan | None = None) -> str:
     """Connect to the cluster the plan names (``--ray-address``, else ``RAY_ADDRESS``), or
-    start an in-process one: see :func:`connect`."""
+    start an in-process one: see :func:`connect`. On a cluster, the plan's storage path is
+    checked on every node first (:mod:`.storage`)."""
     address = connect(plan.ray_address if plan else None, log_to_driver=bool(plan and plan.verbose))
     if plan is not None and _started_here:
         # Started here, so a fixed-size cluster (no autoscaler): a worker no node can hold fails
         # now, not after --pending-timeout.
         check_feasible(plan.resources.worker(), plan.resources.workers)
+    elif plan is not None:   # a cluster: every node must see the storage path (one line, exit 2)
+        check_storage_shared(plan.storage_path)
     return address
