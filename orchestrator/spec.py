@@ -60,6 +60,9 @@ class Resources:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 2
+    # --cpus-per-worker not given: sized from the cluster's GPU nodes once Ray is up
+    # (orchestrator.execution.cluster.size_cpus); cpus_per_worker holds until then.
+    size_cpus: bool = False
 
     def worker(self) -> dict[str, float]:
         resources = {"CPU": self.cpus_per_worker}

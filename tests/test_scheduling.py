@@ -484,3 +484,32 @@ def test_asha_keeps_the_finalists_best_searched_trials_to_the_end_and_its_rungs_
     none.set_search_properties("val_pixel_ap", "max")
     assert none.floors["tiles"].milestones == []
     assert set(run(none, values[:3]).values()) == {TrialScheduler.CONTINUE}
+
+
+def test_cpus_per_gpu_worker_come_from_the_tightest_gpu_node_less_one_for_ray():
+    from orchestrator.execution.cluster import cpus_per_gpu_worker, size_cpus
+    from orchestrator.plan import Plan
+    from orchestrator.spec import DataSpec, Resources
+    from pouta_core.config import Config
+
+    def node(cpus, gpus, alive=True):
+        return {"Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+    g5_2xlarge, p4d = node(8, 1), node(96, 8)
+    assert cpus_per_gpu_worker([g5_2xlarge], 1) == 7          # 6 loader workers feed the GPU
+    assert cpus_per_gpu_worker([p4d], 1) == 11
+    assert cpus_per_gpu_worker([g5_2xlarge], 0.5) == 3         # two trials share the GPU and its CPUs
+    assert cpus_per_gpu_worker([node(2, 0), node(0, 0), g5_2xlarge, p4d], 1) == 7   # CPU-only nodes do not count
+    assert cpus_per_gpu_worker([node(2, 2)], 1) == 1           # never below one
+    assert cpus_per_gpu_worker([node(8, 1, alive=False), node(4, 0)], 1) is None   # none up yet
+
+    plan = Plan(data=DataSpec.of("/data", "mvtec"), categories=("tiles",), base=Config(), run_name="x",
+                resources=Resources(gpus_per_worker=1, size_cpus=True))
+    sized = size_cpus(plan, [g5_2xlarge])
+    assert (sized.resources.cpus_per_worker, sized.resources.loader_workers, sized.resources.size_cpus) == (7, 6, False)
+    given = Plan(data=plan.data, categories=plan.categories, base=plan.base, run_name="x",
+                 resources=Resources(cpus_per_worker=2, gpus_per_worker=1))
+    assert size_cpus(given, [g5_2xlarge]) is given              # --cpus-per-worker wins
+    cpu_only = Plan(data=plan.data, categories=plan.categories, base=plan.base, run_name="x",
+                    resources=Resources(size_cpus=True))
+    assert size_cpus(cpu_only, [g5_2xlarge]).resources.cpus_per_worker == 1

@@ -60,7 +60,9 @@ def add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> No
     p.add_argument("--categories", default="all", help="'all' or a comma-separated list")
     p.add_argument("--workers-per-category", type=int, default=1, help="Ray Train workers per run (DDP)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float,
+                   help="CPUs of each worker; all but one run its data loader (default: with --gpus-per-worker, "
+                        "a GPU node's CPUs per GPU less one, read from the cluster; else 1)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="reruns of an errored trial from its last checkpoint before it counts as "
                         "failed; a multi-worker trial also restarts its worker group that often (default 2)")
@@ -116,7 +118,7 @@ def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mod
     from orchestrator.spec import DataSpec, Resources
 
     for flag in ("workers_per_category", "cpus_per_worker", "pending_timeout"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
     if args.mlflow_wait < 0:
         raise ConfigError("--mlflow-wait must be >= 0")
@@ -127,8 +129,9 @@ def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mod
     return Plan(data=DataSpec.of(args.data_root, args.dataset, args.texture_dir, args.cache_dir,
                                  args.max_image_pixels),
                 categories=categories, base=base, run_name=name,
-                resources=Resources(workers=args.workers_per_category, cpus_per_worker=args.cpus_per_worker,
-                                    gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures),
+                resources=Resources(workers=args.workers_per_category, cpus_per_worker=args.cpus_per_worker or 1.0,
+                                    gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures,
+                                    size_cpus=args.cpus_per_worker is None),
                 per_category=parse_category_sets(args.category_sets, categories, base),
                 storage_path=args.storage_path, tracking_uri=args.tracking_uri, mlflow_experiment=args.experiment,
                 max_concurrent=args.max_concurrent, ray_address=args.ray_address,

@@ -155,7 +155,7 @@ def run_retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
     metric, mode = gate.metric, "max"
 
     client, exp_id = tracking.setup(plan.tracking_uri, plan.mlflow_experiment)   # MLflow first: see sweep.py
-    init_ray(plan)
+    plan = init_ray(plan)
     dataset = plan.data.dataset
     fingerprints: dict[str, str] = {}
     summary: dict[str, Any] = {}

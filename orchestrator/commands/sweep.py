@@ -88,15 +88,15 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     plan.check_new_or_resumed(resume, definition, num_samples=None if space.has_grid else num_samples)
     warn_about_config(plan)
     keys = both_splits([k for k, _ in objectives] + list(SUMMARY_METRICS))
+    storage_url = check_study_storage(study_storage) if study_storage else None
+    # Checked before anything starts: MLflow answers us (a server that refuses the host name or
+    # the user stops the command here, in one line), then Ray can hold a trial and every node
+    # sees the storage; only then are the parent run and the Optuna studies created.
+    tracking.setup(plan.tracking_uri, plan.mlflow_experiment)
+    plan = init_ray(plan)   # fitted to the cluster: CPUs per GPU worker
     spec = plan.trial_spec(plan.base.replace(**space.fixed), tune_metrics=[k for k, _ in objectives],
                            scoring_options=space.scoring)
     configs = {c: spec.config_for(c) for c in plan.categories}
-    storage_url = check_study_storage(study_storage) if study_storage else None
-    # Checked before anything starts: MLflow answers us (a server that refuses the host name or
-    # the user stops the command here, in one line), then Ray can hold a trial; only then are
-    # the parent run and the Optuna studies created.
-    tracking.setup(plan.tracking_uri, plan.mlflow_experiment)
-    init_ray(plan)
     parent = open_parent(plan, "sweep", spec, fingerprints, tags={"search_space": space.path.name}, params={
         "search_space": space.path.name, "num_samples": num_samples, "scheduler": scheduler,
         "objectives": ",".join(f"{k}:{m}" for k, m in objectives)})

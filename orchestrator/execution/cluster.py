@@ -13,6 +13,7 @@ and in the job's ``runtime_env``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -150,15 +151,47 @@ def disconnect() -> None:
         _saved_env = None
 
 
-def init_ray(plan: Plan | None = None) -> str:
+RAY_CPUS_PER_NODE = 1   # left on a GPU node for the raylet, Ray's own processes and the node's share of I/O
+
+
+def cpus_per_gpu_worker(nodes: list[dict[str, Any]], gpus_per_worker: float) -> int | None:
+    """The CPUs a worker of ``gpus_per_worker`` GPUs gets on the tightest alive GPU node of
+    ``nodes`` (``ray.nodes()``): the node's CPUs, less :data:`RAY_CPUS_PER_NODE`, shared by its
+    GPUs; at least 1. None when no GPU node is up (an autoscaler has not started one yet)."""
+    shares = [max(1, int((n["Resources"].get("CPU", 0) - RAY_CPUS_PER_NODE) / n["Resources"]["GPU"] * gpus_per_worker))
+              for n in nodes if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
+    return min(shares) if shares else None
+
+
+def size_cpus(plan: Plan, nodes: list[dict[str, Any]]) -> Plan:
+    """``--cpus-per-worker`` not given and GPUs asked for: the CPUs per worker from the cluster's
+    GPU nodes (:func:`cpus_per_gpu_worker`), so that the worker's loader processes (all its
+    CPUs but one) feed its GPU; 1 (with a warning) when no GPU node is up yet."""
+    resources = plan.resources
+    if not resources.size_cpus or not resources.gpus_per_worker:
+        return plan
+    cpus = cpus_per_gpu_worker(nodes, resources.gpus_per_worker)
+    if cpus is None:
+        log.warning("no GPU node is up to size the CPUs per worker from: 1 CPU (no loader workers); give "
+                    "--cpus-per-worker (a node's CPUs per GPU, less one) to feed the GPUs")
+        return plan
+    print(f"pouta: {cpus} CPUs per worker of {resources.gpus_per_worker:g} GPU ({cpus - 1} loader workers), "
+          "from the cluster's GPU nodes; --cpus-per-worker sets it", flush=True)
+    return dataclasses.replace(plan, resources=dataclasses.replace(resources, cpus_per_worker=float(cpus),
+                                                                   size_cpus=False))
+
+
+def init_ray(plan: Plan) -> Plan:
     """Connect to the cluster the plan names (``--ray-address``, else ``RAY_ADDRESS``), or
-    start an in-process one: see :func:`connect`. On a cluster, the plan's storage path is
-    checked on every node first (:mod:`.storage`)."""
-    address = connect(plan.ray_address if plan else None, log_to_driver=bool(plan and plan.verbose))
-    if plan is not None and _started_here:
+    start an in-process one (see :func:`connect`) -> the plan fitted to it: its CPUs per GPU
+    worker sized from the nodes (:func:`size_cpus`). On a cluster, the storage path is checked
+    on every node first (:mod:`.storage`)."""
+    connect(plan.ray_address, log_to_driver=plan.verbose)
+    plan = size_cpus(plan, ray.nodes())
+    if _started_here:
         # Started here, so a fixed-size cluster (no autoscaler): a worker no node can hold fails
         # now, not after --pending-timeout.
         check_feasible(plan.resources.worker(), plan.resources.workers)
-    elif plan is not None:   # a cluster: every node must see the storage path (one line, exit 2)
+    else:   # a cluster: every node must see the storage path (one line, exit 2)
         check_storage_shared(plan.storage_path)
-    return address
+    return plan

@@ -41,7 +41,10 @@ def open_parent(plan: Plan, kind: str, spec: TrialSpec, fingerprints: Mapping[st
     commit = tracking.git_commit()
     run_id = tracking.get_or_create_run(client, exp_id, key, name=plan.run_name, tags={
         tracking.TAG_KIND: kind, "dataset": plan.data.dataset, "git_commit": commit, tracking.TAG_PRESET: plan.preset,
-        tracking.TAG_SELECTION: tracking.selection_tag(plan.base.val_split), **(tags or {})})
+        tracking.TAG_SELECTION: tracking.selection_tag(plan.base.val_split), **(tags or {}),
+        # what each trial held (CPUs per GPU worker may be sized from the cluster: cluster.size_cpus)
+        "pouta.resources": f"{plan.resources.workers} worker(s) x {plan.resources.cpus_per_worker:g} CPU, "
+                           f"{plan.resources.gpus_per_worker:g} GPU"})
     tracking.log_params(client, run_id, {"command": kind, "dataset": plan.data.dataset,
                                          "categories": ",".join(plan.categories), "name": plan.run_name,
                                          **(params or {})})
