@@ -188,7 +188,8 @@ def ray_head(root: Path, num_cpus: int = 2, num_gpus: int = 0, cwd: Path | None 
 
 
 @contextlib.contextmanager
-def ray_worker_node(head: dict, root: Path, name: str, num_cpus: int = 1, hide: Path | None = None):
+def ray_worker_node(head: dict, root: Path, name: str, num_cpus: int = 1, hide: Path | None = None,
+                    num_gpus: int = 0):
     """A second raylet joining the ``ray_head`` ``head`` (``ray start --address``), as a worker
     machine would. ``hide``: a folder this node does not see (an empty tmpfs over it, in a
     mount namespace of its own: a machine that does not mount the head's disk). -> its
@@ -196,7 +197,7 @@ def ray_worker_node(head: dict, root: Path, name: str, num_cpus: int = 1, hide: 
     log = root / f"ray-{name}.log"
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **head["env"]}
     argv = [str(BIN / "ray"), "start", "--address", head["address"], "--block", "--node-ip-address", "127.0.0.1",
-            "--num-cpus", str(num_cpus), "--disable-usage-stats"]
+            "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--disable-usage-stats"]
     if hide is not None:
         hide.mkdir(parents=True, exist_ok=True)
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",

@@ -117,3 +117,73 @@ def test_a_storage_path_a_worker_node_cannot_see_is_refused_before_any_trial(tmp
     assert not list(storage.rglob("result.json")) and not list(storage.glob(".pouta-shared-*"))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")   # MLflow was checked first: no run opened
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+PUBLISH_MAXIMUM = """
+import sys, ray
+from ray.core.generated import autoscaler_pb2
+from ray.experimental.internal_kv import _internal_kv_put
+ray.init(address=sys.argv[1], log_to_driver=False)
+config = autoscaler_pb2.ClusterConfig()
+group = config.node_group_configs.add()
+group.resources.update({"CPU": 2, "GPU": 1})
+group.max_count = 2
+_internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, config.SerializeToString(), overwrite=True,
+                 namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+"""
+
+
+COUNT_PENDING = """
+import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+table = ray.util.placement_group_table().values()
+print(sum(1 for pg in table if pg["state"] == "PENDING" and any(b.get("GPU") for b in pg["bundles"].values())))
+"""
+
+
+def pending_gpu_requests(head: dict, env: dict) -> int:
+    out = subprocess.run([sys.executable, "-c", COUNT_PENDING, head["address"]], env=env, capture_output=True,
+                         text=True, timeout=120)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+
+
+def test_gpu_trials_wait_together_for_nodes_an_autoscaler_adds_and_run_on_them_at_once(tmp_path):
+    """An autoscaling-like rehearsal (issue 46): a head without GPUs whose autoscaler says its GPU
+    group may grow to 2 nodes; a sweep of 2 GPU trials without --max-concurrent asks for both at
+    once (2 pending GPU requests, what an autoscaler scales on; Tune used to keep one pending, so
+    nodes came up one after another); 2 GPU nodes (simulated GPUs) are added while it waits, and
+    the trials run on them to the end."""
+    data = tmp_path / "data"
+    generate(data, categories=1, image_size=32, n_train=4, n_test_good=2, n_test_defect=2)
+    with ray_head(tmp_path, num_cpus=1) as head:
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **head["env"]}
+        subprocess.run([sys.executable, "-c", PUBLISH_MAXIMUM, head["address"]], env=env, check=True, timeout=120)
+        log = tmp_path / "driver.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "sweep", "--space", "mss_lambdas", "--data-root", str(data),
+             "--dataset", "mvtec", "--categories", "tiles", "--num-samples", "2", "--no-default-trial",
+             "--scheduler", "none", "--gpus-per-worker", "1", "--cpus-per-worker", "1",
+             "--storage-path", str(tmp_path / "ray"), "--ray-address", head["address"],
+             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--name", "grow", "--pending-timeout", "300",
+             *small_args(epochs=6)],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while "2 trial(s) at once, what the cluster holds at its autoscaler's maximum" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(0.5)
+            # What an autoscaler scales on: both trials' GPU requests wait at once (before: one).
+            deadline = time.monotonic() + 120
+            while (waiting := pending_gpu_requests(head, env)) < 2:
+                assert proc.poll() is None and time.monotonic() < deadline, (waiting, log.read_text()[-4000:])
+                time.sleep(1)
+            with ray_worker_node(head, tmp_path, "gpu-a", num_cpus=2, num_gpus=1), \
+                    ray_worker_node(head, tmp_path, "gpu-b", num_cpus=2, num_gpus=1):
+                code = proc.wait(600)
+        finally:
+            kill_tree(proc)
+    out = log.read_text()
+    assert code == 0, out[-5000:]
+    epochs = [[json.loads(line)["epoch"] for line in f.read_text().splitlines()]
+              for f in (tmp_path / "ray").rglob("result.json")]
+    assert len(epochs) == 2 and all(e[-1] == 6 for e in epochs), epochs

@@ -137,6 +137,66 @@ def test_trials_of_several_workers_are_bounded_by_what_the_cluster_holds():
     assert trials_at_once(Resources(workers=4, gpus_per_worker=1), {"CPU": 2.0}) == 1   # fits nowhere: the watchdog's
 
 
+def publish_autoscaler_maximum(groups):
+    """What KubeRay's (or the cluster launcher's) autoscaler publishes in the GCS: its node groups
+    and their maxima (the key Ray Train v2 reads)."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    key, namespace = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+    if groups is None:
+        _internal_kv_del(key, namespace=namespace)
+        return
+    config = autoscaler_pb2.ClusterConfig()
+    for resources, most in groups:
+        group = config.node_group_configs.add()
+        group.resources.update(resources)
+        group.max_count = most
+    _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=namespace)
+
+
+def test_every_search_is_bounded_by_what_the_cluster_holds_at_its_autoscalers_maximum(local_ray):
+    """Without a bound Tune keeps one trial pending for a custom searcher, and an autoscaler
+    sees demand for one GPU at a time (issue 46): the bound is the autoscaler's maximum."""
+    import os
+
+    from orchestrator.execution import cluster
+    from orchestrator.execution.tune_parts import trial_slots
+    from orchestrator.spec import Resources
+
+    one_cpu = Resources(cpus_per_worker=1)
+    gpu = Resources(cpus_per_worker=7, gpus_per_worker=1)
+    try:
+        publish_autoscaler_maximum(None)
+        room, grows = cluster.capacity()
+        assert not grows and room["CPU"] == 1.0
+        assert trial_slots(one_cpu, 0) == 1            # a fixed cluster: what it holds now (was: no bound)
+        assert trial_slots(one_cpu, 3) == 3            # --max-concurrent wins
+        # A GPU group of up to 4 nodes of 8 CPUs and 1 GPU, none up yet: 4 GPU trials at once.
+        publish_autoscaler_maximum([({"CPU": 8, "GPU": 1}, 4), ({"CPU": 4}, 0)])
+        room, grows = cluster.capacity()
+        assert grows and room["GPU"] == 4 and room["CPU"] == 32
+        assert trial_slots(gpu, 0) == 4
+        # ... and a worker group may wait as long as the pending timeout for its nodes.
+        saved = os.environ.pop(cluster.WORKER_GROUP_START_TIMEOUT_ENV, None)
+        from orchestrator.plan import Plan
+        from orchestrator.spec import DataSpec
+        from pouta_core.config import Config
+
+        plan = Plan(data=DataSpec.of("/data", "mvtec"), categories=("tiles",), base=Config(), run_name="x",
+                    resources=gpu, pending_timeout=900)
+        cluster.init_ray(plan)
+        assert os.environ.pop(cluster.WORKER_GROUP_START_TIMEOUT_ENV) == "900"
+        if saved is not None:
+            os.environ[cluster.WORKER_GROUP_START_TIMEOUT_ENV] = saved
+        # No maximum at all (-1): a bounded multiple of what is there now, never "every trial".
+        publish_autoscaler_maximum([({"CPU": 8, "GPU": 1}, -1)])
+        assert trial_slots(one_cpu, 0) == cluster.UNBOUNDED_SLOTS
+    finally:
+        publish_autoscaler_maximum(None)
+
+
 def test_asha_rungs_are_rebuilt_from_a_restored_experiment(local_ray, tmp_path):
     """Tune saves the searcher, not the scheduler: a resumed sweep's ASHA started with empty
     rungs and let the next weak trial through. Rebuilt from the restored trials' results, a

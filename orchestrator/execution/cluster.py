@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +152,33 @@ def disconnect() -> None:
         _saved_env = None
 
 
+# Ray Train's bound on a worker group's start (its default: 60 s); raised on a cluster that
+# autoscales, where a DDP trial's workers wait for nodes that take minutes to boot.
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+UNBOUNDED_SLOTS = 64   # trials at once when the autoscaler names no maximum (and --max-concurrent is not given)
+
+
+def capacity() -> tuple[dict[str, float], bool]:
+    """What the cluster can hold -> (resources, whether it grows): its resources now, or, where
+    an autoscaler published its node groups' maxima (KubeRay, the cluster launcher), those
+    (a maximum without bound counts as :data:`UNBOUNDED_SLOTS` nodes' worth)."""
+    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:   # what Ray Train v2 reads for the same question (worker_group.py); private, so guarded
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception as exc:  # noqa: BLE001 - an older GCS, no autoscaler: the cluster as it is
+        log.debug("no autoscaler maximum: %s", exc)
+        most = None
+    if not most:
+        return now, False
+    grown = dict(now)
+    for key, value in most.items():
+        bounded = float(value) if value < sys.maxsize else now.get(key, 0.0) * UNBOUNDED_SLOTS
+        grown[key] = max(now.get(key, 0.0), bounded)
+    return grown, any(grown[k] > now.get(k, 0.0) for k in grown)
+
+
 RAY_CPUS_PER_NODE = 1   # left on a GPU node for the raylet, Ray's own processes and the node's share of I/O
 
 
@@ -184,10 +212,14 @@ def size_cpus(plan: Plan, nodes: list[dict[str, Any]]) -> Plan:
 def init_ray(plan: Plan) -> Plan:
     """Connect to the cluster the plan names (``--ray-address``, else ``RAY_ADDRESS``), or
     start an in-process one (see :func:`connect`) -> the plan fitted to it: its CPUs per GPU
-    worker sized from the nodes (:func:`size_cpus`). On a cluster, the storage path is checked
-    on every node first (:mod:`.storage`)."""
+    worker sized from the nodes (:func:`size_cpus`). On a cluster that autoscales, a worker
+    group may wait ``plan.pending_timeout`` to start (not Train's 60 s). On a cluster, the
+    storage path is checked on every node first (:mod:`.storage`)."""
     connect(plan.ray_address, log_to_driver=plan.verbose)
     plan = size_cpus(plan, ray.nodes())
+    if capacity()[1] and WORKER_GROUP_START_TIMEOUT_ENV not in os.environ:
+        # Ray Train's controller and workers read it from the driver's environment.
+        os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(plan.pending_timeout)
     if _started_here:
         # Started here, so a fixed-size cluster (no autoscaler): a worker no node can hold fails
         # now, not after --pending-timeout.

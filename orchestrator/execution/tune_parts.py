@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-import ray
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher, SearchGenerator
 
 from orchestrator.spec import Resources
@@ -98,20 +97,28 @@ def trials_at_once(resources: Resources, cluster: Mapping[str, float]) -> int:
     return max(1, min(int(cluster.get(k, 0.0) // v) for k, v in need.items()))
 
 
-def trial_slots(resources: Resources, max_concurrent: int) -> int | None:
-    """Tune's ``max_concurrent_trials``: ``--max-concurrent``; else, for trials of several
-    workers, what the cluster holds now; else None (as the trials' resources allow).
+def trial_slots(resources: Resources, max_concurrent: int) -> int:
+    """Tune's bound on trials at once: ``--max-concurrent``; else what the cluster holds, at its
+    autoscaler's maximum where it has one (:func:`orchestrator.execution.cluster.capacity`).
 
-    *Decision* (issue 27): a trial of several workers reserves nothing for itself (its
-    workers do, once started), so Tune started every trial at once: Optuna proposed all of
-    them before any result and queued Train runs failed on worker-group start timeouts. The
-    bound counts GPUs, else CPUs, over workers x per-worker need; on an autoscaling cluster
-    that will grow, pass --max-concurrent."""
+    *Decisions*: a trial of several workers reserves nothing for itself (its workers do, once
+    started), so without a bound Tune started every trial at once: Optuna proposed all of them
+    before any result and queued Train runs failed on worker-group start timeouts (issue 27).
+    And without a limiter Tune keeps *one* trial pending for a custom searcher
+    (``tune_controller._get_max_pending_trials``), so an autoscaler saw demand for one GPU at a
+    time and nodes came up one after another (issue 46). So every search has a limiter, sized
+    to what the cluster can hold: the bound counts GPUs, else CPUs, over workers x per-worker
+    need."""
     if max_concurrent:
         return max_concurrent
-    if resources.workers == 1:
-        return None
-    n = trials_at_once(resources, ray.cluster_resources())
-    log.warning("--max-concurrent not set for trials of %d workers: %d trial(s) at once, what the cluster "
-                "holds now", resources.workers, n)
+    from orchestrator.execution.cluster import capacity
+
+    room, grows = capacity()
+    n = trials_at_once(resources, room)
+    if grows:
+        log.warning("--max-concurrent not set: %d trial(s) at once, what the cluster holds at its autoscaler's "
+                    "maximum (nodes start as the trials ask for them)", n)
+    elif resources.workers > 1:
+        log.warning("--max-concurrent not set for trials of %d workers: %d trial(s) at once, what the cluster "
+                    "holds now", resources.workers, n)
     return n
