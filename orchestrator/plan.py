@@ -87,8 +87,11 @@ class Plan:
             # Decided (issue 26): storage is a filesystem every node mounts. The driver reads
             # checkpoints back (registration, MLflow artifacts, the retrain gate) from local
             # paths; Tune would accept a bucket, and everything after it would not.
+            # Not a bucket through a FUSE mount either: mountpoint-s3 and gcsfuse support neither the
+            # rename of our atomic writes nor the appends of Optuna's journal (issue 46).
             raise ConfigError(f"--storage-path {self.storage_path}: a URI; give a directory every node mounts "
-                              "(NFS, a ReadWriteMany volume, or a bucket mounted with mountpoint-s3 / gcsfuse)")
+                              "(NFS, or a ReadWriteMany volume such as EFS, Filestore or Azure Files; not a bucket "
+                              "FUSE mount: mountpoint-s3 and gcsfuse cannot rename or append)")
         object.__setattr__(self, "categories", tuple(self.categories))
         object.__setattr__(self, "storage_path", str(Path(self.storage_path).resolve()))
 

@@ -39,6 +39,19 @@ def inference_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k not in TRAINING_STATE}
 
 
+def keep_for_inference(path: str | Path) -> int:
+    """Rewrite the checkpoint at ``path`` (a file or its folder) as :func:`inference_state`,
+    atomically -> bytes saved (0 when it held no training state)."""
+    path = Path(path)
+    path = path / CHECKPOINT if path.is_dir() else path
+    before = path.stat().st_size
+    state = load_state(path)
+    if not any(k in state for k in TRAINING_STATE):
+        return 0
+    save_checkpoint(path.parent, {k: v for k, v in inference_state(state).items() if k != "format"})
+    return before - path.stat().st_size
+
+
 def save_checkpoint(out_dir: Path, state: dict[str, Any], *, before_replace=None) -> Path:
     path = Path(out_dir) / CHECKPOINT
     atomic_write(path, lambda fh: torch.save({"format": FORMAT, **state}, fh), before_replace=before_replace)

@@ -1,6 +1,7 @@
 """Every file in cluster/ parses, pins the Ray version of constraints.txt, and names real
 `pouta` commands that accept their arguments."""
 
+import os
 import re
 import shlex
 import subprocess
@@ -297,6 +298,45 @@ def test_rayjobs_give_the_gpus_back_in_minutes_and_retrains_never_overlap():
     cron = yaml_docs(CLUSTER / "kuberay" / "retrain-cronjob.yaml")[4]
     script = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
     assert "kubectl get rayjob pouta-retrain" in script and "exit 0" in script
+    assert retrain["spec"]["activeDeadlineSeconds"] == int(re.search(r"deadline=(\d+)", script).group(1))
+    assert cron["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0 and cron["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+FAKE_KUBECTL = """#!/bin/sh
+echo "$*" >> "$KUBECTL_CALLS"
+case "$1" in
+  get) [ -n "$RAYJOB" ] && printf '%s' "$RAYJOB" || exit 1 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("existing,age_h,code,calls", [
+    (None, 0, 0, ["get", "create"]),                       # the first night
+    ("Complete", 30, 0, ["get", "delete", "create"]),       # last night's ended: replaced
+    ("Running", 3, 0, ["get"]),                             # still training: left alone, not joined
+    ("Initializing", 21, 1, ["get"]),                       # stuck past the deadline: a failed Job
+])
+def test_the_retrain_submitter_starts_one_replaces_an_ended_one_and_fails_on_a_stuck_one(
+        tmp_path, existing, age_h, code, calls):
+    """The CronJob's submitter script as written, against a stand-in for kubectl (no cluster
+    here): what it asks of Kubernetes and how it exits."""
+    import datetime
+
+    cron = yaml_docs(CLUSTER / "kuberay" / "retrain-cronjob.yaml")[4]
+    script = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(FAKE_KUBECTL)
+    (bin_dir / "kubectl").chmod(0o755)
+    created = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=age_h)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "KUBECTL_CALLS": str(tmp_path / "calls"),
+           "RAYJOB": f"{existing} {created}" if existing else ""}
+    done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stdout + done.stderr
+    made = [line.split()[0] for line in (tmp_path / "calls").read_text().splitlines()]
+    assert made == calls, made
+    if code:
+        assert "stuck" in done.stdout
 
 
 def test_the_launcher_mounts_shared_storage_on_the_host_and_binds_it_into_the_container():

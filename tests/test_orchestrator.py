@@ -303,21 +303,31 @@ def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_pa
     logged = {f.path for f in env["client"].list_artifacts(parent.info.run_id, "report")}
     assert {"report/trials.md", "report/tiles-history.png"} <= logged
     # Weights by need (issue 28): only the registered version has them, in its model (issue 32),
-    # without the optimizer state; every other trial's run names its checkpoint in Ray's storage.
+    # without the optimizer state; every other trial's run names its checkpoint in Ray's storage,
+    # which keeps the registered and default trials' only, as inference weights (issue 46).
     version = env["client"].get_model_version_by_alias("pouta-mvtec-pills", "challenger")
     registered = {env["client"].get_model_version_by_alias(f"pouta-mvtec-{c}", "challenger").run_id
                   for c in ("tiles", "pills")}
+    kept = {r.info.run_id for r in trials if r.info.run_id in registered or r.data.tags.get("pouta.default")}
     for run in trials:
         logged = {a.path for a in env["client"].list_artifacts(run.info.run_id)}
         assert "checkpoint" not in logged
         assert {"config.yaml", "metrics.json", "val_files.json"} <= logged
-        assert Path(env["client"].get_run(run.info.run_id).data.tags["pouta.checkpoint"], "checkpoint.pt").is_file()
+        on_disk = Path(env["client"].get_run(run.info.run_id).data.tags["pouta.checkpoint"], "checkpoint.pt")
+        assert on_disk.is_file() == (run.info.run_id in kept), run.info.run_name
+        if on_disk.is_file():
+            assert not {"optimizer", "scheduler", "scaler"} & set(load_state(on_disk))
+    assert len(kept) < len(trials)
     weights = download_checkpoint(f"models:/{version.name}/{version.version}", env["uri"], tmp_path / "w")
     assert not {"optimizer", "scheduler", "scaler"} & set(load_state(weights))
-    other = next(r for r in trials if r.info.run_id not in registered)
-    assert cli.main(["predict", "--model", f"runs:/{other.info.run_id}", str(env["data"] / "tiles" / "test"),
-                     "--out", str(tmp_path / "p"), "--tracking-uri", env["uri"]]) == 2
-    assert "this trial's are in Ray's storage: --model " in capsys.readouterr().err
+    for other, hint in ((next((r for r in trials if r.info.run_id in kept - registered), None),
+                         "this trial's are in Ray's storage: --model "),
+                        (next(r for r in trials if r.info.run_id not in kept), "was removed when its sweep ended")):
+        if other is None:   # both defaults registered: no kept, unregistered trial to ask for
+            continue
+        assert cli.main(["predict", "--model", f"runs:/{other.info.run_id}", str(env["data"] / "tiles" / "test"),
+                         "--out", str(tmp_path / "p"), "--tracking-uri", env["uri"]]) == 2
+        assert hint in capsys.readouterr().err
     # The registered version says what it is and why it was chosen.
     assert version.tags["category"] == "pills" and version.tags["source"] == "sweep sweep-r"
     assert "val_pixel_ap" in version.tags and "test_pixel_ap" in version.tags
@@ -331,17 +341,62 @@ def test_sweep_runs_all_categories_at_once_and_resume_redoes_nothing(env, tmp_pa
                                                     and "the default is registered" not in version.description)
 
 
-def test_retrain_trains_what_has_no_champion_and_promotes_a_first_one(env, capsys):
-    # The launches and sweeps above trained both categories on this data; none has a champion:
-    # both are trained and promoted. Then the champions saw this data: nothing to do.
-    base = ["retrain", "--categories", "all", *common(env, "retrain")]
+def test_a_first_retrain_is_compared_with_the_version_the_sweep_registered(env, capsys):
+    # The launches and sweeps above registered both categories (challenger), none has a champion.
+    # The first retrain trains each with that registered config and must beat that version (it
+    # was promoted unopposed: the winner's curse, issue 46); on the same data with the same
+    # config it does not, so the registered versions become champion. Then nothing to do.
+    registered = {c: aliases(env, f"pouta-mvtec-{c}")["challenger"] for c in ("tiles", "pills")}
+    assert all("champion" not in aliases(env, f"pouta-mvtec-{c}") for c in registered)
+    base = ["retrain", "--categories", "all", "--bootstrap-resamples", "200", *common(env, "retrain")]
     assert cli.main(base) == 0
     out = capsys.readouterr().out
-    assert "tiles          promoted" in out and "pills          promoted" in out and "champion none" in out
-    assert aliases(env, "pouta-mvtec-tiles")["champion"] == aliases(env, "pouta-mvtec-tiles")["challenger"]
+    assert "tiles          kept registered" in out and "pills          kept registered" in out, out
+    assert "registered " in out and f"(v{registered['tiles']})" in out
+    for category, version in registered.items():
+        assert aliases(env, f"pouta-mvtec-{category}")["champion"] == version
     assert cli.main(base) == 0
     out = capsys.readouterr().out
     assert "tiles          unchanged" in out and "pills          unchanged" in out
+
+
+def test_a_second_retrain_of_the_same_name_refuses_to_start_while_one_runs(env, capsys):
+    import fcntl
+
+    lock = env["root"] / "ray" / "retrain.retrain.lock"
+    with lock.open("w") as held:   # a retrain of that name running (its lock held)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242 on node-7 since last night\n")
+        held.flush()
+        code = cli.main(["retrain", "--categories", "all", "--force", *common(env, "retrain")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "another retrain of retrain is running (pid 4242 on node-7 since last night)" in err
+
+
+def test_a_champion_moved_by_another_process_during_the_gate_is_left_where_it_is(env, capsys, monkeypatch):
+    from orchestrator.commands import retrain
+    from orchestrator.tracking import registry
+
+    name = "pouta-mvtec-pills"
+    # No champion yet: the retrain is compared with the registered challenger, and keeping it
+    # would move the champion alias to it.
+    env["client"].delete_registered_model_alias(name, "champion")
+    challenger = aliases(env, name)["challenger"]
+    other = next(str(v.version) for v in env["client"].search_model_versions(f"name = '{name}'")
+                 if str(v.version) != challenger)
+    real = retrain.reference_checkpoint
+
+    def meanwhile(store, reference, dest):   # another retrain promotes while this one scores
+        registry.promote(env["client"], name, other)
+        return real(store, reference, dest)
+
+    monkeypatch.setattr(retrain, "reference_checkpoint", meanwhile)
+    assert cli.main(["retrain", "--categories", "pills", "--force", "--bootstrap-resamples", "200",
+                     *common(env, "retrain")]) == 0
+    out = capsys.readouterr().out
+    assert "pills          champion moved meanwhile" in out, out
+    assert aliases(env, name)["champion"] == other
 
 
 def test_retrain_gate_keeps_the_champion_against_an_equal_model(env, capsys):

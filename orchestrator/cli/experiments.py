@@ -70,7 +70,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(confirmation_cost(reference, args.num_samples, len(objectives)), flush=True)
     summary = run_sweep(plan, space, num_samples=args.num_samples, scheduler=args.scheduler,
                         study_storage=args.study_storage, resume=args.resume, objectives=objectives,
-                        best_out=best_out, reference=reference)
+                        best_out=best_out, reference=reference, keep_checkpoints=args.keep_checkpoints)
     keys = both_splits([k for k, _ in objectives] + ["image_auroc", "pixel_auroc", "pixel_ap"])
     if space.has_grid:
         print_grid(summary, space, keys)
@@ -107,7 +107,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     for category, e in summary.items():
         detail = ""
         if "challenger" in e:
-            detail = f"  challenger {e['metric']}={e['challenger']:.4f} (v{e['version']}), champion "
+            detail = f"  challenger {e['metric']}={e['challenger']:.4f} (v{e['version']}), "
+            detail += f"{e.get('reference') or 'champion'} "   # registered: the sweep's version, not champion yet
             if e["champion"] is None:
                 detail += "none"
             else:
@@ -230,14 +231,19 @@ def add_cluster_commands(sub) -> None:
     p.add_argument("--confirm-seeds", type=int, default=2,
                    help="fresh seeds per finalist and default (default 2; 0: no confirmation round)")
     p.add_argument("--best-out", help="YAML of the best config per category (default: in --storage-path)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every trial's checkpoints as Tune left them (default: once registered, only the "
+                   "registered, default, finalist and confirmation trials keep one, as inference weights)")
     p.add_argument("--dry-run", action="store_true", help="check the space, arguments and data, run nothing")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("retrain", help="retrain categories whose data changed; promote only if better")
     add_cluster_args(p, None)
     add_config_args(p)
-    p.add_argument("--params-from", default="best",
-                   help="best (best finished run), champion (the champion's run) or a YAML file from sweep")
+    p.add_argument("--params-from", default="registered",
+                   help="registered (the config of the registry's champion, else of the version a sweep "
+                        "registered: its confirmed choice; default), champion (the champion's only) or a YAML "
+                        "file from sweep (-best.yaml); 'best' is read as registered")
     p.add_argument("--promote-margin", type=float, default=0.005,
                    help="the challenger must beat the champion's validation metric by more than this")
     p.add_argument("--confidence", type=float, default=0.95,

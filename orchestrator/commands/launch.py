@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ray import tune
@@ -30,9 +31,10 @@ def run_launch(plan: Plan, *, resume: bool, per_category: dict[str, dict[str, An
     fingerprints = fingerprints or plan.fingerprints()
     definition = plan.definition(fingerprints, category_values=per_category or {})
     plan.check_new_or_resumed(resume, definition)
+    spec = plan.trial_spec(category_values=per_category)
     tracking.setup(plan.tracking_uri, plan.mlflow_experiment)   # MLflow answers, Ray can hold a trial: see sweep.py
     plan = init_ray(plan)
-    spec = plan.trial_spec(category_values=per_category)
+    spec = dataclasses.replace(spec, resources=plan.resources)   # fitted to the cluster: CPUs per GPU worker
     parent = open_parent(plan, kind, spec, fingerprints)
     client, parent_id, cb = parent.client, parent.run_id, parent.callback
     param_space = {"category": tune.grid_search(plan.categories)}

@@ -2,21 +2,33 @@
 known hyperparameters, and move ``champion`` only when the new model is better.
 
 Per category: fingerprint the training files; skip it when the champion was trained on the
-same fingerprint, or a retraining on it already lost to the champion (unless ``--force``;
-no champion: train); otherwise train (one Ray Train
-run), register the result as ``challenger``, score challenger and champion on the same
-*validation* images, and promote the challenger when there is no champion yet, or when it
-beats the champion by ``--promote-margin`` and a paired bootstrap over images says it is
-better with probability >= ``--confidence``. A failing category does not stop the others.
+same fingerprint, or a retraining on it already lost (unless ``--force``; no champion: train);
+otherwise train (one Ray Train run) with the sweep's confirmed choice (``--params-from
+registered``: the config of the version the registry names, never the raw best trial),
+register the result as ``challenger``, score it and its *reference* on the same validation
+images, and promote it when it beats the reference by ``--promote-margin`` and a paired
+bootstrap over images says it is better with probability >= ``--confidence``. The reference is
+the champion; with no champion yet, the version a sweep registered (``challenger`` before this
+retrain), which becomes champion if the retrain does not beat it; only with no version at all is
+a first model promoted unopposed. Promotion is compare-and-set: the champion alias is read
+again just before it moves, and left alone if another process moved it meanwhile. One retrain
+of a ``--name`` at a time: a second one exits at once (a lock file on the storage path). A
+failing category does not stop the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import socket
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +38,7 @@ import yaml
 from orchestrator import tracking
 from orchestrator.commands.launch import run_launch
 from orchestrator.execution.cluster import init_ray
-from orchestrator.plan import Plan, selection_metric
+from orchestrator.plan import Plan
 from orchestrator.tracking import registry
 from pouta_core import api
 from pouta_core.bootstrap import BOOTSTRAP_METRICS, BootstrapResult
@@ -70,6 +82,11 @@ def champion_version(client, dataset: str, category: str):
         return None
 
 
+KEPT_CHAMPION, KEPT_REGISTERED, PROMOTED = "kept champion", "kept registered", "promoted"
+LOST = (KEPT_CHAMPION, KEPT_REGISTERED)   # a retrain's decisions that left its challenger unpromoted
+MOVED = "champion moved meanwhile"        # compare-and-set: another process promoted first
+
+
 def unchanged(client, exp_id: str, dataset: str, category: str, fingerprint: str) -> str | None:
     """Why ``category`` needs no retraining on ``fingerprint``, or None when it does.
 
@@ -81,9 +98,9 @@ def unchanged(client, exp_id: str, dataset: str, category: str, fingerprint: str
     if version is not None and client.get_run(version.run_id).data.tags.get(tracking.TAG_FINGERPRINT) == fingerprint:
         return "unchanged"
     if version is not None:
-        lost = client.search_runs([exp_id], filter_string=(
-            f"tags.`pouta.retrain_decision` = 'kept champion' and tags.`{tracking.TAG_FINGERPRINT}` = '{fingerprint}' "
-            f"and tags.dataset = '{dataset}' and tags.category = '{category}'"), max_results=1)
+        lost = [r for decision in LOST for r in client.search_runs([exp_id], filter_string=(
+            f"tags.`pouta.retrain_decision` = '{decision}' and tags.`{tracking.TAG_FINGERPRINT}` = '{fingerprint}' "
+            f"and tags.dataset = '{dataset}' and tags.category = '{category}'"), max_results=1)]
         if lost:
             return "unchanged (a challenger on this data lost to the champion; --force trains again)"
     return None
@@ -96,27 +113,33 @@ def _config_from_params(params: dict[str, str], base: Config) -> dict[str, Any]:
             for key in Config.keys() if key in params and key not in SELECTION_KEYS}
 
 
-def params_for(source: str, client, exp_id: str, dataset: str, category: str, metric: str, mode: str,
-               base: Config, preset: str = "paper") -> dict[str, Any]:
-    """Config values for ``category`` from ``best`` (its best finished trial by ``metric``),
-    ``champion`` (the run behind the champion version) or a YAML FILE (``{category: {...}}``, as
-    ``pouta sweep`` writes). Nothing known -> the base config.
+PARAMS_SOURCES = ("registered", "champion")
 
-    ``best`` ranks only trials comparable with the command: the same ``preset`` (the
-    ``pouta.preset`` tag), the same selection split and the same validation split and ratio
-    as ``base``. Validation values on different images, or of a tiny model against the
-    paper's, do not rank one another, and a run that chose on test never wins."""
-    if source == "best":
-        order = f"metrics.{selection_metric(metric)} {'DESC' if mode == 'max' else 'ASC'}"
-        runs = client.search_runs([exp_id], filter_string=(
-            f"tags.`pouta.kind` = 'trial' and tags.dataset = '{dataset}' and tags.category = '{category}' "
-            f"and tags.`{tracking.TAG_PRESET}` = '{preset}' "
-            f"and tags.`{tracking.TAG_SELECTION}` = '{tracking.selection_tag(base.val_split)}' "
-            f"and params.val_split = '{base.val_split}' and params.val_ratio = '{base.val_ratio}' "
-            "and attributes.status = 'FINISHED'"), order_by=[order], max_results=1)
-        return _config_from_params(runs[0].data.params, base) if runs else {}
-    if source == "champion":
-        version = champion_version(client, dataset, category)
+
+def reference_version(client, dataset: str, category: str):
+    """What a retrain of ``category`` must beat, read before it registers anything: the champion,
+    else the version a sweep (or launch) registered as ``challenger``; None when there is none."""
+    version = champion_version(client, dataset, category)
+    if version is not None:
+        return version
+    try:
+        return client.get_model_version_by_alias(registry.registered_name(dataset, category), tracking.CHALLENGER)
+    except Exception:   # MlflowException: no such model or alias
+        return None
+
+
+def params_for(source: str, client, dataset: str, category: str, base: Config) -> dict[str, Any]:
+    """Config values for ``category`` from ``registered`` (the run behind the version the
+    registry names: the champion, else the sweep's registered ``challenger``: its confirmed
+    choice), ``champion`` (the champion's run only) or a YAML FILE (``{category: {...}}``, as
+    ``pouta sweep`` writes to ``-best.yaml``). Nothing known -> the base config.
+
+    *Decision* (issue 46): the raw best trial (the single highest validation value over every
+    finished trial, ASHA-stopped ones included) is not a source: it is the winner's curse the
+    sweep's confirmation round exists to avoid. ``best`` is read as ``registered``."""
+    if source in PARAMS_SOURCES:
+        version = (champion_version(client, dataset, category) if source == "champion"
+                   else reference_version(client, dataset, category))
         return _config_from_params(client.get_run(version.run_id).data.params, base) if version else {}
     path = Path(source)
     try:
@@ -138,22 +161,56 @@ def _latest_version(client, dataset: str, category: str) -> int:
     return max((int(v.version) for v in versions), default=0)
 
 
-def champion_checkpoint(client, store: str, dataset: str, category: str, dest: Path) -> tuple[str, Path] | None:
-    """Download the champion's checkpoint from ``store`` -> (version, local path), or None."""
-    version = champion_version(client, dataset, category)
-    if version is None:
+def reference_checkpoint(store: str, reference, dest: Path) -> Path | None:
+    """Download the reference version's checkpoint from ``store`` (None: no reference)."""
+    if reference is None:
         return None
     from orchestrator.tracking.models import download_checkpoint
 
-    return version.version, download_checkpoint(f"models:/{version.name}/{version.version}", store, dest)
+    return download_checkpoint(f"models:/{reference.name}/{reference.version}", store, dest)
+
+
+class RetrainRunning(ConfigError):
+    """Another retrain of the same ``--name`` holds its lock (exit 2, one line)."""
+
+
+@contextlib.contextmanager
+def one_at_a_time(plan: Plan) -> Iterator[None]:
+    """Hold ``<storage-path>/<name>.retrain.lock`` (``flock``, on the storage every driver of
+    this retrain mounts) for the command; a second retrain of the name refuses to start, naming
+    the holder. Released by the kernel however the holder ends."""
+    path = Path(plan.storage_path) / f"{plan.run_name}.retrain.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "a process that wrote nothing yet"
+            raise RetrainRunning(f"{path}: another retrain of {plan.run_name} is running ({holder}); not starting a "
+                                 "second one (they would race on the champion alias)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
+                 .encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def run_retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """``overrides`` (the command's ``--set``) win over the values from ``params_from``, and
-    ``plan.per_category`` (``--category-set``) over both."""
-    metric, mode = gate.metric, "max"
+    ``plan.per_category`` (``--category-set``) over both. One at a time per ``--name``."""
+    if params_from == "best":
+        print("pouta: --params-from best reads the sweep's confirmed choice (registered), not the single best "
+              "trial", flush=True)
+        params_from = "registered"
+    with one_at_a_time(plan):
+        return _retrain(plan, params_from=params_from, gate=gate, force=force, overrides=overrides)
 
+
+def _retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
+             overrides: dict[str, Any] | None) -> dict[str, Any]:
     client, exp_id = tracking.setup(plan.tracking_uri, plan.mlflow_experiment)   # MLflow first: see sweep.py
     plan = init_ray(plan)
     dataset = plan.data.dataset
@@ -161,6 +218,7 @@ def run_retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
     summary: dict[str, Any] = {}
     todo: list[str] = []
     per_category: dict[str, dict[str, Any]] = {}
+    references: dict[str, Any] = {}   # read before this retrain registers (and moves challenger)
     for category in plan.categories:
         try:
             fp = fingerprints[category] = api.fingerprint_category(plan.data.root, dataset, category)
@@ -168,8 +226,9 @@ def run_retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
             if reason:
                 summary[category] = {"status": reason}
                 continue
-            values = {**params_for(params_from, client, exp_id, dataset, category, metric, mode, plan.base,
-                                   plan.preset),
+            references[category] = (reference_version(client, dataset, category),
+                                    champion_version(client, dataset, category))
+            values = {**params_for(params_from, client, dataset, category, plan.base),
                       **(overrides or {}), **plan.per_category.get(category, {})}
             Config.from_dict({**plan.base.to_dict(), **values}, source=f"retrain [{category}]")
             per_category[category] = values
@@ -196,18 +255,22 @@ def run_retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
                 summary[category] = {"status": "failed", "error": result["error"]}
                 continue
             try:
-                summary[category] = _decide(plan, client, category, result, gate,
-                                            per_category[category])
+                summary[category] = _decide(plan, client, category, result, gate, per_category[category],
+                                            *references[category])
             except Exception as exc:
                 summary[category] = {"status": "failed", "error": str(exc).splitlines()[0]}
     return summary
 
 
 def _decide(plan: Plan, client, category: str, result: dict[str, Any], gate: Gate,
-            values: dict[str, Any]) -> dict[str, Any]:
-    """Score challenger and champion on the same validation images; promote the challenger
-    when there is no champion, or when it is better by ``gate.margin`` and the paired
-    bootstrap says it is better with probability >= ``gate.confidence``."""
+            values: dict[str, Any], reference, champion) -> dict[str, Any]:
+    """Score the retrained challenger and its ``reference`` (the champion, else the version a
+    sweep registered: :func:`reference_version`, read before this retrain registered) on the
+    same validation images; promote the challenger when it is better by ``gate.margin`` and the
+    paired bootstrap says it is better with probability >= ``gate.confidence``. A reference
+    that is not champion yet becomes champion when it holds. With no reference, the first model
+    is promoted. ``champion``: the champion when the retrain started; the alias moves only if
+    it is still that one."""
     from pouta_core import metrics
     from pouta_core.api import validation_evidence
     from pouta_core.bootstrap import paired_bootstrap
@@ -218,25 +281,35 @@ def _decide(plan: Plan, client, category: str, result: dict[str, Any], gate: Gat
     split_like = plan.base.replace(**values)
     challenger, labels = validation_evidence(Path(result["checkpoint"]), split_like=split_like, **kwargs)
     with tempfile.TemporaryDirectory() as tmp:
-        champ = champion_checkpoint(client, tracking.resolve_tracking_uri(plan.tracking_uri), plan.data.dataset,
-                                    category, Path(tmp))
-        champion = validation_evidence(champ[1], split_like=split_like, **kwargs)[0] if champ else None
+        ref_path = reference_checkpoint(tracking.resolve_tracking_uri(plan.tracking_uri), reference, Path(tmp))
+        against = validation_evidence(ref_path, split_like=split_like, **kwargs)[0] if ref_path else None
+    compared_champion = champion.version if champion is not None else None
     run_id = client.get_model_version(name, version).run_id
     key = f"val_{gate.metric}"
-    if champion is None:   # a first champion: nothing to compare with
+    if against is None:   # a first model: nothing to compare with
         value = metrics.compute(challenger.scores, labels, challenger.maps, challenger.masks)[gate.metric]
         promote, logged, out = True, {f"gate_challenger_{key}": value}, {"challenger": value, "champion": None}
     else:
-        test = paired_bootstrap(gate.metric, challenger, champion, labels, resamples=gate.resamples, seed=gate.seed)
+        test = paired_bootstrap(gate.metric, challenger, against, labels, resamples=gate.resamples, seed=gate.seed)
         promote = gate.promotes(test)
         logged = {f"gate_challenger_{key}": test.a, f"gate_champion_{key}": test.b, "gate_delta": test.delta,
                   "gate_delta_low": test.low, "gate_delta_high": test.high, "gate_p_better": test.p_better}
         out = {"challenger": test.a, "champion": test.b, "low": test.low, "high": test.high,
                "p_better": test.p_better}
-    if promote:
-        registry.promote(client, name, version, tracking.CHAMPION)
+    first = reference is not None and compared_champion is None   # the sweep's version, not champion yet
+    winner = version if promote else (reference.version if first else None)
+    decision = PROMOTED if promote else (KEPT_REGISTERED if first else KEPT_CHAMPION)
+    if winner is not None:
+        # Compare-and-set: the champion must still be the one this decision compared with.
+        now = champion_version(client, plan.data.dataset, category)
+        if (now.version if now is not None else None) != compared_champion:
+            decision, winner = MOVED, None
+            log.warning("%s: the champion moved to version %s while this retrain compared with %s; left as it is",
+                        name, now.version if now else None, compared_champion)
+        else:
+            registry.promote(client, name, winner, tracking.CHAMPION)
     tracking.log_metrics(client, run_id, logged, step=0)
-    decision = "promoted" if promote else "kept champion"
     client.set_tag(run_id, "pouta.retrain_decision", decision)
-    return {"status": decision, **out, "metric": key, "champion_version": champ[0] if champ else None,
+    return {"status": decision, **out, "metric": key, "champion_version": reference.version if reference else None,
+            "reference": ("registered" if first else "champion") if reference is not None else None,
             "version": version, "model": name}

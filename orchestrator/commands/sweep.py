@@ -9,6 +9,7 @@ checked -> parent run and callback -> search -> Tune -> choice -> registry -> re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import yaml
 from ray import tune
 
 from orchestrator import tracking
-from orchestrator.execution import tuner
+from orchestrator.execution import retention, tuner
 from orchestrator.execution.cluster import init_ray
 from orchestrator.execution.reference import DEFAULT, Reference, versus_default
 from orchestrator.execution.results import choose
@@ -66,7 +67,8 @@ def check_category_sets(plan: Plan, space: SearchSpace) -> None:
 
 def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: str | None,
               study_storage: str | None, resume: bool, objectives: list[tuple[str, str]],
-              best_out: str | None = None, reference: Reference = DEFAULT) -> dict[str, Any]:
+              best_out: str | None = None, reference: Reference = DEFAULT,
+              keep_checkpoints: bool = False) -> dict[str, Any]:
     """Search every category at once in one Tune experiment: one Optuna study (or grid) and one
     ASHA per category, all sharing ``plan.max_concurrent`` trial slots; each study starts with
     the category's default, which the chosen trial must beat (``reference``) to be registered.
@@ -88,15 +90,16 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     plan.check_new_or_resumed(resume, definition, num_samples=None if space.has_grid else num_samples)
     warn_about_config(plan)
     keys = both_splits([k for k, _ in objectives] + list(SUMMARY_METRICS))
+    spec = plan.trial_spec(plan.base.replace(**space.fixed), tune_metrics=[k for k, _ in objectives],
+                           scoring_options=space.scoring)
+    configs = {c: spec.config_for(c) for c in plan.categories}
     storage_url = check_study_storage(study_storage) if study_storage else None
     # Checked before anything starts: MLflow answers us (a server that refuses the host name or
     # the user stops the command here, in one line), then Ray can hold a trial and every node
     # sees the storage; only then are the parent run and the Optuna studies created.
     tracking.setup(plan.tracking_uri, plan.mlflow_experiment)
     plan = init_ray(plan)   # fitted to the cluster: CPUs per GPU worker
-    spec = plan.trial_spec(plan.base.replace(**space.fixed), tune_metrics=[k for k, _ in objectives],
-                           scoring_options=space.scoring)
-    configs = {c: spec.config_for(c) for c in plan.categories}
+    spec = dataclasses.replace(spec, resources=plan.resources)
     parent = open_parent(plan, "sweep", spec, fingerprints, tags={"search_space": space.path.name}, params={
         "search_space": space.path.name, "num_samples": num_samples, "scheduler": scheduler,
         "objectives": ",".join(f"{k}:{m}" for k, m in objectives)})
@@ -130,6 +133,10 @@ def run_sweep(plan: Plan, space: SearchSpace, *, num_samples: int, scheduler: st
     report.publish(parent.client, parent.run_id, folder, f"sweep {plan.run_name} ({space.path.name})", summary, keys,
                    study_storage=studies, study_names=search.studies, objectives=objectives)
     finish(parent, ok=not any("error" in e for e in summary.values()))
+    if not keep_checkpoints:   # registered: what no one needs any more leaves the storage path
+        pruned = retention.prune([r for e in summary.values() for r in e.get("trials", [])],
+                                 retention.kept_trials(summary))
+        print(f"pouta: {pruned.line}", flush=True)
     if best_out:
         best_configs = {c: e["config"] for c, e in summary.items() if "config" in e}
         # Which config each category got, and why, as comments: the file stays {category: config}.

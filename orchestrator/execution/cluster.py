@@ -220,10 +220,10 @@ def init_ray(plan: Plan) -> Plan:
     if capacity()[1] and WORKER_GROUP_START_TIMEOUT_ENV not in os.environ:
         # Ray Train's controller and workers read it from the driver's environment.
         os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(plan.pending_timeout)
-    if _started_here:
+    if not _started_here:   # a cluster: every node must see the storage path (one line, exit 2)
+        check_storage_shared(plan.storage_path)
+    else:
         # Started here, so a fixed-size cluster (no autoscaler): a worker no node can hold fails
         # now, not after --pending-timeout.
         check_feasible(plan.resources.worker(), plan.resources.workers)
-    else:   # a cluster: every node must see the storage path (one line, exit 2)
-        check_storage_shared(plan.storage_path)
     return plan

@@ -139,5 +139,10 @@ def _weights_hint(run_id: str, store: str) -> str:
         where = MlflowClient(store).get_run(run_id).data.tags.get(TAG_CHECKPOINT)
     except MlflowException:
         return ""
-    return f"; only registered versions keep weights in MLflow, this trial's are in Ray's storage: --model {where}" \
-        if where else ""
+    if not where:
+        return ""
+    if not Path(where).is_dir():   # a finished sweep keeps the weights of the trials it still needs only
+        return (f"; only registered versions keep weights in MLflow, and this trial's checkpoint ({where}) was "
+                "removed when its sweep ended (a sweep keeps its registered, default and finalist trials' weights; "
+                "--keep-checkpoints keeps all)")
+    return f"; only registered versions keep weights in MLflow, this trial's are in Ray's storage: --model {where}"
