@@ -237,3 +237,24 @@ def test_pictures_show_the_map_at_full_size_with_labels(trained, tmp_path):
     masks[0, 8:16, 8:16] = 1
     grid = heatmap_grid(images, np.random.default_rng(0).random((2, 32, 32)), masks, np.array([0.9, 0.1]))
     assert grid.width >= len(COLUMNS) * 160 and grid.height >= 2 * 160
+
+
+def test_the_procedural_source_is_said_once_and_silenced_by_choosing_it(tmp_path, capsys):
+    """Without --texture-dir the anomaly source is procedural noise, not the paper's DTD: said in
+    one line (issue 50: it was silent); --procedural-source chooses it and silences the line."""
+    from orchestrator.cli import main
+
+    data = tmp_path / "data"
+    generate(data, categories=1, image_size=32, n_train=2, n_test_good=1, n_test_defect=1)
+    textures = tmp_path / "dtd"
+    textures.mkdir()
+    base = ["launch", "--data-root", str(data), "--dataset", "mvtec", "--storage-path", str(tmp_path / "ray"),
+            "--dry-run", *SMALL]
+    notice = "pouta: anomaly sources: procedural fractal noise, not the paper's DTD textures"
+    for extra, said in (([], True), (["--procedural-source"], False), (["--texture-dir", str(textures)], False),
+                        (["--set", "self_source_ratio=1.0"], False)):   # every source the image's own: no noise
+        assert main([*base, *extra]) == 0
+        err = capsys.readouterr().err
+        assert err.count(notice) == (1 if said else 0), (extra, err)
+    assert main([*base, "--procedural-source", "--texture-dir", str(textures)]) == 2
+    assert "--texture-dir and --procedural-source: choose one anomaly source" in capsys.readouterr().err

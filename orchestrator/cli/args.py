@@ -4,6 +4,7 @@ what they become: a :class:`~pouta_core.config.Config` and a :class:`~orchestrat
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,10 +85,27 @@ def add_cluster_args(p: argparse.ArgumentParser, default_name: str | None) -> No
                    "records kept meanwhile, then exit 4 without registering (default 600)")
     p.add_argument("--ray-address", help="Ray cluster to join (host:port of its GCS; default: $RAY_ADDRESS, "
                    "else an in-process Ray started for this command)")
-    p.add_argument("--texture-dir")
+    add_source_args(p)
     p.add_argument("--cache-dir")
     add_image_limit_arg(p)
     add_selection_args(p)
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--texture-dir", help="anomaly source images (the paper's: DTD's images folder); default: "
+                   "procedural fractal noise, offline, with a notice")
+    p.add_argument("--procedural-source", action="store_true",
+                   help="use procedural noise as the anomaly source on purpose (no notice)")
+
+
+def source_notice(args: argparse.Namespace, config: Config) -> None:
+    """Say, once on stderr, when procedural noise stands in for a texture folder."""
+    from pouta_core.synthesis.sources import procedural_notice
+
+    line = None if getattr(args, "procedural_source", False) else procedural_notice(args.texture_dir,
+                                                                                 config.self_source_ratio)
+    if line:
+        print(f"pouta: {line}", file=sys.stderr, flush=True)
 
 
 def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
@@ -126,6 +144,9 @@ def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mod
         raise ConfigError("--max-failures must be >= 0")
     categories = resolve_categories(args.data_root, args.dataset, args.categories)
     base = load_config(args)
+    if args.texture_dir and args.procedural_source:
+        raise ConfigError("--texture-dir and --procedural-source: choose one anomaly source")
+    source_notice(args, base)
     return Plan(data=DataSpec.of(args.data_root, args.dataset, args.texture_dir, args.cache_dir,
                                  args.max_image_pixels),
                 categories=categories, base=base, run_name=name,

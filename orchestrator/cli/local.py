@@ -13,9 +13,12 @@ from orchestrator.cli.args import (
     add_model_args,
     add_scoring_arg,
     add_selection_args,
+    add_source_args,
     load_config,
+    source_notice,
 )
 from orchestrator.cli.console import print_json
+from pouta_core.config import ConfigError
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -32,6 +35,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pouta_core import api
 
     cfg = load_config(args)
+    if args.texture_dir and args.procedural_source:
+        raise ConfigError("--texture-dir and --procedural-source: choose one anomaly source")
+    source_notice(args, cfg)
     metrics = api.train(cfg, data_root=args.data_root, dataset=args.dataset, category=args.category,
                         out=args.out, device=args.device, texture_dir=args.texture_dir,
                         cache_dir=args.cache_dir, num_workers=args.num_workers, resume=not args.no_resume)
@@ -125,7 +131,7 @@ def add_local_commands(sub) -> None:
     add_data_args(p)
     add_config_args(p)
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, config.yaml, metrics.json")
-    p.add_argument("--texture-dir", help="anomaly source images (e.g. DTD); default: procedural, offline")
+    add_source_args(p)
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint already in --out")
     add_selection_args(p)

@@ -15,6 +15,17 @@ from pouta_core.synthesis.perlin import fractal_noise
 log = logging.getLogger(__name__)
 
 
+def procedural_notice(texture_dir: str | Path | None, self_source_ratio: float) -> str | None:
+    """The one line a command prints when procedural noise stands in for the paper's anomaly
+    source (DTD, Cimpoi et al. 2014), or None: a texture folder is given, or every source is the
+    image's own copy (``self_source_ratio=1``). Issue 50: the substitution was silent."""
+    if texture_dir or self_source_ratio >= 1.0:
+        return None
+    return ("anomaly sources: procedural fractal noise, not the paper's DTD textures (no --texture-dir); give "
+            "--texture-dir /path/to/dtd/images (docs/training.md), or --procedural-source to choose it and "
+            "silence this")
+
+
 def _u(generator: torch.Generator, lo: float, hi: float) -> float:
     return float(torch.empty(()).uniform_(lo, hi, generator=generator))
 
