@@ -396,3 +396,23 @@ def test_bit_depth_auto_is_found_on_training_images_recorded_and_used_to_predict
     ImageScorer(run, "cpu").score([(tmp_path / "twelve.png").read_bytes()], map_size=0)
     twelve, eight = given[0]
     assert torch.equal(twelve, eight) and eight.float().mean() > 60 and torch.equal(given[1][0], eight)
+
+
+def test_a_thin_defect_survives_the_mask_resize_and_a_blob_keeps_its_area(tmp_path):
+    """Masks are resized by area and thresholded at half a pixel (issue 50): NEAREST dropped a
+    2-px scratch at 8x down, as its samples fell beside it, and pixel AP on thin defects with it."""
+    from pouta_core.data.images import load_mask
+
+    scratch = np.zeros((256, 256), np.uint8)
+    scratch[:, 9:11] = 255
+    Image.fromarray(scratch).save(tmp_path / "scratch.png")
+    mask = load_mask(tmp_path / "scratch.png", 32)[0].numpy()
+    assert mask.sum() == 32 and mask[:, 1].all()          # one column, where the scratch is
+    blob = np.zeros((256, 256), np.uint8)
+    blob[40:140, 40:140] = 255
+    Image.fromarray(blob).save(tmp_path / "blob.png")
+    mask = load_mask(tmp_path / "blob.png", 32)[0].numpy()
+    assert abs(int(mask.sum()) - (100 / 8) ** 2) <= 2 * 13 + 1   # its area, within the boundary's pixels
+    assert mask[5:17, 5:17].all() and not mask[:5].any() and not mask[18:].any()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "good.png")
+    assert not load_mask(tmp_path / "good.png", 32).any()
