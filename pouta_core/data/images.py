@@ -41,7 +41,7 @@ def list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
-DECODE_VERSION = 3   # in the cache key: bump when a file decodes to other pixels than before
+DECODE_VERSION = 4   # in the cache key: bump when a file decodes to other pixels than before (4: masks by area)
 # EXIF orientations that swap width and height (transpose, 90 degrees, transverse, 270 degrees).
 EXIF_ORIENTATION = 0x0112
 SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
