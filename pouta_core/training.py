@@ -171,8 +171,19 @@ def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     if not (config.amp and device.type == "cuda"):
         return None
     if config.amp_dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bfloat16 only (Ampere and later): torch's default check also counts a GPU that
+        # merely stores bfloat16 and emulates its arithmetic, which runs slower than float16
+        # (issue 50; Volta, Turing).
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return getattr(torch, config.amp_dtype)
+
+
+def use_device(device: torch.device) -> None:
+    """What training on ``device`` sets once: on CUDA, cuDNN's autotuner (every batch has the
+    same shape, ``image_size`` square, so the convolution algorithms it picks on the first
+    steps hold for the run; issue 50: never set before)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def training_net(state: TrainState, config: Config, wrap_model: Callable[[nn.Module], nn.Module] | None = None
@@ -424,6 +435,7 @@ def fit(
     (:mod:`pouta_core.scoring_choice`): the final checkpoint's config holds the choice and its
     folder ``scoring_choice.json`` every candidate. Returns the final metrics dict."""
     out_dir, device = Path(out_dir), torch.device(device)
+    use_device(device)
     is_main = shard[0] == 0
     if len(train_images) < 2:
         raise ConfigError(f"need at least 2 training images, got {len(train_images)}")

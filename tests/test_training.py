@@ -178,6 +178,19 @@ def test_amp_dtype_auto_is_bfloat16_where_the_gpu_has_it(monkeypatch):
         assert autocast_dtype(cfg, cuda) == expected
     assert autocast_dtype(cfg.replace(amp_dtype="float16"), cuda) == torch.float16   # asked for
     assert autocast_dtype(cfg, torch.device("cpu")) is None and autocast_dtype(cfg.replace(amp=False), cuda) is None
+    # A Volta or Turing GPU: bfloat16 only emulated (torch's default check says yes): float16.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast_dtype(cfg, cuda) == torch.float16
+
+
+def test_training_on_cuda_turns_on_cudnns_autotuner_for_its_fixed_input_size(monkeypatch):
+    from pouta_core.training import use_device
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    use_device(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    use_device(torch.device("cuda"))   # nothing runs on it: the setting is what is checked
+    assert torch.backends.cudnn.benchmark is True
 
 
 def test_workers_say_what_they_do_to_the_recipe(caplog):
