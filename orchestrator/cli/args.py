@@ -146,7 +146,6 @@ def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mod
     base = load_config(args)
     if args.texture_dir and args.procedural_source:
         raise ConfigError("--texture-dir and --procedural-source: choose one anomaly source")
-    source_notice(args, base)
     return Plan(data=DataSpec.of(args.data_root, args.dataset, args.texture_dir, args.cache_dir,
                                  args.max_image_pixels),
                 categories=categories, base=base, run_name=name,

@@ -15,7 +15,6 @@ from orchestrator.cli.args import (
     add_selection_args,
     add_source_args,
     load_config,
-    source_notice,
 )
 from orchestrator.cli.console import print_json
 from pouta_core.config import ConfigError
@@ -37,7 +36,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     if args.texture_dir and args.procedural_source:
         raise ConfigError("--texture-dir and --procedural-source: choose one anomaly source")
-    source_notice(args, cfg)
     metrics = api.train(cfg, data_root=args.data_root, dataset=args.dataset, category=args.category,
                         out=args.out, device=args.device, texture_dir=args.texture_dir,
                         cache_dir=args.cache_dir, num_workers=args.num_workers, resume=not args.no_resume)

@@ -72,7 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             set_max_image_pixels(args.max_image_pixels)
         with interrupts.stop_on_signals(first=_kill_open_runs):
-            return args.func(args)
+            code = args.func(args)
+        if hasattr(args, "procedural_source"):   # said once the command has run: an error stays one line
+            from orchestrator.cli.args import load_config, source_notice
+
+            source_notice(args, load_config(args))
+        return code
     except (*USER_ERRORS, DataError) as exc:
         _end_open_runs("FAILED", "the command stopped on an error")   # it does not stay RUNNING
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
