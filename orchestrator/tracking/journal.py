@@ -249,6 +249,10 @@ def replay(experiment_path: Path, client, exp_id: str, *, by: str, keep: str | N
 def _replay_one(path: Path, fd: int, client, exp_id: str, by: str, keep: str | None, done: Replayed) -> bool:
     """One dead driver's journal -> whether it is replayed to its end."""
     journal = read(path)
+
+    def acknowledge(seq: int, extra: dict[str, Any] | None) -> None:   # as Journal.ack writes it
+        os.write(fd, _line({"ack": seq, **(extra or {})}))
+
     state = records.new_state(exp_id, replay=True)
     for ack in journal.acks.values():
         rec = journal.records.get(int(ack["ack"]))
@@ -268,7 +272,7 @@ def _replay_one(path: Path, fd: int, client, exp_id: str, by: str, keep: str | N
             done.refused += 1
         else:
             done.delivered += 1
-        os.write(fd, (json.dumps({"ack": seq, **(extra or {})}, separators=(",", ":"), default=str) + "\n").encode())
+        acknowledge(seq, extra)
     ended = {r["key"] for r in journal.records.values() if r["op"] in records.ENDS}
     left_open = list(dict.fromkeys(r["key"] for r in journal.records.values()
                                    if r["op"] == records.OPEN and r["key"] not in ended))
