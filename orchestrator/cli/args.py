@@ -109,6 +109,8 @@ def source_notice(args: argparse.Namespace, config: Config) -> None:
 
 
 def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    if getattr(args, "texture_dir", None) and getattr(args, "procedural_source", False):
+        raise ConfigError("--texture-dir and --procedural-source: choose one anomaly source")
     overrides = [*args.overrides, *extra]
     # --val-split / --val-ratio are config keys, so they travel with the run and its checkpoint.
     for key in ("val_split", "val_ratio"):
@@ -144,8 +146,6 @@ def make_plan(args: argparse.Namespace, name: str, metric: str = "pixel_ap", mod
         raise ConfigError("--max-failures must be >= 0")
     categories = resolve_categories(args.data_root, args.dataset, args.categories)
     base = load_config(args)
-    if args.texture_dir and args.procedural_source:
-        raise ConfigError("--texture-dir and --procedural-source: choose one anomaly source")
     return Plan(data=DataSpec.of(args.data_root, args.dataset, args.texture_dir, args.cache_dir,
                                  args.max_image_pixels),
                 categories=categories, base=base, run_name=name,

@@ -17,7 +17,6 @@ from orchestrator.cli.args import (
     load_config,
 )
 from orchestrator.cli.console import print_json
-from pouta_core.config import ConfigError
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -34,8 +33,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pouta_core import api
 
     cfg = load_config(args)
-    if args.texture_dir and args.procedural_source:
-        raise ConfigError("--texture-dir and --procedural-source: choose one anomaly source")
     metrics = api.train(cfg, data_root=args.data_root, dataset=args.dataset, category=args.category,
                         out=args.out, device=args.device, texture_dir=args.texture_dir,
                         cache_dir=args.cache_dir, num_workers=args.num_workers, resume=not args.no_resume)
