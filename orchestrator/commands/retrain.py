@@ -87,14 +87,14 @@ LOST = (KEPT_CHAMPION, KEPT_REGISTERED)   # a retrain's decisions that left its 
 MOVED = "champion moved meanwhile"        # compare-and-set: another process promoted first
 
 
-def unchanged(client, exp_id: str, dataset: str, category: str, fingerprint: str) -> str | None:
+def unchanged(client, exp_id: str, dataset: str, category: str, fingerprint: str, version) -> str | None:
     """Why ``category`` needs no retraining on ``fingerprint``, or None when it does.
 
     *Decision* (issue 27): the data is compared with the *champion's*, not with the newest
     finished trial: a sweep on new data trains trials on it, yet the champion still serves the
     old model, and the nightly retrain said "unchanged" forever. A challenger retrained on this
-    very data that lost the gate is not trained again every night: that needs ``--force``."""
-    version = champion_version(client, dataset, category)
+    very data that lost the gate is not trained again every night: that needs ``--force``.
+    ``version``: the category's champion (None: none yet)."""
     if version is not None and client.get_run(version.run_id).data.tags.get(tracking.TAG_FINGERPRINT) == fingerprint:
         return "unchanged"
     if version is not None:
@@ -116,30 +116,30 @@ def _config_from_params(params: dict[str, str], base: Config) -> dict[str, Any]:
 PARAMS_SOURCES = ("registered", "champion")
 
 
-def reference_version(client, dataset: str, category: str):
-    """What a retrain of ``category`` must beat, read before it registers anything: the champion,
-    else the version a sweep (or launch) registered as ``challenger``; None when there is none."""
-    version = champion_version(client, dataset, category)
-    if version is not None:
-        return version
+def reference_version(client, dataset: str, category: str, champion):
+    """What a retrain of ``category`` must beat, read before it registers anything: ``champion``
+    (its champion version), else the version a sweep (or launch) registered as ``challenger``;
+    None when there is none."""
+    if champion is not None:
+        return champion
     try:
         return client.get_model_version_by_alias(registry.registered_name(dataset, category), tracking.CHALLENGER)
     except Exception:   # MlflowException: no such model or alias
         return None
 
 
-def params_for(source: str, client, dataset: str, category: str, base: Config) -> dict[str, Any]:
+def params_for(source: str, client, category: str, base: Config, *, reference, champion) -> dict[str, Any]:
     """Config values for ``category`` from ``registered`` (the run behind the version the
     registry names: the champion, else the sweep's registered ``challenger``: its confirmed
     choice), ``champion`` (the champion's run only) or a YAML FILE (``{category: {...}}``, as
-    ``pouta sweep`` writes to ``-best.yaml``). Nothing known -> the base config.
+    ``pouta sweep`` writes to ``-best.yaml``). Nothing known -> the base config. ``reference``
+    and ``champion``: the category's versions (:func:`reference_version`, :func:`champion_version`).
 
     *Decision* (issue 46): the raw best trial (the single highest validation value over every
     finished trial, ASHA-stopped ones included) is not a source: it is the winner's curse the
     sweep's confirmation round exists to avoid. ``best`` is read as ``registered``."""
     if source in PARAMS_SOURCES:
-        version = (champion_version(client, dataset, category) if source == "champion"
-                   else reference_version(client, dataset, category))
+        version = champion if source == "champion" else reference
         return _config_from_params(client.get_run(version.run_id).data.params, base) if version else {}
     path = Path(source)
     try:
@@ -222,13 +222,14 @@ def _retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
     for category in plan.categories:
         try:
             fp = fingerprints[category] = api.fingerprint_category(plan.data.root, dataset, category)
-            reason = None if force else unchanged(client, exp_id, dataset, category, fp)
+            champion = champion_version(client, dataset, category)
+            reason = None if force else unchanged(client, exp_id, dataset, category, fp, champion)
             if reason:
                 summary[category] = {"status": reason}
                 continue
-            references[category] = (reference_version(client, dataset, category),
-                                    champion_version(client, dataset, category))
-            values = {**params_for(params_from, client, dataset, category, plan.base),
+            reference = reference_version(client, dataset, category, champion)
+            references[category] = (reference, champion)
+            values = {**params_for(params_from, client, category, plan.base, reference=reference, champion=champion),
                       **(overrides or {}), **plan.per_category.get(category, {})}
             Config.from_dict({**plan.base.to_dict(), **values}, source=f"retrain [{category}]")
             per_category[category] = values
