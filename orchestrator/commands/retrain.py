@@ -128,7 +128,8 @@ def reference_version(client, dataset: str, category: str, champion):
         return None
 
 
-def params_for(source: str, client, category: str, base: Config, *, reference, champion) -> dict[str, Any]:
+def params_for(source: str, client, category: str, base: Config, *, reference, champion,
+               preset: str = "paper") -> dict[str, Any]:
     """Config values for ``category`` from ``registered`` (the run behind the version the
     registry names: the champion, else the sweep's registered ``challenger``: its confirmed
     choice), ``champion`` (the champion's run only) or a YAML FILE (``{category: {...}}``, as
@@ -137,10 +138,20 @@ def params_for(source: str, client, category: str, base: Config, *, reference, c
 
     *Decision* (issue 46): the raw best trial (the single highest validation value over every
     finished trial, ASHA-stopped ones included) is not a source: it is the winner's curse the
-    sweep's confirmation round exists to avoid. ``best`` is read as ``registered``."""
+    sweep's confirmation round exists to avoid. ``best`` is read as ``registered``. As ``best``
+    ranked only runs of the command's ``preset``, ``registered`` takes a version's config only
+    when its run started from that preset (the ``pouta.preset`` tag): a tiny demo's registered
+    model does not turn a paper-preset retrain into a tiny one; the gate still compares with it."""
     if source in PARAMS_SOURCES:
         version = champion if source == "champion" else reference
-        return _config_from_params(client.get_run(version.run_id).data.params, base) if version else {}
+        if version is None:
+            return {}
+        run = client.get_run(version.run_id)
+        if source == "registered" and run.data.tags.get(tracking.TAG_PRESET) != preset:
+            log.warning("%s: registered version %s was trained from preset %s, not %s: its config is not used",
+                        category, version.version, run.data.tags.get(tracking.TAG_PRESET), preset)
+            return {}
+        return _config_from_params(run.data.params, base)
     path = Path(source)
     try:
         data = yaml.safe_load(path.read_text())
@@ -229,7 +240,8 @@ def _retrain(plan: Plan, *, params_from: str, gate: Gate, force: bool,
                 continue
             reference = reference_version(client, dataset, category, champion)
             references[category] = (reference, champion)
-            values = {**params_for(params_from, client, category, plan.base, reference=reference, champion=champion),
+            values = {**params_for(params_from, client, category, plan.base, reference=reference, champion=champion,
+                                   preset=plan.preset),
                       **(overrides or {}), **plan.per_category.get(category, {})}
             Config.from_dict({**plan.base.to_dict(), **values}, source=f"retrain [{category}]")
             per_category[category] = values
