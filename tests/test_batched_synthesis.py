@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.v2 import functional as TF
 
 from pouta_core.config import Config
@@ -185,6 +186,47 @@ def test_batched_loader_batches_are_those_of_the_sampler_and_differ_by_rank():
 def B_loader(clean, cfg, rank):
     return BatchedLoader(clean, B.BatchSynthesizer(cfg), EpochSampler(len(clean), 0, (rank, 2)), 2,
                          torch.device("cpu"))
+
+
+class HostToDeviceCopies(TorchDispatchMode):
+    """Records each copy from a CPU tensor to another device (the op, whether its source is
+    pinned, whether it is non-blocking): what makes a CUDA host wait for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default:
+            src, dst, non_blocking = args[0], out, kwargs.get("non_blocking", False)
+        elif func is torch.ops.aten.copy_.default:
+            src, dst, non_blocking = args[1], args[0], (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+        else:
+            return out
+        if src.device.type == "cpu" and dst.device.type != "cpu":
+            self.copies.append((func, src.device.type == "cpu" and src.is_pinned(), non_blocking))
+        return out
+
+
+def test_an_epoch_of_batches_copies_to_the_device_once_per_step_and_never_reads_it_back(device):
+    # The device is the test device, or "meta" here: a meta tensor has no data, so any read
+    # of a device tensor on the host (a sync on CUDA) raises. The epoch's order is copied
+    # once; each step copies its draws once (all anomalous: every step has draws). Before,
+    # each step copied its rows of the order from pageable memory as well (issue 50 item 4).
+    target = torch.device("meta") if device.type == "cpu" else device
+    clean = (torch.rand(12, 3, 32, 32, generator=gen(1)) * 255).to(torch.uint8)
+    cfg = CFG.replace(image_size=32, clean_ratio=0.0)
+    loader = BatchedLoader(clean, B.BatchSynthesizer(cfg), EpochSampler(len(clean), 0), 2, target)
+    list(loader)   # the first epoch caches the per-device constants
+    loader.sampler.set_epoch(1)
+    with HostToDeviceCopies() as recorder:
+        steps = sum(1 for batch in loader if batch["image"].device.type == target.type)
+    assert steps == 6
+    assert len(recorder.copies) == steps + 1
+    if target.type == "cuda":
+        assert all(pinned and non_blocking for _, pinned, non_blocking in recorder.copies), recorder.copies
 
 
 def test_a_batch_on_the_test_device_matches_the_cpu_batch(device):

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from pouta_core.data.images import ImageCache, warn_about
 from pouta_core.data.layouts import Sample
 from pouta_core.synthesis import AnomalySynthesizer
-from pouta_core.synthesis.batched import BatchSynthesizer, batch_seed
+from pouta_core.synthesis.batched import BatchSynthesizer, batch_seed, to_device
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -95,7 +95,8 @@ class BatchedLoader:
     good images are moved there once (uint8), and each batch of :class:`EpochSampler`'s order
     is synthesised by a :class:`BatchSynthesizer` whose generator is seeded by (seed, epoch,
     rank, step). Yields what a DataLoader over :class:`TrainDataset` yields (image, clean,
-    mask, label), already on ``device``; the last incomplete batch is dropped."""
+    mask, label), already on ``device``; the last incomplete batch is dropped. Host-to-device
+    copies: the epoch's order once, and each step's draws (one pinned, non-blocking copy)."""
 
     def __init__(self, images: torch.Tensor, synthesizer: BatchSynthesizer, sampler: EpochSampler,
                  batch_size: int, device: torch.device) -> None:
@@ -108,9 +109,11 @@ class BatchedLoader:
 
     def __iter__(self):
         epoch = self.sampler.epoch
-        order = torch.tensor([i for _, i in self.sampler], dtype=torch.long)
+        # the epoch's order goes to the device once, without blocking: a step's rows are a
+        # view of it (a copy per step from pageable memory made the host wait for the device)
+        order = to_device(torch.tensor([i for _, i in self.sampler], dtype=torch.long), self.images.device)
         for step in range(len(self)):
-            rows = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.images.device)
+            rows = order[step * self.batch_size:(step + 1) * self.batch_size]
             clean = self.images[rows].float() / 255.0
             g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, self.sampler.rank, step))
             out = self.synthesizer(clean, g)

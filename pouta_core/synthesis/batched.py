@@ -99,12 +99,20 @@ class Plan:
     shapes: dict[str, tuple[int, ...]]
 
     def unpack(self, device: torch.device) -> dict[str, torch.Tensor]:
-        flat = self.flat
-        if flat.device != device:
-            flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+        flat = to_device(self.flat, device)
         parts = flat.split([math.prod(s) for s in self.shapes.values()])
         return {name: part if len(shape) == 1 else part.view(shape)
                 for (name, shape), part in zip(self.shapes.items(), parts, strict=True)}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a CPU tensor goes to CUDA from pinned memory without blocking
+    the host (the copy is ordered on the stream before the kernels that read it)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _block_diagonal(side: int) -> torch.Tensor:
