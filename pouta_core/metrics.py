@@ -23,49 +23,56 @@ def _split(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.sort(scores[~labels]), scores[labels]
 
 
-def _positive_curve(neg_sorted: np.ndarray, pos: np.ndarray):
-    """For each distinct positive score u (descending): TP(u) = #pos >= u, FP(u) = #neg >= u,
-    and FP_gt(u) = #neg > u."""
-    u, counts = np.unique(pos, return_counts=True)
-    u, counts = u[::-1], counts[::-1]
-    tp = np.cumsum(counts)
-    n = neg_sorted.size
-    fp = n - np.searchsorted(neg_sorted, u, side="left")
-    fp_gt = n - np.searchsorted(neg_sorted, u, side="right")
-    return u, counts, tp, fp, fp_gt
+class Ranking:
+    """Scores split by label, the negatives sorted once, and the curve at each distinct
+    positive score u (descending): TP(u) = #pos >= u, FP(u) = #neg >= u, FP_gt(u) = #neg > u.
+    Every metric of a set of scores reads one Ranking (:func:`compute` sorts each split's
+    pixels once, not once per metric)."""
+
+    def __init__(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        self.neg, self.pos = _split(scores, labels)
+        if self.pos.size:
+            u, counts = np.unique(self.pos, return_counts=True)
+            self.u, self.counts = u[::-1], counts[::-1]
+            self.tp = np.cumsum(self.counts)
+            n = self.neg.size
+            self.fp = n - np.searchsorted(self.neg, self.u, side="left")
+            self.fp_gt = n - np.searchsorted(self.neg, self.u, side="right")
+
+    def auroc(self) -> float:
+        if self.neg.size == 0 or self.pos.size == 0:
+            return float("nan")
+        below = self.neg.size - self.fp          # negatives strictly below u
+        ties = self.fp - self.fp_gt
+        return float(np.sum(self.counts * (below + 0.5 * ties)) / (self.pos.size * self.neg.size))
+
+    def average_precision(self) -> float:
+        if self.pos.size == 0:
+            return float("nan")
+        return float(np.sum(self.counts / self.pos.size * (self.tp / (self.tp + self.fp))))
+
+    def f1_max(self) -> tuple[float, float]:
+        if self.pos.size == 0:
+            return float("nan"), float("nan")
+        f1 = 2 * self.tp / (2 * self.tp + self.fp + (self.pos.size - self.tp))
+        k = int(np.argmax(f1))
+        return float(f1[k]), float(self.u[k])
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """P(s_pos > s_neg) + P(s_pos = s_neg) / 2: equal to sklearn's roc_auc_score."""
-    neg, pos = _split(scores, labels)
-    if neg.size == 0 or pos.size == 0:
-        return float("nan")
-    _, counts, _, fp, fp_gt = _positive_curve(neg, pos)
-    below = neg.size - fp          # negatives strictly below u
-    ties = fp - fp_gt
-    return float(np.sum(counts * (below + 0.5 * ties)) / (pos.size * neg.size))
+    return Ranking(scores, labels).auroc()
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     """sum over thresholds of (R_k - R_(k-1)) P_k: equal to sklearn's average_precision_score."""
-    neg, pos = _split(scores, labels)
-    if pos.size == 0:
-        return float("nan")
-    _, counts, tp, fp, _ = _positive_curve(neg, pos)
-    precision = tp / (tp + fp)
-    return float(np.sum(counts / pos.size * precision))
+    return Ranking(scores, labels).average_precision()
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """Best F1 over all thresholds and the threshold that reaches it (score >= t is anomalous).
     The best threshold is always one of the positive scores."""
-    neg, pos = _split(scores, labels)
-    if pos.size == 0:
-        return float("nan"), float("nan")
-    u, _, tp, fp, _ = _positive_curve(neg, pos)
-    f1 = 2 * tp / (2 * tp + fp + (pos.size - tp))
-    k = int(np.argmax(f1))
-    return float(f1[k]), float(u[k])
+    return Ranking(scores, labels).f1_max()
 
 
 def fpr_threshold(scores: np.ndarray, labels: np.ndarray, rate: float) -> float:
@@ -111,21 +118,23 @@ def _regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return out, offset
 
 
-def aupro(anomaly_maps: np.ndarray, masks: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
+def aupro(anomaly_maps: np.ndarray, masks: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT, *,
+          neg_sorted: np.ndarray | None = None) -> float:
     """Area under the per-region-overlap curve up to ``fpr_limit`` false positive rate,
     divided by ``fpr_limit`` (MVTec AD's definition, normalised to [0, 1]).
 
     PRO(t) is the mean over ground-truth regions (8-connected components) of the share of
     the region's pixels scoring >= t; FPR(t) the share of normal pixels scoring >= t. The
     curve is integrated with the trapezoid rule over every distinct threshold, as MVTec's
-    reference code does, and cut at ``fpr_limit`` by linear interpolation."""
+    reference code does, and cut at ``fpr_limit`` by linear interpolation. ``neg_sorted``: the
+    normal pixels' scores already sorted (a :class:`Ranking`'s ``neg``), not sorted again."""
     maps = np.asarray(anomaly_maps, dtype=np.float32).reshape(np.shape(masks))
     regions, n_regions = _regions(np.asarray(masks))
     labels = regions.ravel() > 0
     if n_regions == 0 or labels.all():
         return float("nan")
     scores = maps.ravel()
-    neg = np.sort(scores[~labels])
+    neg = np.sort(scores[~labels]) if neg_sorted is None else neg_sorted
     pos = scores[labels]
     ids = regions.ravel()[labels]
     sizes = np.bincount(ids, minlength=n_regions + 1)
@@ -161,7 +170,8 @@ def _partial_trapezoid(x: np.ndarray, y: np.ndarray, limit: float) -> float:
 def compute(image_scores, image_labels, anomaly_maps, masks) -> dict[str, float]:
     """image_scores (N,), image_labels (N,) 0/1, anomaly_maps (N, H, W) or (N, 1, H, W),
     masks of the same shape as the maps, 0/1. Metrics that a split cannot define (no
-    anomalous image, no annotated pixel) are NaN.
+    anomalous image, no annotated pixel) are NaN. The pixels' scores are sorted once for the
+    four pixel metrics (one :class:`Ranking`), the images' once for the two image metrics.
 
     -> image_auroc, image_f1max, pixel_auroc, pixel_ap, pixel_aupro, pixel_f1max."""
     image_scores = np.asarray(image_scores, dtype=np.float64).ravel()
@@ -172,12 +182,12 @@ def compute(image_scores, image_labels, anomaly_maps, masks) -> dict[str, float]
         maps, masks = maps[:, 0], masks.reshape(maps.shape)[:, 0]
     if maps.shape != masks.shape:
         raise ValueError(f"anomaly_maps {maps.shape} and masks {masks.shape} differ in shape")
-    pixel_labels = masks.ravel() > 0
+    images, pixels = Ranking(image_scores, image_labels), Ranking(maps.ravel(), masks.ravel() > 0)
     return {
-        "image_auroc": auroc(image_scores, image_labels),
-        "image_f1max": f1_max(image_scores, image_labels)[0],
-        "pixel_auroc": auroc(maps.ravel(), pixel_labels),
-        "pixel_ap": average_precision(maps.ravel(), pixel_labels),
-        "pixel_aupro": aupro(maps, masks),
-        "pixel_f1max": f1_max(maps.ravel(), pixel_labels)[0],
+        "image_auroc": images.auroc(),
+        "image_f1max": images.f1_max()[0],
+        "pixel_auroc": pixels.auroc(),
+        "pixel_ap": pixels.average_precision(),
+        "pixel_aupro": aupro(maps, masks, neg_sorted=pixels.neg),
+        "pixel_f1max": pixels.f1_max()[0],
     }

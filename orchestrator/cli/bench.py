@@ -145,6 +145,9 @@ def _cmd_bench_metrics(args: argparse.Namespace) -> int:
         print(f"{result['pixels']:,} pixels: pouta_core.metrics {result['pouta_seconds']:.2f} s, "
               f"scikit-learn {result['sklearn_seconds']:.2f} s (x{result['speedup']:.1f}); "
               f"largest |difference| {result['max_abs_diff']:.2e}")
+        print(f"an evaluation's six metrics on them as maps: {result['evaluation_seconds']:.2f} s, "
+              f"the four pixel metrics one by one {result['one_by_one_seconds']:.2f} s "
+              f"(x{result['evaluation_speedup']:.1f})")
     return 0
 
 
