@@ -206,7 +206,7 @@ class HostToDeviceCopies(TorchDispatchMode):
         else:
             return out
         if src.device.type == "cpu" and dst.device.type != "cpu":
-            self.copies.append((func, src.device.type == "cpu" and src.is_pinned(), non_blocking))
+            self.copies.append((func, src.is_pinned(), non_blocking))
         return out
 
 
