@@ -325,3 +325,30 @@ def test_a_batch_of_oblong_images_gets_masks_and_sources_of_its_shape():
     assert out.label.sum() == 16 and 0.005 < float(out.mask.mean()) < 0.2
     assert 0.0 <= out.image.min() and out.image.max() <= 1.0
     assert torch.equal(out.image[out.mask.expand_as(clean) == 0], clean[out.mask.expand_as(clean) == 0])
+
+
+def test_loader_workers_read_the_texture_bank_decoded_once_before_they_start(tmp_path, monkeypatch):
+    # Each per-sample worker decoded (and kept) its own copy of the folder: ~850 MB of DTD at
+    # 224 per worker. Now the parent decodes it once and the forked workers read its pages; a
+    # worker that decodes an image fails here (they inherit the patched reader).
+    import pouta_core.data.images as images_module
+    from pouta_core.training import make_loader
+
+    for i, colour in enumerate(((0, 255, 0), (0, 0, 255), (255, 0, 0))):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{i}.png")
+    clean = (images(4, 32) * 255).to(torch.uint8)
+    cfg = CFG.replace(synthesis="per_sample", clean_ratio=0.0)
+    lazy = TextureFolder(tmp_path, 32)
+    kw = {"batch_size": 2, "shard": (0, 1), "device": torch.device("cpu")}
+    expected = [b["image"] for b in make_loader(clean, cfg, textures=lazy, num_workers=0, **kw)]
+    textures = TextureFolder(tmp_path, 32)
+    loader = make_loader(clean, cfg, textures=textures, num_workers=2, **kw)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a loader worker decoded a texture")
+
+    monkeypatch.setattr(images_module, "load_image", no_decoding)
+    got = [b["image"] for b in loader]
+    assert len(got) == len(expected) == 2
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert textures.bank() is textures.bank()   # decoded once, kept as one tensor
