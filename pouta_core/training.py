@@ -287,11 +287,16 @@ def make_loader(images: torch.Tensor, config: Config, *, textures: TextureFolder
     """One loader for the whole run, batches in :class:`EpochSampler` order. ``synthesis:
     batched``: anomalies made for the whole batch on ``device`` (``num_workers`` unused);
     ``per_sample``: a DataLoader over :class:`TrainDataset` with ``num_workers`` persistent
-    worker processes (started once, not per epoch) and pinned memory on CUDA."""
+    worker processes (started once, not per epoch, sharing one decoded texture bank) and
+    pinned memory on CUDA."""
     sampler = EpochSampler(len(images), config.seed, shard)
     if config.synthesis == "batched":
         bank = textures.bank().to(device) if textures is not None else None
         return BatchedLoader(images, BatchSynthesizer(config, bank), sampler, batch_size, device)
+    if textures is not None and num_workers > 0:
+        # Decoded here, before the workers fork: they read the parent's one copy (issue 50
+        # item 7; each decoded and kept its own, ~850 MB of DTD at 224 per worker).
+        textures.bank(progress=True)
     dataset = TrainDataset(images, AnomalySynthesizer(config, textures), config.seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
@@ -429,8 +434,9 @@ def fit(
 ) -> dict[str, Any]:
     """Train on ``train_images`` (N, 3, S, S) uint8 good images; write ``out_dir/checkpoint.pt``,
     ``config.yaml``, ``metrics.json`` and the JSON ``sidecars`` (rank 0 only). Every
-    evaluation scores ``val_set`` (``val_*`` metrics and the stored threshold) and
-    ``test_set`` (``test_*``, only reported). With ``scoring_options`` (scoring key -> values),
+    evaluation scores ``val_set`` (``val_*`` metrics and the stored threshold); those that
+    write a checkpoint (every ``checkpoint_every`` epochs and the last) also score ``test_set``
+    (``test_*``, only reported). With ``scoring_options`` (scoring key -> values),
     the last evaluation first chooses among them on ``val_set`` by ``scoring_metric``
     (:mod:`pouta_core.scoring_choice`): the final checkpoint's config holds the choice and its
     folder ``scoring_choice.json`` every candidate. Returns the final metrics dict."""
@@ -467,12 +473,22 @@ def fit(
                 choice = choose_scoring(state.model, val_set, device, scoring_options, scoring_metric, config)
                 config = config.replace(**choice.chosen)
                 keep["sidecars"] = {**(sidecars or {}), CHOICE_FILE: choice.record()}
+            checkpointing = epoch % config.checkpoint_every == 0 or last
             if is_main:
-                evaluated, state.threshold = evaluate_splits(state.model, val_set, test_set, device,
+                # *Decision* (issue 50 item 5): test is scored with the weights a caller may
+                # keep (every checkpoint, the last one included), not at every evaluation:
+                # ASHA, Optuna and the best trial read validation only, and test scored every
+                # eval_every epochs cost a second pass over every pixel that nothing read. A
+                # trial is chosen and registered by the metrics of its checkpoint, so the
+                # weights it holds always come with their test figures. Scoring test only
+                # after the last epoch would leave an ASHA-stopped trial's checkpoint, which
+                # can be the best, with none.
+                scored_test = test_set if checkpointing or test_set is val_set else None
+                evaluated, state.threshold = evaluate_splits(state.model, val_set, scored_test, device,
                                                              config.false_alarm_budget())
                 metrics.update(evaluated)
             checkpoint_dir = None
-            if is_main and (epoch % config.checkpoint_every == 0 or last):
+            if is_main and checkpointing:
                 checkpoint_dir = save(state, out_dir, config, metrics, **keep)
             state.metrics = metrics
             if report is not None:

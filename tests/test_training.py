@@ -82,6 +82,30 @@ def test_report_is_called_every_evaluation_with_the_checkpoint_dir(tmp_path, dat
     assert calls == [(2, None), (4, tmp_path)]
 
 
+def test_test_is_scored_with_every_checkpoint_and_validation_at_every_evaluation(tmp_path, data):
+    # Test is only reported: scoring it at every evaluation was a pass over every pixel that
+    # nothing read. The weights a trial holds (each checkpoint) still come with their figures.
+    images, val = data
+    test = EvalDataset(val.images, val.masks, val.labels)   # the same images, a separate set
+    calls = []
+    cfg = CFG.replace(epochs=5, eval_every=1, checkpoint_every=2, lr_milestones=[3])
+    fit(cfg, images, tmp_path, val_set=val, test_set=test, progress=False,
+        report=lambda m, d: calls.append((m["epoch"], d is not None, "test_pixel_ap" in m, "val_pixel_ap" in m)))
+    assert calls == [(1, False, False, True), (2, True, True, True), (3, False, False, True),
+                     (4, True, True, True), (5, True, True, True)]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test_pixel_ap"] == pytest.approx(saved["val_pixel_ap"], abs=1e-9)
+
+
+def test_validation_that_is_the_test_set_writes_both_at_every_evaluation(tmp_path, data):
+    images, val = data
+    seen = []
+    cfg = CFG.replace(epochs=2, eval_every=1, checkpoint_every=2, lr_milestones=[])
+    fit(cfg, images, tmp_path, val_set=val, test_set=val, progress=False,
+        report=lambda m, d: seen.append(m["test_pixel_ap"] == m["val_pixel_ap"]))
+    assert seen == [True, True]
+
+
 def test_a_run_restored_at_its_last_epoch_reports_its_final_metrics_again(tmp_path, data):
     # A driver killed after the final checkpoint but before it recorded the report: the
     # restored trial must report its final metrics, else Tune sees no metric at all.
