@@ -6,6 +6,7 @@ and timed alternately so that machine noise hits both alike; report ratios, not 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import Counter
@@ -325,6 +326,12 @@ def bench_train(config: Config, *, device: str = "cpu", steps: int = 5, warmup: 
               "input_samples_per_s": n / timings["input"][0], "model_step_samples_per_s": n / timings["model"][0],
               "train_step_samples_per_s": n / whole_s, "waiting_for_input_share": waited / whole_s}
     result["input_to_model_ratio"] = result["input_samples_per_s"] / result["model_step_samples_per_s"]
+    # The CPUs that made the input: the loader workers (one thread each), or this process's
+    # threads when it synthesises itself on the CPU; none on a GPU (batched synthesis there).
+    cpus = (num_workers if config.synthesis == "per_sample" and num_workers > 0
+            else torch.get_num_threads() if dev.type == "cpu" or config.synthesis == "per_sample" else 0)
+    result["input_cpus"] = cpus
+    result["input_samples_per_s_per_cpu"] = result["input_samples_per_s"] / cpus if cpus else None
     result["targets"] = {"input>=5x model step": result["input_to_model_ratio"] >= 5,
                          "waiting<10%": result["waiting_for_input_share"] < 0.10}
     return result
@@ -343,3 +350,9 @@ def _timed_loop(items, work, warmup: int, steps: int, bar) -> tuple[float, float
         work(item)
         bar.update()
     return time.perf_counter() - start, waited
+
+
+def cpus_needed(per_cpu_rate: float | None, rate: float) -> int:
+    """CPUs a training worker needs to make ``rate`` input samples/s at ``per_cpu_rate`` per CPU:
+    the input's CPUs plus the one that steps the model (1 when the input costs no CPU)."""
+    return 1 if not per_cpu_rate else 1 + math.ceil(rate / per_cpu_rate)

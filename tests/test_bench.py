@@ -84,6 +84,31 @@ def test_bench_train_measures_the_configured_synthesis_path():
         capture_output=True, text=True, check=True)
     r = json.loads(out.stdout)
     assert (r["synthesis"], r["num_workers"]) == ("per_sample", 1) and r["input_samples_per_s"] > 0
+    assert r["input_cpus"] == 1 and r["input_samples_per_s_per_cpu"] == r["input_samples_per_s"]
+
+
+def test_cpus_needed_counts_the_input_cpus_and_the_model_process():
+    from pouta_core.benchmark import cpus_needed
+
+    assert cpus_needed(50.0, 400.0) == 9 and cpus_needed(60.0, 400.0) == 8 and cpus_needed(None, 400.0) == 1
+
+
+def test_the_shipped_cpus_per_gpu_worker_are_the_manifests():
+    # bench train compares what a GPU worker needs with this figure: it must be what ships.
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from orchestrator.cli.bench import SHIPPED_CPUS_PER_GPU_WORKER
+
+    root = Path(__file__).resolve().parents[1] / "cluster"
+    launcher = yaml.safe_load((root / "ray-cluster.yaml").read_text())
+    assert launcher["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"] == "g5.2xlarge"  # 8 vCPUs
+    for name in ("raycluster.yaml", "rayjob-sweep.yaml"):
+        cpus = re.findall(r'nvidia.com/gpu: "1"[^}]*cpu: "(\d+)"|cpu: "(\d+)"[^}]*nvidia.com/gpu: "1"',
+                          (root / "kuberay" / name).read_text())
+        assert cpus and all(int(a or b) == SHIPPED_CPUS_PER_GPU_WORKER for a, b in cpus), name
 
 
 def test_bench_synthesis_times_both_paths_in_turns(tmp_path):

@@ -10,6 +10,12 @@ from orchestrator.cli.args import add_config_args, load_config
 from orchestrator.cli.console import print_json
 from pouta_core.config import Config, ConfigError
 
+# CPUs of one GPU worker in cluster/ray-cluster.yaml (g5.2xlarge: 8 vCPUs) and the KubeRay
+# manifests (cpu: "8"); a test reads them.
+SHIPPED_CPUS_PER_GPU_WORKER = 8
+# The paper preset's estimated training rate on one H100 (issue 50: ~1 ms per image, bf16, 224 px).
+H100_PAPER_SAMPLES_PER_S = 400.0
+
 
 def print_targets(targets: dict[str, bool]) -> None:
     print(", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in targets.items()))
@@ -39,7 +45,7 @@ def _cmd_bench_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    from pouta_core.benchmark import bench_train
+    from pouta_core.benchmark import bench_train, cpus_needed
 
     if args.steps < 1 or args.num_workers < 0:
         raise ConfigError("--steps must be >= 1 and --num-workers >= 0")
@@ -52,6 +58,13 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
           f"input {r['input_samples_per_s']:.1f} samples/s, model step {r['model_step_samples_per_s']:.1f}, "
           f"whole step {r['train_step_samples_per_s']:.1f}; input/model x{r['input_to_model_ratio']:.1f}, "
           f"waiting for input {r['waiting_for_input_share']:.0%} of the step")
+    per_cpu = r["input_samples_per_s_per_cpu"]
+    need = cpus_needed(per_cpu, args.target_rate)
+    where = (f"{per_cpu:.1f} samples/s per input CPU ({r['input_cpus']})" if per_cpu
+             else "the input costs no CPU (made on the device)")
+    print(f"{where}: {args.target_rate:g} samples/s needs {need} CPUs per GPU worker (the model's process "
+          f"included); the manifests give {SHIPPED_CPUS_PER_GPU_WORKER}: "
+          f"{'covered' if need <= SHIPPED_CPUS_PER_GPU_WORKER else 'SHORT'}")
     print_targets(r["targets"])
     return 0
 
@@ -214,6 +227,9 @@ def add_bench_commands(bench: argparse.ArgumentParser) -> None:
     bt.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bt.add_argument("--steps", type=int, default=5, help="timed batches per measurement (default 5)")
     bt.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    bt.add_argument("--target-rate", type=float, default=H100_PAPER_SAMPLES_PER_S,
+                    help="input samples/s a GPU worker must be fed: the CPUs it needs at the measured rate per "
+                    f"input CPU (default {H100_PAPER_SAMPLES_PER_S:g}, the paper preset's estimated H100 rate)")
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(func=_cmd_bench_train)
     bs = bench_sub.add_parser("synthesis", help="synthesised images per second per core")
