@@ -328,8 +328,10 @@ def bench_train(config: Config, *, device: str = "cpu", steps: int = 5, warmup: 
     result["input_to_model_ratio"] = result["input_samples_per_s"] / result["model_step_samples_per_s"]
     # The CPUs that made the input: the loader workers (one thread each), or this process's
     # threads when it synthesises itself on the CPU; none on a GPU (batched synthesis there).
-    cpus = (num_workers if config.synthesis == "per_sample" and num_workers > 0
-            else torch.get_num_threads() if dev.type == "cpu" or config.synthesis == "per_sample" else 0)
+    if config.synthesis == "per_sample":
+        cpus = num_workers or torch.get_num_threads()
+    else:
+        cpus = torch.get_num_threads() if dev.type == "cpu" else 0
     result["input_cpus"] = cpus
     result["input_samples_per_s_per_cpu"] = result["input_samples_per_s"] / cpus if cpus else None
     result["targets"] = {"input>=5x model step": result["input_to_model_ratio"] >= 5,
